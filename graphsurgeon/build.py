@@ -1,0 +1,99 @@
+"""`multitask`: from a backbone and task heads to a `MultiTaskNetwork` in one call."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from graphsurgeon.errors import TaskSpecError, TreeEditError
+from graphsurgeon.network import MultiTaskNetwork, Task
+from graphsurgeon.segments import Granularity, segment
+from graphsurgeon.trace import LeafSpec, trace
+from graphsurgeon.tree import TaskTree
+
+__all__ = ["multitask", "normalise_tasks"]
+
+TaskSpec = nn.Module | Task
+Sharing = Literal["separate", "shared"] | TaskTree
+
+
+def normalise_tasks(tasks: Mapping[str, TaskSpec] | Sequence[tuple[str, TaskSpec]]) -> dict[str, Task]:
+    """Turn ``{name: head}``, ``{name: Task}`` or ``[(name, head), ...]`` into ``{name: Task}``."""
+    if isinstance(tasks, Mapping):
+        pairs = list(tasks.items())
+    else:
+        try:
+            pairs = [(name, spec) for name, spec in tasks]
+        except (TypeError, ValueError) as exc:
+            raise TaskSpecError(
+                "tasks must be a mapping {name: head module or Task} or a list of (name, head) pairs."
+            ) from exc
+    if not pairs:
+        raise TaskSpecError("no tasks given. Pass at least one, e.g. tasks={'digit': nn.Linear(512, 10)}.")
+    TaskTree._check_tasks(name for name, _ in pairs)
+    out = {}
+    for name, spec in pairs:
+        if isinstance(spec, nn.Module):
+            spec = Task(head=spec)
+        if not isinstance(spec, Task) or not isinstance(spec.head, nn.Module):
+            raise TaskSpecError(
+                f"task {name!r} is given as {type(spec).__name__}; pass an nn.Module head or graphsurgeon.Task(head=...)."
+            )
+        out[name] = spec
+    return out
+
+
+def multitask(
+    model: nn.Module,
+    tasks: Mapping[str, TaskSpec] | Sequence[tuple[str, TaskSpec]],
+    *,
+    trunk: str | None = None,
+    sharing: Sharing = "separate",
+    granularity: Granularity = "block",
+    example_input: torch.Tensor | None = None,
+    leaf_modules: Iterable[LeafSpec] = (),
+    concrete_args: Mapping[str, Any] | None = None,
+) -> MultiTaskNetwork:
+    """Turn ``model`` into a multi-task network with one head per task.
+
+    Args:
+        model: any torch.fx-traceable backbone (every torchvision classifier is).
+        tasks: ``{name: head}`` or ``{name: graphsurgeon.Task(head, loss, metrics)}``.
+        trunk: node where the shared backbone ends (default: the final classifier's input).
+        sharing: ``"separate"`` (a copy of every segment per task: MTSL's start), ``"shared"``
+            (hard sharing), or a `TaskTree` of depth ``len(segments)``.
+        granularity: ``"block"`` or ``"fine"`` segments (see `graphsurgeon.segment`).
+        example_input: one input batch; when given, cut points are checked to carry tensors and
+            every head is run once, so a head that does not fit fails here, not in training.
+        leaf_modules, concrete_args: passed to `graphsurgeon.trace`.
+    """
+    specs = normalise_tasks(tasks)
+    gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    segments = segment(gm, trunk, granularity, example_input=example_input)
+    names = list(specs)
+    if isinstance(sharing, TaskTree):
+        tree = sharing
+        tree.check()
+        if tree.depth != len(segments) or set(tree.tasks) != set(names):
+            raise TreeEditError(
+                f"the given TaskTree has depth {tree.depth} and tasks {list(tree.tasks)}, but the backbone has "
+                f"{len(segments)} segments and the tasks are {names}. Build it for exactly those."
+            )
+    elif sharing == "separate":
+        tree = TaskTree.separate(names, len(segments))
+    elif sharing == "shared":
+        tree = TaskTree.shared(names, len(segments))
+    else:
+        raise TaskSpecError(f"sharing must be 'separate', 'shared' or a TaskTree, got {sharing!r}.")
+    config = {"trunk": segments[-1].output_name, "granularity": granularity, "backbone": type(model).__name__}
+    net = MultiTaskNetwork(segments, tree, specs, trunk_name=segments[-1].output_name, config=config)
+    net.train(model.training)
+    if example_input is not None:
+        was_training = net.training
+        net.eval()
+        with torch.no_grad():
+            net(example_input)
+        net.train(was_training)
+    return net

@@ -1,0 +1,1 @@
+"""Fused kernels (Triton) with pure-PyTorch references."""

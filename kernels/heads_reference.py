@@ -1,0 +1,29 @@
+"""Ground truth of the batched heads: one F.linear + activation per task.
+
+Deliberately the obvious loop: every faster backend is tested against it, and the
+dispatcher falls back to it where batching does not pay (one head, or sizes where
+the benchmark shows the loop is as fast).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch import Tensor
+import torch.nn.functional as F
+
+from graphsurgeon.kernels.heads_spec import apply_activation
+
+
+def reference_heads(
+    x: Tensor,
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor] | None,
+    activation: str,
+) -> list[Tensor]:
+    """Head t maps ``x`` (shared, (M, K)) or ``x[t]`` (stacked, (T, M, K)) to (M, N_t)."""
+    outputs = []
+    for t, w in enumerate(weights):
+        x_t = x if x.dim() == 2 else x[t]
+        b = None if biases is None else biases[t]
+        outputs.append(apply_activation(F.linear(x_t, w, b), activation))
+    return outputs

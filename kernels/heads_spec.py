@@ -1,0 +1,193 @@
+"""Shapes, validation and shared helpers of the batched task heads.
+
+T task heads are Linear maps W_t (N_t, K), b_t (N_t,) followed by one activation.
+Every backend stores them the same way: the weights stacked row-wise into one
+(ΣN_t, K) matrix and the biases into one (ΣN_t,) vector, so task t owns the
+columns ``offsets[t]:offsets[t + 1]`` of a concatenated (M, ΣN_t) output.  That
+layout lets a shared input run all heads as one GEMM and lets per-task outputs be
+returned as zero-copy column views (`split_heads`).
+
+A 1×1 convolution head is the same GEMM over pixels; `pixels_to_rows` and
+`rows_to_pixels` move between (B, C, H, W) and (B·H·W, C).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from graphsurgeon.errors import GraphSurgeonError
+
+Activation = Literal["none", "relu", "gelu"]
+ACTIVATIONS: tuple[str, ...] = ("none", "relu", "gelu")
+
+
+def check_activation(activation: str) -> None:
+    """Reject unknown activation names before any work is done."""
+    if activation not in ACTIVATIONS:
+        raise GraphSurgeonError(
+            f"activation={activation!r} is not supported; use one of {', '.join(map(repr, ACTIVATIONS))}."
+        )
+
+
+def apply_activation(z: Tensor, activation: str) -> Tensor:
+    """The activation every backend must reproduce.
+
+    GELU is the exact erf form (``F.gelu(z)``, approximate="none"), the default of
+    ``nn.GELU``, so a head built from ``nn.Sequential(nn.Linear, nn.GELU())`` keeps
+    its numbers; the Triton epilogue evaluates the same formula with ``tl.erf``.
+    """
+    if activation == "relu":
+        return F.relu(z)
+    if activation == "gelu":
+        return F.gelu(z)
+    return z
+
+
+@dataclass(frozen=True)
+class HeadsProblem:
+    """What a batched-heads call computes, independent of the backend.
+
+    ``shared`` is True for one (M, K) input read by every head and False for a
+    stacked (T, M, K) input where head t reads ``x[t]``.
+    """
+
+    shared: bool
+    rows: int
+    in_features: int
+    out_features: tuple[int, ...]
+    has_bias: bool
+    activation: str
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def tasks(self) -> int:
+        return len(self.out_features)
+
+    @property
+    def total_out(self) -> int:
+        return sum(self.out_features)
+
+    @property
+    def work(self) -> int:
+        """Multiply-adds of the forward pass, the size the dispatch rules use."""
+        return self.rows * self.total_out * self.in_features
+
+
+def describe_problem(
+    x: Tensor,
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor] | None,
+    activation: str,
+) -> HeadsProblem:
+    """Validate the inputs of `batched_heads` and summarise them.
+
+    Every message names the argument at fault and what to pass instead, so that a
+    mistake in the engine's head wiring is readable without a stack of GEMM errors.
+    """
+    check_activation(activation)
+    if not isinstance(x, Tensor):
+        raise GraphSurgeonError(f"x must be a torch.Tensor, got {type(x).__name__}.")
+    if isinstance(weights, Tensor) or len(weights) == 0:
+        raise GraphSurgeonError(
+            "weights must be a non-empty sequence with one (N_t, K) tensor per task head."
+        )
+    if x.dim() not in (2, 3):
+        raise GraphSurgeonError(
+            f"x has shape {tuple(x.shape)}; pass a shared (M, K) input or stacked "
+            "per-task inputs (T, M, K) (flatten extra batch dimensions into M)."
+        )
+    shared = x.dim() == 2
+    in_features = x.shape[-1]
+    if not shared and x.shape[0] != len(weights):
+        raise GraphSurgeonError(
+            f"x holds {x.shape[0]} per-task inputs (x.shape[0]) but {len(weights)} weights were "
+            "given; pass one input per head, or a 2-D (M, K) input shared by all heads."
+        )
+    out_features = []
+    for t, w in enumerate(weights):
+        _check_like_x(f"weights[{t}]", w, x)
+        if w.dim() != 2 or w.shape[0] == 0:
+            raise GraphSurgeonError(
+                f"weights[{t}] has shape {tuple(w.shape)}; each weight must be a non-empty "
+                "(N_t, K) matrix as in nn.Linear.weight."
+            )
+        if w.shape[1] != in_features:
+            raise GraphSurgeonError(
+                f"weights[{t}] takes {w.shape[1]} in_features but x has K={in_features} "
+                "(its last dimension); every head must read the input's feature size."
+            )
+        out_features.append(int(w.shape[0]))
+    if biases is not None:
+        if isinstance(biases, Tensor) or len(biases) != len(weights):
+            raise GraphSurgeonError(
+                f"biases must be None or a sequence of {len(weights)} tensors, one per weight."
+            )
+        for t, (b, n) in enumerate(zip(biases, out_features)):
+            _check_like_x(f"biases[{t}]", b, x)
+            if tuple(b.shape) != (n,):
+                raise GraphSurgeonError(
+                    f"biases[{t}] has shape {tuple(b.shape)} but weights[{t}] has {n} "
+                    f"out_features; pass a ({n},) bias."
+                )
+    if in_features == 0:
+        raise GraphSurgeonError("x has K=0 features; heads need at least one input feature.")
+    return HeadsProblem(
+        shared=shared,
+        rows=int(x.shape[-2]),
+        in_features=int(in_features),
+        out_features=tuple(out_features),
+        has_bias=biases is not None,
+        activation=activation,
+        dtype=x.dtype,
+        device=x.device,
+    )
+
+
+def _check_like_x(name: str, t: Tensor, x: Tensor) -> None:
+    if not isinstance(t, Tensor):
+        raise GraphSurgeonError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
+    if t.dtype != x.dtype:
+        raise GraphSurgeonError(
+            f"{name} is {t.dtype} but x is {x.dtype}; cast the heads or the input "
+            "(e.g. module.to(x.dtype)) so that both match."
+        )
+    if t.device != x.device:
+        raise GraphSurgeonError(
+            f"{name} is on {t.device} but x is on {x.device}; move both to one device."
+        )
+
+
+def head_offsets(out_features: Sequence[int]) -> list[int]:
+    """Column offsets of each task in the concatenated output: [0, N_0, N_0+N_1, ...]."""
+    offsets = [0]
+    for n in out_features:
+        offsets.append(offsets[-1] + n)
+    return offsets
+
+
+def split_heads(y: Tensor, out_features: Sequence[int]) -> list[Tensor]:
+    """Split a concatenated (M, ΣN_t) output into per-task (M, N_t) column views (no copy)."""
+    if y.shape[-1] != sum(out_features):
+        raise GraphSurgeonError(
+            f"y has {y.shape[-1]} columns but out_features sum to {sum(out_features)}; "
+            "pass the out_features the output was computed with."
+        )
+    return list(y.split(list(out_features), dim=-1))
+
+
+def pixels_to_rows(x: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
+    """(B, C, H, W) -> (B·H·W, C): a 1×1 conv head is a Linear head over pixels."""
+    b, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).reshape(b * h * w, c), (b, h, w)
+
+
+def rows_to_pixels(y: Tensor, bhw: tuple[int, int, int]) -> Tensor:
+    """(B·H·W, N) -> (B, N, H, W), the inverse of `pixels_to_rows` (a channels-last view)."""
+    b, h, w = bhw
+    return y.reshape(b, h, w, y.shape[-1]).permute(0, 3, 1, 2)
+

@@ -1,0 +1,1 @@
+"""Training methods (MTSL, TAG, DMTG, sharpness-aware MTL, gradient methods, baselines)."""

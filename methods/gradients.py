@@ -1,0 +1,225 @@
+"""Per-task gradients and the interface every gradient-aggregation method implements.
+
+Multi-task training has one loss per task but one set of shared parameters. The methods
+in this package differ only in how they turn the ``T`` per-task gradients of the shared
+parameters into one update direction, so the training loop is written once:
+
+    grads = per_task_gradients(losses, shared_params)         # Tensor[T, P]
+    direction = aggregator.aggregate(grads, torch.stack(losses).detach())
+    assign_gradient(shared_params, direction)                 # then optimizer.step()
+
+Every method here returns a direction of the form ``d = sum_t w_t g_t`` (even PCGrad and
+CAGrad, whose directions stay in the span of the task gradients), so the base class asks
+each method only for the task weights ``w``, forms ``d`` once, and keeps ``w`` in
+``last_weights`` for logging. The weights are not normalised to a common scale; each
+method keeps the scale of its paper:
+
+==========  ==============================================  =========================
+method      weights                                         scale of ``d``
+==========  ==============================================  =========================
+EW          1 (``reduction="sum"``) or 1/T (``"mean"``)     gradient of sum / mean
+UW          exp(-s_t), learnable log-variances s            ~ sum
+DWA         T * softmax(loss ratios / temperature)          ~ sum (weights sum to T)
+GradNorm    learnable, renormalised to sum to T             ~ sum (weights sum to T)
+PCGrad      column sums of the projection coefficients      sum of projected grads
+CAGrad      (1/T + lambda w_t) / (1 + c)                    <= norm of mean gradient
+MGDA        min-norm convex weights / normaliser            convex combination
+IMTL-G      closed form, weights sum to 1                   affine combination
+Nash-MTL    Nash bargaining solution on GG^T / ||GG^T||_F   ~ gradients
+==========  ==============================================  =========================
+
+With a single task there is nothing to balance, so ``aggregate`` returns the gradient
+itself for every method (weight 1) without consulting the method.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from graphsurgeon.errors import GraphSurgeonError
+
+__all__ = ["Aggregator", "assign_gradient", "per_task_gradients"]
+
+
+def per_task_gradients(
+    losses: Sequence[Tensor], params: Sequence[Tensor], retain_graph: bool = False
+) -> Tensor:
+    """Gradient of each task loss with respect to the shared parameters, one row per task.
+
+    One ``torch.autograd.grad`` call per task, restricted to ``params`` so that the
+    task-specific heads are not differentiated ``T`` times. Rows are the parameters'
+    gradients flattened and concatenated in the order of ``params`` (the layout
+    ``assign_gradient`` expects). A parameter a task does not reach, a parameter that does
+    not require grad, and a loss that does not depend on any parameter (e.g. a task
+    absent from the batch gives a constant loss) all contribute zeros.
+
+    Args:
+        losses: ``T`` scalar task losses sharing one autograd graph.
+        params: the shared parameters.
+        retain_graph: keep the graph after the last task, e.g. to back-propagate the
+            weighted loss into the task heads afterwards. The graph is always kept
+            between tasks.
+
+    Returns:
+        ``Tensor[T, P]`` with ``P`` the total number of elements of ``params``, on the
+        parameters' device, in their common (promoted) dtype.
+    """
+    losses, params = list(losses), list(params)
+    if not losses:
+        raise GraphSurgeonError("per_task_gradients got no losses; pass one scalar loss per task.")
+    if not params:
+        raise GraphSurgeonError(
+            "per_task_gradients got no parameters; pass the shared parameters, "
+            "e.g. list(trunk.parameters())."
+        )
+    for t, loss in enumerate(losses):
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise GraphSurgeonError(
+                f"loss {t} is not a scalar tensor (got {shape}); reduce it first, e.g. loss.mean()."
+            )
+    dtype = params[0].dtype
+    for p in params[1:]:
+        dtype = torch.promote_types(dtype, p.dtype)
+    device = params[0].device
+    live = [i for i, p in enumerate(params) if p.requires_grad]
+    rows = []
+    for t, loss in enumerate(losses):
+        keep = retain_graph or t < len(losses) - 1
+        if loss.requires_grad and live:
+            got = torch.autograd.grad(
+                loss.reshape(()), [params[i] for i in live], retain_graph=keep, allow_unused=True
+            )
+        else:
+            got = [None] * len(live)
+        by_index = dict(zip(live, got))
+        pieces = []
+        for i, p in enumerate(params):
+            g = by_index.get(i)
+            if g is None:
+                pieces.append(torch.zeros(p.numel(), dtype=dtype, device=device))
+            else:
+                pieces.append(g.reshape(-1).to(dtype=dtype, device=device))
+        rows.append(torch.cat(pieces))
+    return torch.stack(rows)
+
+
+def assign_gradient(params: Sequence[Tensor], vector: Tensor) -> None:
+    """Write a flat update direction into ``p.grad`` of each parameter (overwriting it).
+
+    ``vector`` uses the layout of ``per_task_gradients``: the parameters flattened and
+    concatenated in order. Slices of parameters that do not require grad are skipped, so a
+    frozen parameter keeps ``grad=None`` and the optimizer leaves it alone.
+    """
+    params = list(params)
+    if not isinstance(vector, Tensor) or vector.dim() != 1:
+        shape = tuple(vector.shape) if isinstance(vector, Tensor) else type(vector).__name__
+        raise GraphSurgeonError(
+            f"assign_gradient needs a 1-D tensor, got {shape}; pass the output of aggregate()."
+        )
+    total = sum(p.numel() for p in params)
+    if vector.numel() != total:
+        raise GraphSurgeonError(
+            f"assign_gradient got a vector of {vector.numel()} elements for parameters with "
+            f"{total} elements; pass the same parameters, in the same order, as to "
+            "per_task_gradients."
+        )
+    offset = 0
+    for p in params:
+        n = p.numel()
+        if p.requires_grad:
+            p.grad = vector[offset : offset + n].detach().reshape(p.shape).to(p.dtype).clone()
+        offset += n
+
+
+class Aggregator(nn.Module, ABC):
+    """Turns per-task gradients ``Tensor[T, P]`` into one update direction ``Tensor[P]``.
+
+    Subclasses implement ``_weights``; ``aggregate`` validates the input, handles the
+    single-task case and forms ``d = weights @ grads``. Methods with learnable state
+    (uncertainty weighting, GradNorm) register it as ``nn.Parameter`` and, inside
+    ``_weights``, accumulate the gradient of their own objective into ``.grad`` the way
+    ``backward()`` would; the training loop only has to give ``aggregator.parameters()``
+    to an optimizer. Being an ``nn.Module`` also puts that state in ``state_dict()``.
+    """
+
+    last_weights: Tensor | None
+
+    def __init__(self, num_tasks: int) -> None:
+        super().__init__()
+        if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+            raise GraphSurgeonError(
+                f"{type(self).__name__} needs num_tasks >= 1, got {num_tasks!r}; "
+                "pass the number of tasks as an int."
+            )
+        self.num_tasks = num_tasks
+        self.last_weights = None
+
+    def aggregate(self, grads: Tensor, losses: Tensor) -> Tensor:
+        """Update direction for the shared parameters.
+
+        Args:
+            grads: ``Tensor[T, P]`` per-task gradients (float32 or float64).
+            losses: ``Tensor[T]`` current task loss values; used by the methods that
+                look at losses (UW, GradNorm, MGDA's loss normalisations), detached here.
+
+        Returns:
+            ``Tensor[P]`` in the dtype and on the device of ``grads``. The task weights it
+            used are stored, detached, in ``self.last_weights``.
+        """
+        grads, losses = self._check(grads, losses)
+        if self.num_tasks == 1:
+            weights = torch.ones(1, dtype=grads.dtype, device=grads.device)
+        else:
+            weights = self._weights(grads, losses).detach().to(grads.dtype)
+        self.last_weights = weights
+        return weights @ grads
+
+    def forward(self, grads: Tensor, losses: Tensor) -> Tensor:
+        """Same as ``aggregate``, so that an aggregator can be called like any module."""
+        return self.aggregate(grads, losses)
+
+    @abstractmethod
+    def _weights(self, grads: Tensor, losses: Tensor) -> Tensor:
+        """Task weights ``Tensor[T]`` for validated ``grads`` (``T >= 2``) and ``losses``."""
+
+    def _check(self, grads: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
+        name = type(self).__name__
+        if not isinstance(grads, Tensor) or grads.dim() != 2:
+            shape = tuple(grads.shape) if isinstance(grads, Tensor) else type(grads).__name__
+            raise GraphSurgeonError(
+                f"{name}.aggregate needs grads of shape [tasks, params], got {shape}; "
+                "build it with per_task_gradients()."
+            )
+        if grads.dtype not in (torch.float32, torch.float64):
+            raise GraphSurgeonError(
+                f"{name}.aggregate needs float32 or float64 grads, got {grads.dtype}; "
+                "cast them with grads.float()."
+            )
+        if grads.shape[0] != self.num_tasks or grads.shape[1] == 0:
+            raise GraphSurgeonError(
+                f"{name} was built for {self.num_tasks} tasks but got grads of shape "
+                f"{tuple(grads.shape)}; pass one non-empty gradient row per task."
+            )
+        if not isinstance(losses, Tensor):
+            losses = torch.as_tensor(losses)
+        losses = losses.detach().reshape(-1).to(device=grads.device, dtype=grads.dtype)
+        if losses.numel() != self.num_tasks:
+            raise GraphSurgeonError(
+                f"{name} got {losses.numel()} losses for {self.num_tasks} tasks; "
+                "pass one loss value per task, e.g. torch.stack(losses).detach()."
+            )
+        if not (torch.isfinite(grads).all() and torch.isfinite(losses).all()):
+            raise GraphSurgeonError(
+                f"{name}.aggregate got a non-finite gradient or loss; a task diverged, "
+                "lower the learning rate or check that task's loss."
+            )
+        return grads.detach(), losses
+
+
+def gram(grads: Tensor) -> Tensor:
+    """``G G^T`` in float64: the methods solving small ``T x T`` problems need only this."""
+    return (grads @ grads.T).double()
