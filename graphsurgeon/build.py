@@ -1,7 +1,7 @@
 """`multitask`: from a backbone and task heads to a `MultiTaskNetwork` in one call."""
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -15,12 +15,14 @@ from graphsurgeon.tree import TaskTree
 
 __all__ = ["multitask", "normalise_tasks"]
 
-TaskSpec = nn.Module | Task
+# a head factory receives the trunk output's per-sample shape, e.g. (512,) or (64, 5, 5)
+HeadFactory = Callable[[tuple[int, ...]], nn.Module]
+TaskSpec = nn.Module | Task | HeadFactory
 Sharing = Literal["separate", "shared"] | TaskTree
 
 
-def normalise_tasks(tasks: Mapping[str, TaskSpec] | Sequence[tuple[str, TaskSpec]]) -> dict[str, Task]:
-    """Turn ``{name: head}``, ``{name: Task}`` or ``[(name, head), ...]`` into ``{name: Task}``."""
+def _task_pairs(tasks: Mapping[str, TaskSpec] | Sequence[tuple[str, TaskSpec]]) -> list[tuple[str, TaskSpec]]:
+    """Validated ``(name, spec)`` pairs: names non-empty and unique, specs of a known kind."""
     if isinstance(tasks, Mapping):
         pairs = list(tasks.items())
     else:
@@ -33,16 +35,57 @@ def normalise_tasks(tasks: Mapping[str, TaskSpec] | Sequence[tuple[str, TaskSpec
     if not pairs:
         raise TaskSpecError("no tasks given. Pass at least one, e.g. tasks={'digit': nn.Linear(512, 10)}.")
     TaskTree._check_tasks(name for name, _ in pairs)
-    out = {}
     for name, spec in pairs:
-        if isinstance(spec, nn.Module):
-            spec = Task(head=spec)
-        if not isinstance(spec, Task) or not isinstance(spec.head, nn.Module):
+        head = spec.head if isinstance(spec, Task) else spec
+        if not (isinstance(head, nn.Module) or callable(head)):
             raise TaskSpecError(
-                f"task {name!r} is given as {type(spec).__name__}; pass an nn.Module head or graphsurgeon.Task(head=...)."
+                f"task {name!r} is given as {type(spec).__name__}; pass an nn.Module head, a head factory "
+                "f(trunk_shape) -> nn.Module, or graphsurgeon.Task(head=...)."
             )
-        out[name] = spec
+    return pairs
+
+
+def normalise_tasks(
+    tasks: Mapping[str, TaskSpec] | Sequence[tuple[str, TaskSpec]], trunk_shape: tuple[int, ...] | None = None
+) -> dict[str, Task]:
+    """Turn ``{name: head}``, ``{name: Task}`` or ``[(name, head), ...]`` into ``{name: Task}``.
+
+    Head factories are called with ``trunk_shape`` (which needs an example input).
+    """
+    out = {}
+    for name, spec in _task_pairs(tasks):
+        task = spec if isinstance(spec, Task) else Task(head=spec)
+        if not isinstance(task.head, nn.Module):
+            task = Task(head=_call_factory(name, task.head, trunk_shape), loss=task.loss, metrics=task.metrics)
+        out[name] = task
     return out
+
+
+def _call_factory(name: str, factory: HeadFactory, trunk_shape: tuple[int, ...] | None) -> nn.Module:
+    if trunk_shape is None:
+        raise TaskSpecError(
+            f"task {name!r} has a head factory, which needs the trunk's output shape: pass example_input=<a batch>."
+        )
+    head = factory(trunk_shape)
+    if not isinstance(head, nn.Module):
+        raise TaskSpecError(f"the head factory of task {name!r} returned {type(head).__name__}, not an nn.Module.")
+    return head
+
+
+@torch.no_grad()
+def _trunk_shape(segments, example_input: torch.Tensor) -> tuple[int, ...]:
+    """Per-sample shape of the trunk output, without touching BatchNorm statistics."""
+    modes = {m: m.training for s in segments for m in s.module.modules()}
+    try:
+        for s in segments:
+            s.module.eval()
+        z = example_input
+        for s in segments:
+            z = s.module(z)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return tuple(z.shape[1:])
 
 
 def multitask(
@@ -60,7 +103,8 @@ def multitask(
 
     Args:
         model: any torch.fx-traceable backbone (every torchvision classifier is).
-        tasks: ``{name: head}`` or ``{name: graphsurgeon.Task(head, loss, metrics)}``.
+        tasks: ``{name: head}`` or ``{name: graphsurgeon.Task(head, loss, metrics)}``; a head may
+            also be a factory ``f(trunk_shape) -> nn.Module`` (needs ``example_input``).
         trunk: node where the shared backbone ends (default: the final classifier's input).
         sharing: ``"separate"`` (a copy of every segment per task: MTSL's start), ``"shared"``
             (hard sharing), or a `TaskTree` of depth ``len(segments)``.
@@ -69,9 +113,11 @@ def multitask(
             every head is run once, so a head that does not fit fails here, not in training.
         leaf_modules, concrete_args: passed to `graphsurgeon.trace`.
     """
-    specs = normalise_tasks(tasks)
+    _task_pairs(tasks)  # fail on bad names or specs before the (slower) trace
     gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
     segments = segment(gm, trunk, granularity, example_input=example_input)
+    shape = _trunk_shape(segments, example_input) if example_input is not None else None
+    specs = normalise_tasks(tasks, trunk_shape=shape)
     names = list(specs)
     if isinstance(sharing, TaskTree):
         tree = sharing

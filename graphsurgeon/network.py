@@ -123,13 +123,21 @@ class MultiTaskNetwork(nn.Module):
             [(n.name, n.id, n.parent, frozenset(n.tasks)) for n in tree.at_depth(d)] for d in range(1, tree.depth + 1)
         ]
 
-    def rebuild(self, tree: TaskTree, origin: Origin, init: GroupInit = "fresh") -> dict[int, nn.Module]:
+    def rebuild(
+        self,
+        tree: TaskTree,
+        origin: Origin,
+        init: GroupInit = "fresh",
+        modules: Mapping[int, nn.Module] | None = None,
+    ) -> dict[int, nn.Module]:
         """Re-arrange the segment copies for an edited tree.
 
         A node whose id survives keeps its module (and so its parameters and optimizer
         state); a node derived from one old node gets a copy of it; a node derived from several
-        (a group node) is built by `init_group`. Returns the modules that are new.
+        (a group node) is built by `init_group`, unless ``modules`` already holds one for it
+        (a group node trained by distillation). Returns the modules that are new.
         """
+        modules = dict(modules or {})
         old_tree = self.tree
         created: dict[int, nn.Module] = {}
         for d in range(1, tree.depth + 1):
@@ -138,7 +146,9 @@ class MultiTaskNetwork(nn.Module):
             level = nn.ModuleDict()
             for n in tree.at_depth(d):
                 sources = origin[n.id]
-                if len(sources) == 1 and sources[0] == n.id:
+                if n.id in modules:
+                    level[n.name] = created[n.id] = modules[n.id]
+                elif len(sources) == 1 and sources[0] == n.id:
                     level[n.name] = old_by_id[n.id]
                 elif len(sources) == 1:
                     level[n.name] = created[n.id] = copy.deepcopy(old_by_id[sources[0]])
@@ -159,11 +169,16 @@ class MultiTaskNetwork(nn.Module):
             raise TaskSpecError(f"forward(tasks=...) names unknown tasks {unknown}; this network has {list(self.tasks)}.")
         return tasks
 
-    def features(self, x: torch.Tensor, tasks: Iterable[str] | None = None) -> dict[int, torch.Tensor]:
-        """Trunk outputs of the leaf nodes the requested tasks need, keyed by node id."""
+    def features(
+        self, x: torch.Tensor, tasks: Iterable[str] | None = None, depth: int | None = None
+    ) -> dict[int, torch.Tensor]:
+        """Outputs of the nodes at ``depth`` (default: the trunk) the requested tasks need, by node id.
+
+        ``depth=0`` returns the input itself under the root's id.
+        """
         wanted = frozenset(self._wanted(tasks))
         values = {self.tree.at_depth(0)[0].id: x}
-        for d, level_plan in enumerate(self._plan, start=1):
+        for d, level_plan in enumerate(self._plan[:depth], start=1):
             level = self.level(d)
             values = {
                 node_id: level[name](values[parent])

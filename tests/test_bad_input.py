@@ -75,6 +75,7 @@ def test_trunk_at_the_input_is_rejected():
         ([("a", nn.Linear(512, 2)), ("a", nn.Linear(512, 3))], "appears twice"),
         ({"a.b": nn.Linear(512, 2)}, "contains '.'"),
         ({"a": "not a module"}, "nn.Module head"),
+        ({"a": 3}, "head factory"),
     ],
 )
 def test_bad_task_specs(tasks, match):

@@ -1,0 +1,46 @@
+"""The strategy interface every training method implements over `graphsurgeon.train.Trainer`.
+
+The defaults are plain multi-task training with equal weights: sum the task losses, one
+backward, no structural change. A method overrides only what it changes.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from graphsurgeon.train import Trainer
+
+__all__ = ["Method"]
+
+
+class Method:
+    """Plain multi-task training (equal weights); the base of every method."""
+
+    name = "plain"
+
+    def on_start(self, trainer: Trainer) -> None:
+        """Called once before the first epoch (and again after a resume)."""
+
+    def extra_loss(self, trainer: Trainer, x: torch.Tensor, outputs: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """A loss term added to the task losses (MTSL's alignment), or ``None``."""
+        return None
+
+    def backward(self, trainer: Trainer, losses: Mapping[str, torch.Tensor], extra: torch.Tensor | None) -> None:
+        """Fill ``.grad``: the default backpropagates the sum of the losses."""
+        total = sum(losses.values())
+        if extra is not None:
+            total = total + extra
+        total.backward()
+
+    def after_epoch(self, trainer: Trainer) -> dict[str, Any] | None:
+        """Structural work between epochs; returns what to log for this epoch."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        pass
