@@ -36,7 +36,7 @@ class Task:
     metrics: Mapping[str, Callable[[torch.Tensor, Any], float]] = field(default_factory=dict)
 
 
-def _reset(module: nn.Module) -> nn.Module:
+def reinitialise(module: nn.Module) -> nn.Module:
     """Re-initialise every submodule that knows how (``reset_parameters``), BN stats included."""
     for m in module.modules():
         if m is not module and hasattr(m, "reset_parameters"):
@@ -60,7 +60,7 @@ def init_group(members: Sequence[nn.Module], init: GroupInit) -> nn.Module:
     if init == "copy":
         return group
     if init == "fresh":
-        return _reset(group)
+        return reinitialise(group)
     if init == "mean":
         with torch.no_grad():
             named = [dict(m.named_parameters()) for m in members]

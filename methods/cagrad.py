@@ -14,6 +14,7 @@ from torch import Tensor
 
 from graphsurgeon.errors import GraphSurgeonError
 from graphsurgeon.methods.gradients import Aggregator, gram
+from graphsurgeon.methods.mgda import SIMPLEX
 
 __all__ = ["CAGrad"]
 
@@ -36,7 +37,9 @@ class CAGrad(Aggregator):
     def __init__(self, num_tasks: int, c: float = 0.4) -> None:
         super().__init__(num_tasks)
         if not c >= 0:
-            raise GraphSurgeonError(f"CAGrad c must be >= 0, got {c!r}; the paper uses c in [0, 1).")
+            raise GraphSurgeonError(
+                f"CAGrad c must be >= 0, got {c!r}; the paper uses c in [0, 1)."
+            )
         self.c = float(c)
 
     def _weights(self, grads: Tensor, losses: Tensor) -> Tensor:
@@ -63,7 +66,7 @@ class CAGrad(Aggregator):
             jac=dual_grad,
             method="SLSQP",
             bounds=[(0.0, 1.0)] * n,
-            constraints=({"type": "eq", "fun": lambda w: w.sum() - 1.0, "jac": lambda w: np.ones_like(w)},),
+            constraints=SIMPLEX,
             options={"ftol": 1e-12, "maxiter": 200},
         )
         w = np.clip(result.x, 0.0, None)

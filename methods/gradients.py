@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from graphsurgeon.errors import GraphSurgeonError
 
-__all__ = ["Aggregator", "assign_gradient", "per_task_gradients"]
+__all__ = ["Aggregator", "assign_gradient", "gram", "per_task_gradients"]
 
 
 def per_task_gradients(
@@ -174,7 +174,8 @@ class Aggregator(nn.Module, ABC):
         if self.num_tasks == 1:
             weights = torch.ones(1, dtype=grads.dtype, device=grads.device)
         else:
-            weights = self._weights(grads, losses).detach().to(grads.dtype)
+            # A copy, so that an optimizer step on a method's own weights cannot rewrite it.
+            weights = self._weights(grads, losses).detach().to(grads.dtype, copy=True)
         self.last_weights = weights
         return weights @ grads
 

@@ -22,12 +22,16 @@ __all__ = ["MGDA", "min_norm_weights"]
 Normalization = Literal["none", "l2", "loss", "loss+"]
 _NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
+# sum_t w_t = 1 for scipy's SLSQP (the bounds 0 <= w_t <= 1 complete the simplex).
+SIMPLEX = ({"type": "eq", "fun": lambda w: w.sum() - 1.0, "jac": lambda w: np.ones_like(w)},)
+
 
 def min_norm_weights(k: np.ndarray) -> np.ndarray:
     """Convex weights ``w`` minimising ``w^T K w`` for a PSD Gram matrix ``K`` (float64).
 
-    Solved as the QP it is, with SLSQP over the simplex and the analytic gradient, instead
-    of the paper's Frank-Wolfe iterations, whose stopping rule leaves an approximate point.
+    Solved as the QP it is, with SLSQP over the simplex and the analytic gradient (the paper
+    uses Frank-Wolfe iterations). SLSQP stops on the objective, so the optimality conditions
+    hold to about 1e-8 relative, which is far below the noise of a stochastic gradient.
     """
     n = k.shape[0]
     scale = np.trace(k) / n
@@ -40,7 +44,7 @@ def min_norm_weights(k: np.ndarray) -> np.ndarray:
         jac=lambda w: 2.0 * (k @ w),
         method="SLSQP",
         bounds=[(0.0, 1.0)] * n,
-        constraints=({"type": "eq", "fun": lambda w: w.sum() - 1.0, "jac": lambda w: np.ones_like(w)},),
+        constraints=SIMPLEX,
         options={"ftol": 1e-15, "maxiter": 500},
     )
     w = np.clip(result.x, 0.0, None)
@@ -51,8 +55,8 @@ class MGDA(Aggregator):
     """Minimum-norm point of the convex hull of the (normalised) task gradients.
 
     ``normalization`` divides each gradient before the hull is formed (an option of Sener &
-    Koltun's official code, not described in the paper): ``"none"``; ``"l2"`` by ``||g_t||`` (every task
-    counts equally whatever its gradient scale); ``"loss"`` by ``L_t`` (needs positive
+    Koltun's official code, not described in the paper): ``"none"``; ``"l2"`` by ``||g_t||``
+    (every task counts equally whatever its gradient scale); ``"loss"`` by ``L_t`` (needs positive
     losses); ``"loss+"`` by ``L_t ||g_t||``.
 
     The direction is the min-norm point of the *normalised* hull, ``sum_t (w_t / n_t) g_t``

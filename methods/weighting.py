@@ -73,7 +73,7 @@ class UW(Aggregator):
     def _weights(self, grads: Tensor, losses: Tensor) -> Tensor:
         with torch.enable_grad():
             s = self.log_vars
-            objective = (torch.exp(-s) * losses.to(s.dtype) + s).sum()
+            objective = (torch.exp(-s) * losses.to(s) + s).sum()
             (grad,) = torch.autograd.grad(objective, s)
         _accumulate_grad(self.log_vars, grad)
         return torch.exp(-self.log_vars.detach()).to(grads.device)
@@ -96,8 +96,9 @@ class DWA(Aggregator):
             )
         self.temperature = float(temperature)
         # Mean losses of the last and second-to-last epoch; NaN until reported.
-        self.register_buffer("last_epoch_losses", torch.full((num_tasks,), math.nan, dtype=torch.float64))
-        self.register_buffer("previous_epoch_losses", torch.full((num_tasks,), math.nan, dtype=torch.float64))
+        unset = torch.full((num_tasks,), math.nan, dtype=torch.float64)
+        self.register_buffer("last_epoch_losses", unset.clone())
+        self.register_buffer("previous_epoch_losses", unset.clone())
 
     def epoch_end(self, mean_losses: Tensor | list[float]) -> None:
         """Report the mean training loss of each task over the epoch that just ended."""
@@ -132,8 +133,9 @@ class GradNorm(Aggregator):
 
     ``norm_numel`` says how many trailing entries of a gradient row belong to ``W``: pass
     the last shared layer's parameters last to ``per_task_gradients`` and their element
-    count here. ``None`` uses the whole row (all shared parameters), which costs nothing
-    extra here because the per-task gradients are already computed.
+    count here. ``None`` uses the whole row (all shared parameters): the paper restricts
+    itself to the last layer to save backward passes, which ``per_task_gradients`` has
+    already paid for.
 
     Each ``aggregate`` call first renormalises the weights to sum to ``T`` (the paper does it
     after every optimizer step; doing it before the weights are used is the same thing, and
@@ -146,8 +148,12 @@ class GradNorm(Aggregator):
     def __init__(self, num_tasks: int, alpha: float = 1.5, norm_numel: int | None = None) -> None:
         super().__init__(num_tasks)
         if not alpha >= 0:
-            raise GraphSurgeonError(f"GradNorm alpha must be >= 0, got {alpha!r}; the paper uses 0.12 to 3.")
-        if norm_numel is not None and (isinstance(norm_numel, bool) or not isinstance(norm_numel, int) or norm_numel < 1):
+            raise GraphSurgeonError(
+                f"GradNorm alpha must be >= 0, got {alpha!r}; the paper uses 1.5 on NYUv2."
+            )
+        is_int = isinstance(norm_numel, int) and not isinstance(norm_numel, bool)
+        valid_numel = is_int and norm_numel >= 1
+        if norm_numel is not None and not valid_numel:
             raise GraphSurgeonError(
                 f"GradNorm norm_numel must be a positive int or None, got {norm_numel!r}; "
                 "pass the element count of the last shared layer."
@@ -155,7 +161,9 @@ class GradNorm(Aggregator):
         self.alpha = float(alpha)
         self.norm_numel = norm_numel
         self.weights = nn.Parameter(torch.ones(num_tasks))
-        self.register_buffer("initial_losses", torch.full((num_tasks,), math.nan, dtype=torch.float64))
+        # L_t(0), NaN until the first aggregate call.
+        unset = torch.full((num_tasks,), math.nan, dtype=torch.float64)
+        self.register_buffer("initial_losses", unset)
         self.last_gradnorm_loss: float | None = None
 
     def _weights(self, grads: Tensor, losses: Tensor) -> Tensor:
@@ -185,5 +193,5 @@ class GradNorm(Aggregator):
             loss = (weighted_norms - target).abs().sum()
             (grad,) = torch.autograd.grad(loss, w)
         _accumulate_grad(self.weights, grad)
-        self.last_gradnorm_loss = float(loss)
+        self.last_gradnorm_loss = loss.detach().item()
         return w.detach().to(grads.device)

@@ -105,10 +105,11 @@ def _norm(variant: str, channels: int) -> nn.Module:
 
     A group of one channel (instance norm) fixes that channel's spatial mean, so a trunk
     ending in one, followed by average pooling, would give an output that ignores the input.
+    Drawn programs never ask for a GroupNorm of one channel; a hand-written one gets a single group.
     """
     if variant == "batch":
         return nn.BatchNorm2d(channels)
-    groups = max(g for g in range(1, channels // 2 + 1) if channels % g == 0 and channels // g >= 2)
+    groups = max((g for g in range(1, channels // 2 + 1) if channels % g == 0 and channels // g >= 2), default=1)
     return nn.GroupNorm(groups, channels)
 
 
@@ -265,7 +266,7 @@ def programs(draw: st.DrawFn, max_ops: int = 8, max_channels: int = 16) -> Progr
     added or concatenated into the latest one. Those merges are long skips by construction.
     """
     seed = draw(st.integers(0, 2**32 - 1))
-    in_channels = draw(st.integers(1, 4))
+    in_channels = draw(st.integers(1, min(4, max_channels)))
     height = draw(st.integers(6, 12))
     width = draw(st.integers(6, 12))
     channels = [in_channels]
@@ -283,20 +284,32 @@ def programs(draw: st.DrawFn, max_ops: int = 8, max_channels: int = 16) -> Progr
     return Program(seed, in_channels, height, width, tuple(ops), hidden, num_classes)
 
 
-def _randomise_norms(model: nn.Module) -> None:
-    """Give every norm non-default statistics and affine terms.
+def _randomise_norms(model: GeneratedNet, example: Tensor) -> None:
+    """Give every norm statistics and affine terms that are neither default nor degenerate.
 
     With the defaults (mean 0, var 1, weight 1, bias 0) an eval-mode BatchNorm is the
-    identity, so a bug that drops or misplaces it would go unseen.
+    identity, so a bug that drops or misplaces one would go unseen. Purely random statistics
+    are no better: activations shrink through the random convs, a running mean far from them
+    pushes a whole channel below zero, and the next ReLU kills it (often the only channel of a
+    narrow trunk, making the output constant). So the statistics are measured on the example
+    batch first (one train-mode pass with a cumulative average), then perturbed.
     """
+    batch_norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     with torch.no_grad():
+        for m in batch_norms:
+            m.reset_running_stats()
+            m.momentum = None
+        model.train()
+        model.features(example)
+        model.eval()
+        for m in batch_norms:
+            m.momentum = 0.1  # back to PyTorch's default, as a user's model would have
+            m.running_mean += 0.2 * m.running_var.sqrt() * torch.randn_like(m.running_mean)
+            m.running_var *= torch.empty_like(m.running_var).uniform_(0.5, 2.0)
         for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
             if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
                 m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
+                m.bias.uniform_(-0.2, 0.2)
 
 
 def _centre_hidden_units(model: GeneratedNet, example: Tensor) -> None:
@@ -320,10 +333,9 @@ def build_model(program: Program) -> tuple[GeneratedNet, Tensor]:
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(program.seed)
-        model = GeneratedNet(program)
-        _randomise_norms(model)
-        model = model.double().eval()
+        model = GeneratedNet(program).double()
         example = torch.randn(BATCH, program.in_channels, program.height, program.width, dtype=torch.float64)
+        _randomise_norms(model, example)
     _centre_hidden_units(model, example)
     return model, example
 

@@ -1,0 +1,212 @@
+"""One experiment: a backbone, a dataset's tasks, a method → trained network, metrics, artefacts.
+
+The CLI (`python -m graphsurgeon`) and the benchmark scripts call `run`; it is the only place
+that wires data, network, method and trainer together.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+from graphsurgeon.build import multitask
+from graphsurgeon.errors import TaskSpecError
+from graphsurgeon.models import make_head, small_resnet
+from graphsurgeon.network import MultiTaskNetwork
+from graphsurgeon.train import TrainConfig, Trainer, seed_everything
+
+__all__ = ["ExperimentConfig", "run", "build_network", "delta_m", "METHODS", "count_flops"]
+
+METHODS = ("single", "hps", "mtsl")
+
+
+@dataclass
+class ExperimentConfig:
+    method: str = "mtsl"
+    backbone: str = "small_resnet"
+    data: str = "multimnist"
+    data_root: str | None = None
+    tasks: Sequence[str] | None = None
+    train_size: int | None = None
+    val_size: int | None = None
+    test_size: int | None = None
+    trunk: str | None = None
+    granularity: str = "block"
+    epochs: int | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mtsl: dict[str, Any] = field(default_factory=dict)
+    corruptions: Sequence[str] = ("gaussian_noise", "gaussian_blur", "contrast")
+    severities: Sequence[int] = (1, 3, 5)
+    out_dir: str | None = None
+    export: bool = True
+
+
+class GreyToRGB(nn.Module):
+    """Feeds 1-channel images to a 3-channel backbone: the repeat is the first traced op."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.expand(-1, 3, -1, -1))
+
+
+def make_backbone(name: str, in_channels: int, image_size: int) -> nn.Module:
+    """``small_resnet`` or any torchvision classification model name (random init)."""
+    if name == "small_resnet":
+        return small_resnet(in_channels)
+    available = torchvision.models.list_models(module=torchvision.models)
+    if name not in available:
+        raise TaskSpecError(f"unknown backbone {name!r}; use 'small_resnet' or one of torchvision's: {available[:8]}...")
+    kwargs = {"image_size": image_size} if name.startswith("vit") else {}
+    model = torchvision.models.get_model(name, weights=None, **kwargs)
+    return GreyToRGB(model) if in_channels == 1 else model
+
+
+def build_network(cfg: ExperimentConfig, task_info: Mapping[str, Any], example: torch.Tensor) -> MultiTaskNetwork:
+    sharing = "shared" if cfg.method == "hps" else "separate"
+    image_size = tuple(example.shape[-2:])
+    heads = {
+        t: (lambda shape, info=info: make_head(info.kind, shape, info.num_outputs, image_size))
+        for t, info in task_info.items()
+    }
+    backbone = make_backbone(cfg.backbone, example.shape[1], example.shape[-1])
+    net = multitask(backbone, heads, trunk=cfg.trunk, sharing=sharing, granularity=cfg.granularity, example_input=example)
+    if cfg.method == "mtsl" and cfg.mtsl.get("independent_init", True):
+        # from-scratch backbones: each task's copy gets its own random init, as separate networks would
+        from graphsurgeon.network import reinitialise
+
+        for d in range(1, net.depth + 1):
+            for module in list(net.level(d).values())[1:]:
+                reinitialise(module)
+    return net
+
+
+def make_method(cfg: ExperimentConfig):
+    from graphsurgeon.methods.base import Method
+
+    if cfg.method in ("single", "hps"):
+        return Method()
+    if cfg.method == "mtsl":
+        from graphsurgeon.methods.mtsl import MTSL, MTSLConfig
+
+        known = MTSLConfig.__dataclass_fields__
+        return MTSL(MTSLConfig(**{k: v for k, v in cfg.mtsl.items() if k in known}))
+    raise TaskSpecError(f"unknown method {cfg.method!r}; use one of {list(METHODS)}.")
+
+
+def delta_m(results: Mapping[str, Mapping[str, float]], baseline: Mapping[str, Mapping[str, float]], task_info) -> float:
+    """Δm % (Maninis et al.): mean over tasks and metrics of the signed relative change vs ``baseline``."""
+    per_task = []
+    for t, metrics in results.items():
+        info = task_info[t]
+        changes = []
+        for m, better_high in info.higher_is_better.items():
+            base = baseline[t][m]
+            if base == 0:
+                continue
+            sign = 1.0 if better_high else -1.0
+            changes.append(sign * (metrics[m] - base) / abs(base))
+        if changes:
+            per_task.append(sum(changes) / len(changes))
+    return 100.0 * sum(per_task) / max(len(per_task), 1)
+
+
+def count_flops(net: nn.Module, example: torch.Tensor) -> int:
+    """Forward FLOPs for one sample (torch's flop counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was = net.training
+    net.eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        net(example[:1])
+    net.train(was)
+    return int(counter.get_total_flops())
+
+
+def _datasets(cfg: ExperimentConfig):
+    from graphsurgeon.data import get_dataset
+
+    kw = {"tasks": cfg.tasks} if cfg.tasks else {}
+    sizes = {"train": cfg.train_size, "val": cfg.val_size, "test": cfg.test_size}
+    out = {}
+    for split, size in sizes.items():
+        extra = {"size": size} if size and cfg.data == "multimnist" else {}
+        seed = {"seed": cfg.train.seed} if cfg.data == "multimnist" else {}
+        # the preprocessed NYUv2/Cityscapes releases have train and val only; papers report on val
+        source = "val" if split == "test" and cfg.data in ("nyuv2", "cityscapes") else split
+        out[split] = get_dataset(cfg.data, source, cfg.data_root, **kw, **extra, **seed)
+    return out
+
+
+def run(cfg: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
+    """Train and evaluate one method; write artefacts to ``cfg.out_dir``; return the results."""
+    from graphsurgeon.data.corruptions import corrupt
+
+    seed_everything(cfg.train.seed)
+    data = _datasets(cfg)
+    task_info = data["train"].task_info
+    example = data["train"][0][0][None]
+    net = build_network(cfg, task_info, example)
+    out = Path(cfg.out_dir) if cfg.out_dir else None
+    train_cfg = cfg.train
+    if out is not None:
+        train_cfg.checkpoint_dir = str(out / "checkpoint")
+    if cfg.epochs:
+        train_cfg.epochs = cfg.epochs
+    trainer = Trainer(net, task_info, data["train"], data["val"], train_cfg, make_method(cfg))
+    if resume and out is not None:
+        trainer.resume()
+    start = time.perf_counter()
+    trainer.fit()
+    seconds = time.perf_counter() - start
+    test = trainer.evaluate(data["test"])
+    corrupted = {}
+    for name in cfg.corruptions:
+        for severity in cfg.severities:
+            g = torch.Generator().manual_seed(cfg.train.seed)
+            corrupted[f"{name}@{severity}"] = trainer.evaluate(
+                data["test"], transform=lambda x, n=name, s=severity, g=g: corrupt(x, n, s, generator=g)
+            )
+    results = {
+        "config": _plain(asdict(cfg)),
+        "method": cfg.method,
+        "test": test,
+        "corrupted": corrupted,
+        "parameters": sum(p.numel() for p in net.parameters()),
+        "flops": count_flops(net, example.to(trainer.device)),
+        "train_seconds": seconds,
+        "tree": str(net.tree),
+        "tree_partitions": net.tree.partitions(),
+        "history": trainer.history,
+        "decisions": getattr(trainer.method, "decisions", []),
+    }
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+        (out / "tree.txt").write_text(str(net.tree) + "\n")
+        if cfg.export:
+            from graphsurgeon.export import to_export
+
+            net.eval()
+            program = to_export(net, example.to(trainer.device))
+            torch.export.save(program, out / "model.pt2")
+    results["net"] = net
+    return results
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
