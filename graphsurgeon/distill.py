@@ -16,17 +16,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from graphsurgeon.network import MultiTaskNetwork
+from graphsurgeon.similarity import global_avg_pool
 
-__all__ = ["ChannelGate", "Amalgamation", "feature_mse", "channel_pool"]
-
-
-def channel_pool(f: torch.Tensor) -> torch.Tensor:
-    """(B, C, *spatial) or (B, tokens, C) or (B, C) → (B, C): what the gate and CKA look at."""
-    if f.dim() == 2:
-        return f
-    if f.dim() == 3:  # tokens: (B, N, C)
-        return f.mean(1)
-    return f.flatten(2).mean(2)
+__all__ = ["ChannelGate", "Amalgamation", "feature_mse"]
 
 
 def _broadcast_gate(g: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
@@ -44,7 +36,7 @@ class ChannelGate(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, channels), nn.Sigmoid())
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
-        return _broadcast_gate(self.mlp(channel_pool(f)), f) * f
+        return _broadcast_gate(self.mlp(global_avg_pool(f)), f) * f
 
 
 def feature_mse(
@@ -91,6 +83,8 @@ class Amalgamation:
     reduction: int = 4
     progress: Callable[[Iterable], Iterable] | None = None
     history: list[dict] = field(default_factory=list)
+    gates: list[ChannelGate] | None = field(default=None, repr=False)
+    """The gates trained by the last call (kept to measure held-out MSE)."""
 
     def __call__(
         self, net: MultiTaskNetwork, depth: int, parent: int, members: Sequence[nn.Module], group: nn.Module
@@ -115,7 +109,7 @@ class Amalgamation:
                     targets = [m(inp) for m in members]
                 fg = group(inp)
                 if gates is None:
-                    channels = channel_pool(fg).shape[1]
+                    channels = global_avg_pool(fg).shape[1]
                     gates = [ChannelGate(channels, self.reduction).to(device) for _ in members]
                     params = list(group.parameters()) + [p for g in gates for p in g.parameters()]
                     opt = torch.optim.Adam(params, lr=self.lr)
@@ -127,6 +121,7 @@ class Amalgamation:
         net.train(net_mode)
         for m, mode in zip(members, member_modes):
             m.train(mode)
+        self.gates = gates
         record = {"depth": depth, "parent": parent, "members": len(members), "loss_curve": curve}
         self.history.append(record)
         return record
