@@ -66,6 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--no-progress", action="store_true")
     _train_parser(sub)
     args = parser.parse_args(argv)
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt as stop:
+        print(f"\n[graphsurgeon] interrupted: {stop or 'no checkpoint directory was set'}", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
     if args.command == "demo":
         from graphsurgeon.demo import run_demo
 

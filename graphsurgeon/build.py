@@ -53,7 +53,16 @@ def normalise_tasks(
     Head factories are called with ``trunk_shape`` (which needs an example input).
     """
     out = {}
+    seen: dict[int, str] = {}
     for name, spec in _task_pairs(tasks):
+        head = spec.head if isinstance(spec, Task) else spec
+        if isinstance(head, nn.Module):
+            if id(head) in seen:
+                raise TaskSpecError(
+                    f"tasks {seen[id(head)]!r} and {name!r} are given the same head module; every task owns its "
+                    "head. Pass copy.deepcopy(head) for one of them."
+                )
+            seen[id(head)] = name
         task = spec if isinstance(spec, Task) else Task(head=spec)
         if not isinstance(task.head, nn.Module):
             task = Task(head=_call_factory(name, task.head, trunk_shape), loss=task.loss, metrics=task.metrics)

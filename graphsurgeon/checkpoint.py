@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from graphsurgeon.build import TaskSpec, multitask
-from graphsurgeon.errors import CheckpointError, GraphSurgeonError
+from graphsurgeon.errors import CheckpointError, GraphSurgeonError, TrunkError
 from graphsurgeon.network import MultiTaskNetwork
 from graphsurgeon.tree import TaskTree
 
@@ -136,14 +136,27 @@ def load(
     """
     meta = read_metadata(path)
     cfg = meta["config"]
-    net = multitask(
-        model,
-        tasks,
-        trunk=multitask_kwargs.pop("trunk", cfg.get("trunk")),
-        granularity=multitask_kwargs.pop("granularity", cfg.get("granularity", "block")),
-        sharing="separate",
-        **multitask_kwargs,
-    )
+    saved_backbone = cfg.get("backbone")
+    if saved_backbone is not None and saved_backbone != type(model).__name__:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} was saved from a {saved_backbone} backbone, not {type(model).__name__}. "
+            f"Pass a {saved_backbone} model to load()."
+        )
+    try:
+        net = multitask(
+            model,
+            tasks,
+            trunk=multitask_kwargs.pop("trunk", cfg.get("trunk")),
+            granularity=multitask_kwargs.pop("granularity", cfg.get("granularity", "block")),
+            sharing="separate",
+            **multitask_kwargs,
+        )
+    except TrunkError as exc:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} ends its trunk at node {cfg.get('trunk')!r}, which this "
+            f"{type(model).__name__} backbone does not have: it was saved from another backbone. "
+            "Pass the model the checkpoint was saved from."
+        ) from exc
     if set(meta["tree"].tasks) != set(net.tasks):
         raise CheckpointError(
             f"checkpoint {str(path)!r} was saved for tasks {list(meta['tree'].tasks)}, not {list(net.tasks)}. "

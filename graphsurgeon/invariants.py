@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from graphsurgeon.errors import InvariantError
 from graphsurgeon.network import MultiTaskNetwork
+from graphsurgeon.segments import fingerprint
 
 __all__ = ["check", "count_parameters"]
 
@@ -44,7 +45,7 @@ def check(net: MultiTaskNetwork) -> None:
                 f"depth {d}: tree nodes {sorted(want - have)} have no segment copy, copies {sorted(have - want)} no node"
             )
         for name, module in level.items():
-            if module.code != net.fingerprints[d - 1]:
+            if fingerprint(module) != net.fingerprints[d - 1]:
                 raise InvariantError(f"seg{d}.{name} does not run segment {d}'s code")
     if set(net.heads.keys()) != set(tree.tasks):
         raise InvariantError(f"heads {sorted(net.heads.keys())} differ from tasks {sorted(tree.tasks)}")

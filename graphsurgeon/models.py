@@ -51,7 +51,7 @@ class SmallResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def small_resnet(in_channels: int = 1, widths: Sequence[int] = (16, 32, 64, 64)) -> nn.Module:
+def small_resnet(in_channels: int = 1, widths: Sequence[int] = (8, 16, 32, 32)) -> nn.Module:
     """A 5-segment residual CNN (stem + 4 stages) for 28–64 px images."""
     return SmallResNet(in_channels, widths)
 

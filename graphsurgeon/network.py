@@ -37,12 +37,21 @@ class Task:
 
 
 def reinitialise(module: nn.Module) -> nn.Module:
-    """Re-initialise every submodule that knows how (``reset_parameters``), BN stats included."""
+    """Re-initialise every parameter: submodules that know how (``reset_parameters``, BN
+    statistics included) do it themselves; bare parameters read through ``get_attr`` (ViT's
+    ``class_token``, layer-scale ``gamma``) get a truncated normal (std 0.02, as ViT inits them).
+    """
+    owned: set[int] = set()
     for m in module.modules():
         if m is not module and hasattr(m, "reset_parameters"):
             m.reset_parameters()
+            owned.update(id(p) for p in m.parameters())
         if hasattr(m, "reset_running_stats"):
             m.reset_running_stats()
+    with torch.no_grad():
+        for p in module.parameters():
+            if id(p) not in owned:
+                nn.init.trunc_normal_(p, std=0.02)
     return module
 
 
@@ -65,7 +74,9 @@ def init_group(members: Sequence[nn.Module], init: GroupInit) -> nn.Module:
         with torch.no_grad():
             named = [dict(m.named_parameters()) for m in members]
             for name, p in group.named_parameters():
-                p.copy_(torch.stack([n[name].detach() for n in named]).mean(0))
+                # first + mean of differences: exact when the members are equal (x+x+x != 3x in floats)
+                first = named[0][name].detach()
+                p.copy_(first + torch.stack([n[name].detach() - first for n in named]).mean(0))
         return group
     raise TaskSpecError(f"unknown group init {init!r}; use 'fresh', 'mean', 'copy' or a callable(members) -> module.")
 

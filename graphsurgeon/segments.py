@@ -24,7 +24,7 @@ from torch import fx, nn
 
 from graphsurgeon.errors import TraceError, TrunkError
 
-__all__ = ["Segment", "segment", "find_trunk", "cut_points"]
+__all__ = ["Segment", "segment", "find_trunk", "cut_points", "fingerprint"]
 
 Granularity = Literal["block", "fine"]
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -50,8 +50,21 @@ class Segment:
 
     @property
     def fingerprint(self) -> str:
-        """The segment's generated code: equal fingerprints mean interchangeable weights."""
-        return self.module.code
+        return fingerprint(self.module)
+
+
+def fingerprint(module: fx.GraphModule) -> str:
+    """The segment's code plus the type and configuration of every module it calls.
+
+    Equal fingerprints mean interchangeable weights: the code alone would not tell a ReLU from
+    a GELU, or a stride-1 from a stride-2 convolution.
+    """
+    calls = [
+        f"{n.target}: {type(module.get_submodule(n.target)).__name__}({module.get_submodule(n.target).extra_repr()})"
+        for n in module.graph.nodes
+        if n.op == "call_module"
+    ]
+    return "\n".join([module.code, *calls])
 
 
 def _value_nodes(node: fx.Node) -> list[fx.Node]:

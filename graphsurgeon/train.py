@@ -188,6 +188,11 @@ class Trainer:
             if self._stop_requested:
                 self.save_checkpoint()
             self._restore_signal_handlers(previous)
+        if self._stop_requested:
+            # the caller must stop too (the demo would otherwise go on to the next method)
+            raise KeyboardInterrupt(
+                f"stopped at epoch {self.epoch}; checkpoint in {self.config.checkpoint_dir}: rerun with --resume"
+            )
         return self.history
 
     # ------------------------------------------------------------------ checkpoints

@@ -13,12 +13,17 @@ new node starts from (reuse, copy, or a group initialised from several members).
 from __future__ import annotations
 
 import json
+import keyword
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from graphsurgeon.errors import InvariantError, TaskSpecError, TreeEditError
 
+from torch import nn
+
 __all__ = ["TreeNode", "TaskTree", "Origin"]
+
+_MODULE_DICT = nn.ModuleDict()
 
 Origin = dict[int, tuple[int, ...]]
 
@@ -62,6 +67,12 @@ class TaskTree:
                 raise TaskSpecError(f"task names must be non-empty strings, got {t!r}. Rename the task.")
             if "." in t:
                 raise TaskSpecError(f"task name {t!r} contains '.', which module names cannot. Rename the task.")
+            # names become module attributes and code in exported graphs (self.heads.<name>)
+            if not (t.isascii() and t.isidentifier()) or keyword.iskeyword(t) or hasattr(_MODULE_DICT, t):
+                raise TaskSpecError(
+                    f"task name {t!r} cannot name a module: use an ASCII Python identifier that is not a "
+                    "keyword nor an nn.ModuleDict attribute (e.g. 'depth', 'seg_left'). Rename the task."
+                )
             if t in seen:
                 raise TaskSpecError(f"task name {t!r} appears twice. Give every task a unique name.")
             seen.add(t)
@@ -155,11 +166,15 @@ class TaskTree:
 
     def check(self) -> None:
         """Raise `InvariantError` naming the first violated invariant."""
+        try:
+            self._check_tasks(self.tasks)
+        except TaskSpecError as exc:
+            raise InvariantError(f"the tree's task list is invalid: {exc}") from exc
         ids = [n.id for n in self.nodes]
         if len(ids) != len(set(ids)):
             raise InvariantError(f"node ids repeat: {sorted(ids)}")
         roots = self.at_depth(0)
-        if len(roots) != 1 or roots[0].parent is not None or set(roots[0].tasks) != set(self.tasks):
+        if len(roots) != 1 or roots[0].parent is not None or sorted(roots[0].tasks) != sorted(self.tasks):
             raise InvariantError("depth 0 must be one root node holding every task")
         by_id = {n.id: n for n in self.nodes}
         for n in self.nodes:
