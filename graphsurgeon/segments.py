@@ -220,8 +220,9 @@ def cut_points(order: Sequence[fx.Node], trunk: fx.Node) -> dict[int, fx.Node]:
 def _block_of(node: fx.Node, gm: fx.GraphModule) -> str:
     """The module block a node belongs to: the outermost module whose parent is a container.
 
-    ResNet's BasicBlocks are children of a ``Sequential``; glue code at the top level (the
-    stem, pooling, flatten) belongs to the block ``""``. Only the original module *types* are
+    ResNet's BasicBlocks are children of a ``Sequential``; a composite module directly under
+    the root (GoogLeNet's inception blocks) is a block too; primitive layers and glue code at
+    the top level (ResNet's stem conv/bn/relu, pooling, flatten) belong to the block ``""``. Only the original module *types* are
     consulted (from ``nn_module_stack``): the GraphModule's own submodules are plain copies.
     """
     stack = list(node.meta.get("nn_module_stack", {}).values())
@@ -234,6 +235,10 @@ def _block_of(node: fx.Node, gm: fx.GraphModule) -> str:
             # a container of primitive layers (regnet's stem: conv, bn, relu) is one block,
             # unless it is the backbone itself (a user's plain nn.Sequential)
             return stack[i - 1][0] if primitive and i > 0 else qualname
+    # no container above: a composite top-level child (GoogLeNet's inception3a) is a block;
+    # a primitive top-level layer (ResNet's conv1, bn1) is glue that joins its neighbours
+    if stack and not (len(stack) == 1 and node.op == "call_module" and node.target == stack[0][0]):
+        return stack[0][0]
     return ""
 
 
