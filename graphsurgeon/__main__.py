@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true")
+    demo.add_argument("--quick", action="store_true", help="tiny data and schedule: a smoke run in seconds")
     _train_parser(sub)
     args = parser.parse_args(argv)
     try:
@@ -77,7 +78,7 @@ def _dispatch(args) -> int:
     if args.command == "demo":
         from graphsurgeon.demo import run_demo
 
-        run_demo(Path(args.out), seed=args.seed, progress=not args.no_progress)
+        run_demo(Path(args.out), seed=args.seed, progress=not args.no_progress, quick=args.quick)
         return 0
     from graphsurgeon.experiment import run
 
