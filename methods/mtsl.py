@@ -44,7 +44,7 @@ class MTSLConfig:
     threshold: float = 0.8
     align_weight: float = 0.2
     similarity_samples: int = 800
-    group_init: str = "fresh"
+    group_init: str = "fresh"  # or "mean" of the members, or "copy" of the most central member
     distill_lr: float | None = None
     exhaustive_limit: int = 10
 
@@ -161,7 +161,11 @@ class MTSL(Method):
             node_tasks = [list(net.tree.node(i).tasks) for i in ids]
             sim = self.similarity(trainer, depth, ids)
             decision = mtsl_partition(sim.numpy(), self.config.threshold, exhaustive_limit=self.config.exhaustive_limit)
-            groups = [[ids[i] for i in block] for block in decision.merge_groups]
+            # most central member first (highest mean CKA with the rest): group_init="copy" takes it
+            centrality = lambda i, block: sum(float(sim[i, j]) for j in block if j != i)
+            groups = [
+                [ids[i] for i in sorted(block, key=lambda i, b=block: -centrality(i, b))] for block in decision.merge_groups
+            ]
             amalgamation = Amalgamation(
                 batches=lambda: (b[0].to(trainer.device) for b in trainer.loader(trainer.train_data, shuffle=True)),
                 epochs=distill_epochs,
