@@ -5,6 +5,7 @@ benchmarks/results/mtsl_multimnist.{json,md}: per-task primary metric and Δm % 
 single-task as mean ± std over seeds, parameters, FLOPs, and every learned MTSL tree.
 
     python benchmarks/mtsl_multimnist.py --seeds 0 1 2
+    python benchmarks/mtsl_multimnist.py --seeds 0 1 2 --reuse   # seeds run in parallel by `graphsurgeon demo --seed N`
 """
 from __future__ import annotations
 
@@ -28,11 +29,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--runs", default="runs/mtsl_multimnist")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--reuse", action="store_true", help="aggregate seeds whose run folder is complete")
     args = parser.parse_args()
     metric = {t: MULTIMNIST_TASKS[t].primary_metric for t in DEMO_TASKS}
     per_seed = {}
     for seed in args.seeds:
-        results = run_demo(Path(args.runs) / f"seed{seed}", seed=seed, progress=False)
+        folder = Path(args.runs) / f"seed{seed}"
+        if args.reuse and (folder / "results.json").is_file():
+            results = json.loads((folder / "results.json").read_text())
+        else:
+            results = run_demo(folder, seed=seed, progress=False)
         base = {t: results["single"]["test"][t] for t in DEMO_TASKS}
         per_seed[seed] = {
             m: {
