@@ -21,9 +21,10 @@ def reference_heads(
     activation: str,
 ) -> list[Tensor]:
     """Head t maps ``x`` (shared, (M, K)) or ``x[t]`` (stacked, (T, M, K)) to (M, N_t)."""
+    # unbind, not x[t]: T index ops would each scatter a full (T, M, K) gradient.
+    inputs = [x] * len(weights) if x.dim() == 2 else x.unbind(0)
     outputs = []
-    for t, w in enumerate(weights):
-        x_t = x if x.dim() == 2 else x[t]
+    for t, (x_t, w) in enumerate(zip(inputs, weights)):
         b = None if biases is None else biases[t]
         outputs.append(apply_activation(F.linear(x_t, w, b), activation))
     return outputs

@@ -12,8 +12,7 @@ A 1×1 convolution head is the same GEMM over pixels; `pixels_to_rows` and
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +20,6 @@ from torch import Tensor
 
 from graphsurgeon.errors import GraphSurgeonError
 
-Activation = Literal["none", "relu", "gelu"]
 ACTIVATIONS: tuple[str, ...] = ("none", "relu", "gelu")
 
 
@@ -47,12 +45,16 @@ def apply_activation(z: Tensor, activation: str) -> Tensor:
     return z
 
 
-@dataclass(frozen=True)
-class HeadsProblem:
+class HeadsProblem(NamedTuple):
     """What a batched-heads call computes, independent of the backend.
 
     ``shared`` is True for one (M, K) input read by every head and False for a
-    stacked (T, M, K) input where head t reads ``x[t]``.
+    stacked (T, M, K) input where head t reads ``x[t]``.  ``stacked`` says the
+    weights already arrive as one (ΣN_t, K) tensor (`BatchedHeads`), so batched
+    backends skip the ``torch.cat`` that lists of weights need.  A NamedTuple rather than a
+    dataclass, and ``is_cuda`` next to ``device`` (``device.type`` costs ~0.5 µs):
+    it is built on every call, and for small heads the per-call Python overhead
+    decides whether batching beats the plain loop.
     """
 
     shared: bool
@@ -63,6 +65,8 @@ class HeadsProblem:
     activation: str
     dtype: torch.dtype
     device: torch.device
+    is_cuda: bool
+    stacked: bool = False
 
     @property
     def tasks(self) -> int:
@@ -84,15 +88,76 @@ def describe_problem(
     biases: Sequence[Tensor] | None,
     activation: str,
 ) -> HeadsProblem:
-    """Validate the inputs of `batched_heads` and summarise them.
+    """Check the SHAPES of `batched_heads`'s arguments and summarise them.
 
-    Every message names the argument at fault and what to pass instead, so that a
-    mistake in the engine's head wiring is readable without a stack of GEMM errors.
+    Shapes are what a backend could get silently wrong (a 1-D weight or a (1,) bias
+    broadcasts in F.linear; zip drops surplus heads), so they are always checked.
+    dtype/device agreement is checked by `check_dtypes_and_devices` where a backend
+    needs it; the per-task loop lets F.linear detect it and `diagnose` name it.
+    One flat loop checks the common valid call; only a failure walks the arguments
+    again (`diagnose`) to say which one is wrong and what to pass instead.
     """
-    check_activation(activation)
+    out_features = _valid_out_features(x, weights, biases, activation)
+    if out_features is None:
+        raise diagnose(x, weights, biases, activation) or AssertionError("shape check and diagnose disagree")
+    x_shape = x.shape
+    return HeadsProblem(
+        len(x_shape) == 2, x_shape[-2], x_shape[-1], out_features, biases is not None, activation,
+        x.dtype, x.device, x.is_cuda,
+    )
+
+
+def _valid_out_features(
+    x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor] | None, activation: str
+) -> tuple[int, ...] | None:
+    """The heads' N_t if every shape is valid, else None."""
+    try:
+        x_shape = x.shape
+        rank, in_features, tasks = len(x_shape), x_shape[-1], len(weights)
+        if activation not in ACTIVATIONS or rank not in (2, 3) or in_features == 0 or tasks == 0:
+            return None
+        if rank == 3 and x_shape[0] != tasks:
+            return None
+        out_features = []
+        for w in weights:
+            shape = w.shape
+            if len(shape) != 2 or shape[1] != in_features or shape[0] == 0:
+                return None
+            out_features.append(shape[0])
+        if biases is not None:
+            if len(biases) != tasks:
+                return None
+            for b, n in zip(biases, out_features):
+                if b.shape != (n,):
+                    return None
+    except (AttributeError, IndexError, TypeError):
+        return None
+    return tuple(out_features)
+
+
+def check_dtypes_and_devices(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor] | None) -> None:
+    """Every weight and bias must share x's dtype and device (backends that stack them
+    would otherwise promote dtypes silently, or launch on mixed devices)."""
+    dtype, device = x.dtype, x.get_device()
+    for t in (*weights, *(biases or ())):
+        if t.dtype is not dtype or t.get_device() != device:
+            raise diagnose(x, weights, biases, "none") or AssertionError("dtype check and diagnose disagree")
+
+
+def diagnose(x: object, weights: object, biases: object, activation: str) -> GraphSurgeonError | None:
+    """The GraphSurgeonError naming the first invalid argument, or None if all are valid."""
+    try:
+        check_activation(activation)
+        _diagnose_arguments(x, weights, biases)
+    except GraphSurgeonError as err:
+        return err
+    return None
+
+
+def _diagnose_arguments(x: object, weights: object, biases: object) -> None:
     if not isinstance(x, Tensor):
         raise GraphSurgeonError(f"x must be a torch.Tensor, got {type(x).__name__}.")
-    if isinstance(weights, Tensor) or len(weights) == 0:
+    if isinstance(weights, Tensor) or not hasattr(weights, "__len__") or len(weights) == 0:
         raise GraphSurgeonError(
             "weights must be a non-empty sequence with one (N_t, K) tensor per task head."
         )
@@ -101,14 +166,14 @@ def describe_problem(
             f"x has shape {tuple(x.shape)}; pass a shared (M, K) input or stacked "
             "per-task inputs (T, M, K) (flatten extra batch dimensions into M)."
         )
-    shared = x.dim() == 2
-    in_features = x.shape[-1]
-    if not shared and x.shape[0] != len(weights):
+    if x.dim() == 3 and x.shape[0] != len(weights):
         raise GraphSurgeonError(
             f"x holds {x.shape[0]} per-task inputs (x.shape[0]) but {len(weights)} weights were "
             "given; pass one input per head, or a 2-D (M, K) input shared by all heads."
         )
-    out_features = []
+    in_features = x.shape[-1]
+    if in_features == 0:
+        raise GraphSurgeonError("x has K=0 features; heads need at least one input feature.")
     for t, w in enumerate(weights):
         _check_like_x(f"weights[{t}]", w, x)
         if w.dim() != 2 or w.shape[0] == 0:
@@ -121,34 +186,22 @@ def describe_problem(
                 f"weights[{t}] takes {w.shape[1]} in_features but x has K={in_features} "
                 "(its last dimension); every head must read the input's feature size."
             )
-        out_features.append(int(w.shape[0]))
-    if biases is not None:
-        if isinstance(biases, Tensor) or len(biases) != len(weights):
+    if biases is None:
+        return
+    if isinstance(biases, Tensor) or not hasattr(biases, "__len__") or len(biases) != len(weights):
+        raise GraphSurgeonError(
+            f"biases must be None or a sequence of {len(weights)} tensors, one per weight."
+        )
+    for t, (b, w) in enumerate(zip(biases, weights)):
+        _check_like_x(f"biases[{t}]", b, x)
+        if tuple(b.shape) != (w.shape[0],):
             raise GraphSurgeonError(
-                f"biases must be None or a sequence of {len(weights)} tensors, one per weight."
+                f"biases[{t}] has shape {tuple(b.shape)} but weights[{t}] has {w.shape[0]} "
+                f"out_features; pass a ({w.shape[0]},) bias."
             )
-        for t, (b, n) in enumerate(zip(biases, out_features)):
-            _check_like_x(f"biases[{t}]", b, x)
-            if tuple(b.shape) != (n,):
-                raise GraphSurgeonError(
-                    f"biases[{t}] has shape {tuple(b.shape)} but weights[{t}] has {n} "
-                    f"out_features; pass a ({n},) bias."
-                )
-    if in_features == 0:
-        raise GraphSurgeonError("x has K=0 features; heads need at least one input feature.")
-    return HeadsProblem(
-        shared=shared,
-        rows=int(x.shape[-2]),
-        in_features=int(in_features),
-        out_features=tuple(out_features),
-        has_bias=biases is not None,
-        activation=activation,
-        dtype=x.dtype,
-        device=x.device,
-    )
 
 
-def _check_like_x(name: str, t: Tensor, x: Tensor) -> None:
+def _check_like_x(name: str, t: object, x: Tensor) -> None:
     if not isinstance(t, Tensor):
         raise GraphSurgeonError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
     if t.dtype != x.dtype:
