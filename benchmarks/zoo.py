@@ -1,0 +1,518 @@
+"""Zoo sweep: every torchvision classifier through the whole graphsurgeon pipeline.
+
+For each model in ``torchvision.models.list_models(module=torchvision.models)`` (random init,
+eval mode, batch 2, the smallest input the model accepts):
+
+    build        `graphsurgeon.multitask` with three tasks (``a``, ``b``, ``c``) whose Linear heads
+                 are sized from the trunk output, on a mixed task tree: the first half of the
+                 segments shared by all tasks, then two branches (``{a}`` and ``{b, c}``), so
+                 that both shared and task-specific segment copies are exercised;
+    forward      ``net(x)``; every task's output must equal, bit for bit, its head applied to the
+                 trunk value of the *original* eager backbone (the input of its final
+                 classifier, captured with a forward pre-hook): every chain of segment copies
+                 reproduces the backbone exactly;
+    materialise  `graphsurgeon.materialise(net)(x)` == ``net(x)``;
+    torchscript  `graphsurgeon.to_torchscript(net, method="script")`, saved with
+                 ``torch.jit.save`` to a buffer, loaded back, run: == ``net(x)``;
+    export       `graphsurgeon.to_export(net, x).module()(x)` == ``net(x)``;
+    invariants   `graphsurgeon.check(net)`.
+
+Comparisons run in float64 (outputs must agree to 1e-10; the maximum difference is recorded,
+and is usually exactly 0). Backbones above `FLOAT32_ABOVE` parameters run in float32 (to
+1e-5) because float64 copies of them do not fit next to their TorchScript round trip in the
+24 GiB of the CI machine; the dtype is listed in the results.
+
+Usage::
+
+    python benchmarks/zoo.py [--models a,b,c] [--out benchmarks/results] [--jobs 2] [--resume]
+
+Every model runs in its own subprocess (a crash, an out-of-memory kill or a hang in one model
+never stops the sweep) with one torch thread by default; ``--jobs`` runs several at once.
+Results go to ``<out>/zoo.json`` and ``<out>/zoo.md`` (rerunning a few models updates them).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import io
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import fx, nn
+
+import graphsurgeon as gs
+
+STEPS = ("build", "forward", "materialise", "torchscript", "export", "invariants")
+TASK_OUTPUTS = {"a": 3, "b": 5, "c": 7}
+BRANCHES = (("a",), ("b", "c"))
+BATCH = 2
+DEFAULT_IMAGE_SIZE = 32
+# Smallest inputs, found by trying sizes on the eager models. 32 is the floor for every other
+# model (many run on less), so that each stage of a stride-32 network has a pixel of its own.
+IMAGE_SIZE = {
+    "alexnet": 64,  # its feature extractor's three max-pools need >= 63 pixels
+    "inception_v3": 75,  # torchvision documents 75x75 as the minimum
+    "maxvit_t": 224,  # every stage's grid (H/4 ... H/32) must be a multiple of the 7x7 partition
+    "vit_h_14": 28,  # ViTs are built for the input (image_size=...): 2x2 patches of 14
+}
+FLOAT32_ABOVE = 400_000_000
+"""Backbones with more parameters than this run in float32 (vit_h_14, regnet_y_128gf)."""
+SEED = 0
+HEAVY = frozenset({"convnext_large", "regnet_y_128gf", "vit_h_14", "vit_l_16", "vit_l_32"})
+"""Backbones above 150 M parameters: their TorchScript round trip needs several GiB, so a sweep
+runs them one at a time, after the others."""
+
+
+class Mismatch(AssertionError):
+    """An output differs from the reference it must reproduce."""
+
+
+def all_models() -> list[str]:
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def image_size_for(name: str) -> int:
+    return IMAGE_SIZE.get(name, DEFAULT_IMAGE_SIZE)
+
+
+def build_backbone(name: str, image_size: int) -> nn.Module:
+    """The randomly initialised torchvision model, built for ``image_size`` where it must be."""
+    kwargs: dict[str, Any] = {}
+    if name.startswith("vit_"):
+        kwargs["image_size"] = image_size
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # googlenet/inception warn about their default init
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+
+
+def make_tree(sharing: str, depth: int) -> gs.TaskTree | str:
+    """``branched``: first ``depth // 2`` segments shared, then one branch per group."""
+    if sharing in ("separate", "shared"):
+        return sharing
+    if sharing != "branched":
+        raise ValueError(f"sharing must be 'branched', 'separate' or 'shared', got {sharing!r}")
+    return gs.TaskTree.branched(list(TASK_OUTPUTS), depth, [list(g) for g in BRANCHES], split_at=depth // 2 + 1)
+
+
+def make_head(trunk_shape: Sequence[int], outputs: int) -> nn.Module:
+    """A Linear head on the (flattened) trunk output."""
+    features = math.prod(trunk_shape[1:])
+    if len(trunk_shape) == 2:
+        return nn.Linear(features, outputs)
+    return nn.Sequential(nn.Flatten(), nn.Linear(features, outputs))  # squeezenet's trunk is a feature map
+
+
+def probe_trunk(model: nn.Module, x: torch.Tensor) -> tuple[int, tuple[int, ...], str]:
+    """Number of segments, trunk output shape, and the classifier module that consumes the trunk."""
+    gm = gs.trace(model)
+    segments = gs.segment(gm, example_input=x)
+    trunk = next(n for n in gm.graph.nodes if n.name == segments[-1].output_name)
+    shape = tuple(trunk.meta["tensor_meta"].shape)
+    classifier = classifier_of(gm, trunk)
+    return len(segments), shape, classifier
+
+
+def classifier_of(gm: fx.GraphModule, trunk: fx.Node) -> str:
+    """Qualified name of the parametrised module that reads the trunk (the final classifier)."""
+    for user in trunk.users:
+        if user.op == "call_module" and any(True for _ in gm.get_submodule(user.target).parameters()):
+            return user.target
+    raise Mismatch(f"no parametrised module consumes the trunk node {trunk.name!r}")
+
+
+def trunk_of(model: nn.Module, classifier: str, x: torch.Tensor) -> torch.Tensor:
+    """The input of ``model.<classifier>`` when the eager model runs on ``x``."""
+    seen: list[torch.Tensor] = []
+    handle = model.get_submodule(classifier).register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+    if len(seen) != 1:
+        raise Mismatch(f"{classifier} ran {len(seen)} times in one forward; expected once")
+    return seen[0]
+
+
+def compare(got: Any, want: dict[str, torch.Tensor], tol: float) -> float:
+    """Max |got - want| over tasks; raises `Mismatch` beyond ``tol`` (relative and absolute)."""
+    if not isinstance(got, dict) or set(got) != set(want):
+        keys = sorted(got) if isinstance(got, dict) else type(got).__name__
+        raise Mismatch(f"outputs {keys} differ from the tasks {sorted(want)}")
+    worst = 0.0
+    for task, w in want.items():
+        g = got[task]
+        if g.shape != w.shape or g.dtype != w.dtype:
+            raise Mismatch(f"task {task!r}: got {tuple(g.shape)} {g.dtype}, expected {tuple(w.shape)} {w.dtype}")
+        diff = (g - w).abs().max().item()
+        worst = max(worst, diff)
+        if not torch.allclose(g, w, rtol=tol, atol=tol):
+            raise Mismatch(f"task {task!r}: max |difference| {diff:.3g} exceeds {tol:g}")
+    return worst
+
+
+def describe(exc: BaseException) -> str:
+    """``ErrorType: first line of the message``."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def run_model(name: str, image_size: int | None = None, sharing: str = "branched") -> dict[str, Any]:
+    """Run one model through every step; never raises for a failing step.
+
+    Returns a dict with ``model, image_size, dtype, segments, params, backbone_params, steps``
+    (step -> ``"ok"`` or ``"ErrorType: message"`` or ``"skipped: ..."``), ``max_diff``
+    (step -> largest difference from ``net(x)``), ``step_seconds`` and ``seconds``.
+    """
+    start = time.perf_counter()
+    size = image_size or image_size_for(name)
+    result: dict[str, Any] = {
+        "model": name,
+        "image_size": size,
+        "sharing": sharing,
+        "threads": torch.get_num_threads(),
+        "dtype": None,
+        "segments": None,
+        "params": None,
+        "backbone_params": None,
+        "steps": {},
+        "max_diff": {},
+        "step_seconds": {},
+    }
+    state: dict[str, Any] = {}
+
+    def build() -> None:
+        torch.manual_seed(SEED)
+        model = build_backbone(name, size).eval()
+        n_params = sum(p.numel() for p in model.parameters())
+        dtype = torch.float32 if n_params > FLOAT32_ABOVE else torch.float64
+        model.to(dtype)
+        x = torch.randn(BATCH, 3, size, size, dtype=dtype, generator=torch.Generator().manual_seed(SEED))
+        depth, trunk_shape, classifier = probe_trunk(model, x)
+        result.update(dtype=str(dtype).removeprefix("torch."), backbone_params=n_params)
+        heads = {t: make_head(trunk_shape, k).to(dtype) for t, k in TASK_OUTPUTS.items()}
+        state["trunk"] = trunk_of(model, classifier, x)
+        net = gs.multitask(model, heads, sharing=make_tree(sharing, depth), example_input=x)
+        net.eval()
+        result.update(segments=net.depth, params=gs.count_parameters(net))
+        state.update(net=net, x=x, tol=1e-10 if dtype == torch.float64 else 1e-5)
+
+    def forward() -> None:
+        net, x = state["net"], state["x"]
+        with torch.no_grad():
+            out = net(x)
+            state["out"] = out  # the reference of the later steps, even if the check below fails
+            trunk = state.pop("trunk")
+            want = {t: net.heads[t](trunk) for t in net.tasks}
+        for task, k in TASK_OUTPUTS.items():
+            if tuple(out[task].shape) != (BATCH, k):
+                raise Mismatch(f"task {task!r} output has shape {tuple(out[task].shape)}, expected {(BATCH, k)}")
+        result["max_diff"]["forward"] = compare(out, want, 0.0)  # bit for bit
+
+    def materialise() -> None:
+        gm = gs.materialise(state["net"])
+        with torch.no_grad():
+            result["max_diff"]["materialise"] = compare(gm(state["x"]), state["out"], state["tol"])
+
+    def torchscript() -> None:
+        scripted = gs.to_torchscript(state["net"], method="script")
+        buffer = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TorchScript is deprecated upstream; the issue asks for it
+            torch.jit.save(scripted, buffer)
+            del scripted
+            buffer.seek(0)
+            loaded = torch.jit.load(buffer)
+        del buffer
+        with torch.no_grad():
+            result["max_diff"]["torchscript"] = compare(loaded(state["x"]), state["out"], state["tol"])
+
+    def export() -> None:
+        program = gs.to_export(state["net"], state["x"])
+        with torch.no_grad():
+            result["max_diff"]["export"] = compare(program.module()(state["x"]), state["out"], state["tol"])
+
+    def invariants() -> None:
+        gs.check(state["net"])
+
+    needs: dict[str, tuple[str, ...]] = {
+        "build": (),
+        "forward": ("net",),
+        "materialise": ("out",),
+        "torchscript": ("out",),
+        "export": ("out",),
+        "invariants": ("net",),
+    }
+    steps: dict[str, Callable[[], None]] = {
+        "build": build,
+        "forward": forward,
+        "materialise": materialise,
+        "torchscript": torchscript,
+        "export": export,
+        "invariants": invariants,
+    }
+    for step in STEPS:
+        missing = [k for k in needs[step] if k not in state]
+        if missing:
+            result["steps"][step] = "skipped: " + ("build failed" if "net" in missing else "forward failed")
+            continue
+        t0 = time.perf_counter()
+        try:
+            steps[step]()
+            result["steps"][step] = "ok"
+        except Exception as exc:  # a failing step is a result, not a crash
+            result["steps"][step] = describe(exc)
+        result["step_seconds"][step] = round(time.perf_counter() - t0, 2)
+        gc.collect()
+    state.clear()
+    gc.collect()
+    result["ok"] = all(v == "ok" for v in result["steps"].values())
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+# ---------------------------------------------------------------------------------- sweep
+def _failed_result(name: str, image_size: int | None, sharing: str, reason: str, seconds: float) -> dict[str, Any]:
+    return {
+        "model": name,
+        "image_size": image_size or image_size_for(name),
+        "sharing": sharing,
+        "dtype": None,
+        "segments": None,
+        "params": None,
+        "backbone_params": None,
+        "steps": {s: (reason if i == 0 else "skipped: worker failed") for i, s in enumerate(STEPS)},
+        "max_diff": {},
+        "step_seconds": {},
+        "ok": False,
+        "seconds": round(seconds, 1),
+    }
+
+
+def run_isolated(name: str, image_size: int | None, sharing: str, timeout: float, threads: int = 1) -> dict[str, Any]:
+    """`run_model` in a fresh Python process, so a crash or a hang stays with its model."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "result.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--result", str(path)]
+        cmd += ["--sharing", sharing, "--threads", str(threads)]
+        if image_size:
+            cmd += ["--image-size", str(image_size)]
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return _failed_result(name, image_size, sharing, f"Timeout: no result after {timeout:.0f} s", timeout)
+        if proc.returncode == 0 and path.exists():
+            return json.loads(path.read_text())
+        if proc.returncode < 0:
+            sig = -proc.returncode
+            hint = " (killed: likely out of memory)" if sig == 9 else ""
+            reason = f"WorkerDied: signal {sig}{hint}"
+        else:
+            tail = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+            reason = f"WorkerDied: exit {proc.returncode}: {tail[-1] if tail else 'no message'}"
+        return _failed_result(name, image_size, sharing, reason, time.perf_counter() - start)
+
+
+def _cell(status: str) -> str:
+    if status == "ok":
+        return "ok"
+    if status.startswith("skipped"):
+        return "–"
+    return "**" + status.split(":", 1)[0] + "**"
+
+
+def _threads(results: Sequence[dict[str, Any]]) -> str:
+    counts = sorted({r.get("threads") for r in results if r.get("threads")})
+    return "/".join(map(str, counts)) or "?"
+
+
+def markdown(results: Sequence[dict[str, Any]]) -> str:
+    header = ["model", "input", "dtype", "segments", "params (M)", *STEPS, "seconds"]
+    lines = [
+        "# Zoo coverage",
+        "",
+        f"Every classifier of `torchvision.models.list_models(module=torchvision.models)` (torch "
+        f"{torch.__version__}, torchvision {torchvision.__version__}, random init, eval mode, batch {BATCH}) through "
+        "`multitask` with three tasks on a branched tree (first half of the segments shared, then "
+        "branches `{a}` and `{b, c}`), then forward, `materialise`, TorchScript (script, save, load), "
+        "`torch.export` and `check`. Every output is compared with the eager multi-task network; the "
+        "forward step also checks every branch against the original backbone's trunk bit for bit. "
+        "Generated by `python benchmarks/zoo.py`.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
+    for r in results:
+        params = f"{r['params'] / 1e6:.1f}" if r.get("params") else "–"
+        row = [
+            f"`{r['model']}`",
+            f"{r['image_size']}²",
+            r.get("dtype") or "–",
+            str(r["segments"]) if r.get("segments") else "–",
+            params,
+            *(_cell(r["steps"].get(s, "skipped")) for s in STEPS),
+            f"{r['seconds']:.0f}",
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    n = len(results)
+    ok = sum(r["ok"] for r in results)
+    failures = [r for r in results if not r["ok"]]
+    exact = {s: sum(1 for r in results if r["max_diff"].get(s) == 0.0) for s in ("materialise", "torchscript", "export")}
+    passed = {s: sum(1 for r in results if r["steps"].get(s) == "ok") for s in exact}
+    lines += [
+        "",
+        "## Summary",
+        "",
+        f"- models: {n} of the {len(all_models())} torchvision classifiers",
+        f"- all steps ok: {ok} / {n} ({100 * ok / n:.1f} %)" if n else "- all steps ok: 0 / 0",
+        "- bit-identical to the eager network (of those ok): "
+        + ", ".join(f"{s} {exact[s]} / {passed[s]}" for s in exact),
+        "- one segment only (block granularity found no cut inside the trunk, so the branched tree has "
+        "no shared part): " + (", ".join(f"`{r['model']}`" for r in results if r.get("segments") == 1) or "none"),
+        f"- float32 (more than {FLOAT32_ABOVE / 1e6:.0f} M parameters): "
+        + (", ".join(f"`{r['model']}`" for r in results if r.get("dtype") == "float32") or "none"),
+        f"- time: {sum(r['seconds'] for r in results) / 60:.0f} min summed over models, each run with "
+        f"{_threads(results)} torch thread(s) on a {os.cpu_count()}-core {platform.machine()} machine",
+        "",
+        "## Failures",
+        "",
+    ]
+    if not failures:
+        lines.append("None.")
+    for r in failures:
+        for step in STEPS:
+            status = r["steps"].get(step, "")
+            if status != "ok" and not status.startswith("skipped"):
+                lines.append(f"- `{r['model']}` {step}: {status}")
+    return "\n".join(lines) + "\n"
+
+
+def _order(name: str) -> tuple[int, str]:
+    names = all_models()
+    return (names.index(name) if name in names else len(names), name)
+
+
+def save(results: dict[str, dict[str, Any]], out: Path) -> list[dict[str, Any]]:
+    """Write ``zoo.json`` and ``zoo.md`` for ``{model: result}``, in torchvision's order."""
+    ordered = sorted(results.values(), key=lambda r: _order(r["model"]))
+    payload = {
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "steps": list(STEPS),
+        "models": len(ordered),
+        "all_ok": sum(r["ok"] for r in ordered),
+        "results": ordered,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "zoo.json").write_text(json.dumps(payload, indent=1) + "\n")
+    (out / "zoo.md").write_text(markdown(ordered))
+    return ordered
+
+
+def load(out: Path) -> dict[str, dict[str, Any]]:
+    path = out / "zoo.json"
+    if not path.exists():
+        return {}
+    return {r["model"]: r for r in json.loads(path.read_text())["results"]}
+
+
+def sweep(
+    models: Sequence[str],
+    out: Path,
+    *,
+    sharing: str = "branched",
+    timeout: float = 1800,
+    resume: bool = False,
+    jobs: int = 1,
+    threads: int = 1,
+) -> list[dict[str, Any]]:
+    """Run ``models`` one subprocess each and update ``<out>/zoo.json`` and ``zoo.md``.
+
+    Results of models outside ``models`` already in ``zoo.json`` are kept, so that a rerun of a
+    few models updates the full sweep; ``resume`` also skips the listed models that have one.
+    Both files are rewritten after every model, so a long sweep can be watched and resumed.
+    ``jobs`` models run at once, except the `HEAVY` ones, which run alone at the end.
+    """
+    from tqdm import tqdm
+
+    results = load(out)
+    todo = [m for m in models if not (resume and m in results)]
+    light = [m for m in todo if m not in HEAVY]
+    heavy = [m for m in todo if m in HEAVY]
+    bar = tqdm(total=len(todo), unit="model")
+
+    def record(name: str, r: dict[str, Any]) -> None:
+        results[name] = r
+        bar.update()
+        bar.set_postfix_str(f"{name} {'ok' if r['ok'] else 'FAILED'}")
+        save(results, out)
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = {pool.submit(run_isolated, m, None, sharing, timeout, threads): m for m in light}
+        for future in as_completed(futures):
+            record(futures[future], future.result())
+    for name in heavy:
+        bar.set_postfix_str(f"{name} (alone)")
+        record(name, run_isolated(name, None, sharing, timeout, threads))
+    bar.close()
+    return save(results, out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", help="comma-separated model names (default: every torchvision classifier)")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="results folder")
+    parser.add_argument("--sharing", default="branched", choices=("branched", "separate", "shared"))
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per model")
+    parser.add_argument("--resume", action="store_true", help="skip models that have a result in <out>/zoo.json")
+    parser.add_argument("--report", action="store_true", help="only rewrite zoo.md from zoo.json and print it")
+    parser.add_argument("--jobs", type=int, default=1, help="models run at once (heavy ones always alone)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads per model (more than the free cores slows OpenMP down badly)"
+    )
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--image-size", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        torch.set_num_threads(args.threads)
+        r = run_model(args.worker, args.image_size, args.sharing)
+        Path(args.result).write_text(json.dumps(r))
+        return 0
+    if args.report:
+        results = save(load(Path(args.out)), Path(args.out))
+        print(markdown(results))
+        return 0 if all(r["ok"] for r in results) else 1
+    models = args.models.split(",") if args.models else all_models()
+    unknown = sorted(set(models) - set(all_models()))
+    if unknown:
+        parser.error(f"unknown models {unknown}; see torchvision.models.list_models()")
+    results = sweep(
+        models,
+        Path(args.out),
+        sharing=args.sharing,
+        timeout=args.timeout,
+        resume=args.resume,
+        jobs=args.jobs,
+        threads=args.threads,
+    )
+    print(markdown(results))
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
