@@ -13,7 +13,7 @@ eval mode, batch 2, the smallest input the model accepts):
                  reproduces the backbone exactly;
     materialise  `graphsurgeon.materialise(net)(x)` == ``net(x)``;
     torchscript  `graphsurgeon.to_torchscript(net, method="script")`, saved with
-                 ``torch.jit.save`` to a buffer, loaded back, run: == ``net(x)``;
+                 ``torch.jit.save`` to a file, loaded back, run: == ``net(x)``;
     export       `graphsurgeon.to_export(net, x).module()(x)` == ``net(x)``;
     invariants   `graphsurgeon.check(net)`.
 
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import io
 import json
 import math
 import os
@@ -170,8 +169,16 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
-def run_model(name: str, image_size: int | None = None, sharing: str = "branched") -> dict[str, Any]:
+def run_model(
+    name: str,
+    image_size: int | None = None,
+    sharing: str = "branched",
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Run one model through every step; never raises for a failing step.
+
+    ``progress(result)`` is called before each step, with ``result["running"]`` naming it (so
+    that a process that dies in a step can be reported with the step).
 
     Returns a dict with ``model, image_size, dtype, segments, params, backbone_params, steps``
     (step -> ``"ok"`` or ``"ErrorType: message"`` or ``"skipped: ..."``), ``max_diff``
@@ -229,14 +236,13 @@ def run_model(name: str, image_size: int | None = None, sharing: str = "branched
 
     def torchscript() -> None:
         scripted = gs.to_torchscript(state["net"], method="script")
-        buffer = io.BytesIO()
-        with warnings.catch_warnings():
+        # a file, not a BytesIO: saving to and loading from memory holds up to three extra copies
+        # of the weights at once, which the largest backbones cannot afford
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TorchScript is deprecated upstream; the issue asks for it
-            torch.jit.save(scripted, buffer)
+            torch.jit.save(scripted, Path(tmp) / "net.pt")
             del scripted
-            buffer.seek(0)
-            loaded = torch.jit.load(buffer)
-        del buffer
+            loaded = torch.jit.load(Path(tmp) / "net.pt")
         with torch.no_grad():
             result["max_diff"]["torchscript"] = compare(loaded(state["x"]), state["out"], state["tol"])
 
@@ -269,6 +275,8 @@ def run_model(name: str, image_size: int | None = None, sharing: str = "branched
         if missing:
             result["steps"][step] = "skipped: " + ("build failed" if "net" in missing else "forward failed")
             continue
+        if progress is not None:
+            progress({**result, "running": step})
         t0 = time.perf_counter()
         try:
             steps[step]()
@@ -285,25 +293,35 @@ def run_model(name: str, image_size: int | None = None, sharing: str = "branched
 
 
 # ---------------------------------------------------------------------------------- sweep
-def _failed_result(name: str, image_size: int | None, sharing: str, reason: str, seconds: float) -> dict[str, Any]:
-    return {
+def _failed_result(partial: dict[str, Any] | None, name: str, sharing: str, reason: str, seconds: float) -> dict[str, Any]:
+    """The result of a worker that gave none: ``reason`` in the step it died in."""
+    r = partial or {
         "model": name,
-        "image_size": image_size or image_size_for(name),
+        "image_size": image_size_for(name),
         "sharing": sharing,
         "dtype": None,
         "segments": None,
         "params": None,
         "backbone_params": None,
-        "steps": {s: (reason if i == 0 else "skipped: worker failed") for i, s in enumerate(STEPS)},
+        "steps": {},
         "max_diff": {},
         "step_seconds": {},
-        "ok": False,
-        "seconds": round(seconds, 1),
     }
+    running = r.pop("running", STEPS[0])
+    after = STEPS[STEPS.index(running) + 1 :]
+    r["steps"] = {**r["steps"], running: reason, **{s: "skipped: worker died" for s in after}}
+    r.update(ok=False, seconds=round(seconds, 1))
+    return r
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)  # the parent never reads half a file
 
 
 def run_isolated(name: str, image_size: int | None, sharing: str, timeout: float, threads: int = 1) -> dict[str, Any]:
-    """`run_model` in a fresh Python process, so a crash or a hang stays with its model."""
+    """`run_model` in a fresh Python process, so a crash, a kill or a hang stays with its model."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "result.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--result", str(path)]
@@ -313,18 +331,21 @@ def run_isolated(name: str, image_size: int | None, sharing: str, timeout: float
         start = time.perf_counter()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            returncode, stderr = proc.returncode, proc.stderr
         except subprocess.TimeoutExpired:
-            return _failed_result(name, image_size, sharing, f"Timeout: no result after {timeout:.0f} s", timeout)
-        if proc.returncode == 0 and path.exists():
-            return json.loads(path.read_text())
-        if proc.returncode < 0:
-            sig = -proc.returncode
-            hint = " (killed: likely out of memory)" if sig == 9 else ""
-            reason = f"WorkerDied: signal {sig}{hint}"
+            returncode, stderr = None, ""
+        partial = json.loads(path.read_text()) if path.exists() else None
+        if returncode == 0 and partial is not None and "running" not in partial:
+            return partial
+        if returncode is None:
+            reason = f"Timeout: killed after {timeout:.0f} s"
+        elif returncode < 0:
+            sig = -returncode
+            reason = f"WorkerDied: signal {sig}" + (" (killed: out of memory?)" if sig == 9 else "")
         else:
-            tail = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-            reason = f"WorkerDied: exit {proc.returncode}: {tail[-1] if tail else 'no message'}"
-        return _failed_result(name, image_size, sharing, reason, time.perf_counter() - start)
+            tail = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+            reason = f"WorkerDied: exit {returncode}: {tail[-1] if tail else 'no message'}"
+        return _failed_result(partial, name, sharing, reason, time.perf_counter() - start)
 
 
 def _cell(status: str) -> str:
@@ -490,8 +511,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.worker:
         torch.set_num_threads(args.threads)
-        r = run_model(args.worker, args.image_size, args.sharing)
-        Path(args.result).write_text(json.dumps(r))
+        path = Path(args.result)
+        r = run_model(args.worker, args.image_size, args.sharing, progress=lambda partial: _write_json(path, partial))
+        _write_json(path, r)
         return 0
     if args.report:
         results = save(load(Path(args.out)), Path(args.out))

@@ -42,7 +42,8 @@ SAMPLE = [
     "squeezenet1_0",
     "shufflenet_v2_x0_5",
 ]
-# inception blocks, 224x224 multi-axis attention, plain conv stacks, swin v2's continuous bias
+# more of the zoo for `make test-all` (--runslow): inception blocks, 224x224 multi-axis attention,
+# plain conv stacks, swin v2's continuous position bias, mnasnet
 SLOW_SAMPLE = ["googlenet", "inception_v3", "maxvit_t", "vgg11_bn", "alexnet", "swin_v2_t", "mnasnet0_5"]
 
 CHAIN_MODELS = [
@@ -57,9 +58,7 @@ CHAIN_MODELS = [
 ]
 
 
-@pytest.mark.parametrize(
-    "name", SAMPLE + [pytest.param(m, marks=pytest.mark.slow) for m in SLOW_SAMPLE]
-)
+@pytest.mark.parametrize("name", SAMPLE + [pytest.param(m, marks=pytest.mark.slow) for m in SLOW_SAMPLE])
 def test_zoo_model_passes_every_step(name):
     result = zoo.run_model(name)
     assert result["steps"] == {step: "ok" for step in zoo.STEPS}, result["steps"]
@@ -118,6 +117,15 @@ def test_a_hanging_model_does_not_stop_the_sweep():
     assert not result["ok"]
     assert result["steps"]["build"].startswith("Timeout")
     assert all(result["steps"][s].startswith("skipped") for s in zoo.STEPS[1:])
+
+
+def test_a_worker_that_dies_is_reported_in_the_step_it_died_in():
+    partial = {"model": "m", "steps": {s: "ok" for s in zoo.STEPS[:3]}, "running": "torchscript", "max_diff": {}}
+    result = zoo._failed_result(partial, "m", "branched", "WorkerDied: signal 9", 12.0)
+    assert result["steps"]["torchscript"] == "WorkerDied: signal 9"
+    assert result["steps"]["materialise"] == "ok"
+    assert result["steps"]["export"].startswith("skipped") and result["steps"]["invariants"].startswith("skipped")
+    assert not result["ok"] and "running" not in result
 
 
 def test_committed_sweep_covers_the_zoo():
