@@ -122,7 +122,7 @@ class Trainer:
         for batch in bar:
             x, targets = self.to_device(batch)
             outputs = self.net(x)
-            losses = self.task_losses(outputs, targets)
+            losses = self.method.task_losses(self, outputs, targets)
             extra = self.method.extra_loss(self, x, outputs)
             self.optimizer.zero_grad(set_to_none=True)
             self.method.backward(self, losses, extra)

@@ -24,6 +24,11 @@ class Method:
     def on_start(self, trainer: Trainer) -> None:
         """Called once before the first epoch (and again after a resume)."""
 
+    def task_losses(self, trainer: Trainer, outputs: Mapping[str, Any], targets: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """One loss per task from the network's outputs; a method whose outputs are not one
+        prediction per task (DMTG's K branches x N heads) computes its own here."""
+        return trainer.task_losses(outputs, targets)
+
     def extra_loss(self, trainer: Trainer, x: torch.Tensor, outputs: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
         """A loss term added to the task losses (MTSL's alignment), or ``None``."""
         return None
