@@ -87,6 +87,12 @@ class Trainer:
         params = list(self.net.parameters()) + list(self.method_parameters())
         return torch.optim.Adam(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
 
+    def set_network(self, net: MultiTaskNetwork) -> None:
+        """Train ``net`` from now on (a method that replaces the network, e.g. DMTG's pruning);
+        the optimizer starts afresh for its parameters."""
+        self.net = net.to(self.device)
+        self.optimizer = self.make_optimizer()
+
     def method_parameters(self) -> Iterator[torch.nn.Parameter]:
         return iter(getattr(self.method, "parameters", lambda: [])())
 

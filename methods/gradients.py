@@ -41,7 +41,28 @@ from torch import Tensor, nn
 
 from graphsurgeon.errors import GraphSurgeonError
 
-__all__ = ["Aggregator", "assign_gradient", "gram", "per_task_gradients"]
+__all__ = ["Aggregator", "assign_gradient", "gram", "per_task_gradients", "split_parameters"]
+
+
+def split_parameters(net: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """``(shared, task_specific)`` parameters of a `MultiTaskNetwork`, in a stable order.
+
+    A parameter is shared when its tree node serves two or more tasks: only there do the
+    tasks' gradients compete, so only there do gradient methods aggregate. Heads and the
+    nodes of a single task take their task's ordinary gradient. A network that is not a
+    `MultiTaskNetwork` has no tree, so all its parameters count as shared.
+    """
+    tree = getattr(net, "tree", None)
+    if tree is None:
+        return [p for p in net.parameters() if p.requires_grad], []
+    shared: list[nn.Parameter] = []
+    specific: list[nn.Parameter] = []
+    for d in range(1, tree.depth + 1):
+        for node in tree.at_depth(d):
+            target = shared if len(node.tasks) > 1 else specific
+            target.extend(p for p in net.level(d)[node.name].parameters() if p.requires_grad)
+    specific.extend(p for p in net.heads.parameters() if p.requires_grad)
+    return shared, specific
 
 
 def per_task_gradients(
