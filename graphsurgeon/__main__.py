@@ -19,7 +19,7 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--trunk", default=None, help="node where the backbone ends (default: the classifier's input)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="per process under torchrun")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--train-size", type=int, default=None)
@@ -80,12 +80,21 @@ def _dispatch(args) -> int:
 
         run_demo(Path(args.out), seed=args.seed, progress=not args.no_progress, quick=args.quick)
         return 0
+    from graphsurgeon import distributed
     from graphsurgeon.experiment import run
 
-    results = run(_config(args), resume=args.resume)
-    summary = {k: results[k] for k in ("method", "test", "parameters", "flops", "train_seconds")}
-    print(results["tree"])
-    print(json.dumps(summary, indent=1))
+    cfg = _config(args)
+    # under torchrun (WORLD_SIZE > 1) join the process group; a plain run is left alone
+    cfg.train.device = distributed.setup(cfg.train.device)
+    try:
+        results = run(cfg, resume=args.resume)
+        main = distributed.is_main()
+    finally:
+        distributed.teardown()
+    if main:
+        summary = {k: results[k] for k in ("method", "test", "parameters", "flops", "train_seconds")}
+        print(results["tree"])
+        print(json.dumps(summary, indent=1))
     return 0
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from graphsurgeon import distributed
 from graphsurgeon.network import MultiTaskNetwork
 from graphsurgeon.similarity import global_avg_pool
 
@@ -116,6 +117,9 @@ class Amalgamation:
                 loss = sum(F.mse_loss(gate(fg), t) for gate, t in zip(gates, targets))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                # under torchrun each rank distils on its share of the batches: average the
+                # gradients so that every rank ends with the same group node (no-op alone)
+                distributed.all_reduce_gradients(params)
                 opt.step()
                 curve.append(float(loss.detach()))
         net.train(net_mode)

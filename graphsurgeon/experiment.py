@@ -149,7 +149,11 @@ def _datasets(cfg: ExperimentConfig):
 
 
 def run(cfg: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
-    """Train and evaluate one method; write artefacts to ``cfg.out_dir``; return the results."""
+    """Train and evaluate one method; write artefacts to ``cfg.out_dir``; return the results.
+
+    Under torchrun (after `graphsurgeon.distributed.setup`) every rank runs this; every rank
+    returns the same results and rank 0 alone writes the artefacts."""
+    from graphsurgeon import distributed
     from graphsurgeon.data.corruptions import corrupt
 
     seed_everything(cfg.train.seed)
@@ -190,7 +194,7 @@ def run(cfg: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
         "history": trainer.history,
         "decisions": getattr(trainer.method, "decisions", []),
     }
-    if out is not None:
+    if out is not None and distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
         (out / "tree.txt").write_text(str(net.tree) + "\n")

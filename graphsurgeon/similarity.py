@@ -350,6 +350,71 @@ class CKAAccumulator:
         for i, sl in enumerate(self._slices):
             self._blocks[i, sl] = 1.0
 
+    def _reshift(self, shift: Tensor) -> None:
+        """Re-express the statistics around ``shift`` instead of the current shift, exactly.
+
+        With f' = f + δ (δ = old shift − new shift), u_k = δ_k·f_k and c_k = ‖δ_k‖² per node,
+        z' = z + 2u + c, and every new moment is a combination of the stored ones: Σf uᵀ = G Mᵀ
+        and Σu uᵀ = M G Mᵀ with G = Σ f fᵀ and M the (K, D) block-diagonal layout of δ, and
+        Σz uᵀ = (M W)ᵀ with W = Σ f zᵀ. No third moment is needed.
+        """
+        delta = self._shift - shift.to(self._shift)
+        n = float(self._n)
+        m = self._blocks * delta  # (K, D): row k holds δ_k in node k's block
+        c = self._blocks @ delta.square()
+        u_sum = m @ self._sum
+        z_u = (m @ self._weighted).T  # Σ z uᵀ
+        u_u = m @ self._gram @ m.T
+        norm_sum = self._norm_sum + 2 * u_sum + n * c
+        self._norm_gram = (
+            self._norm_gram
+            + 2 * (z_u + z_u.T)
+            + 4 * u_u
+            + torch.outer(self._norm_sum, c)
+            + torch.outer(c, self._norm_sum)
+            + 2 * (torch.outer(u_sum, c) + torch.outer(c, u_sum))
+            + n * torch.outer(c, c)
+        )
+        self._weighted = self._weighted + 2 * self._gram @ m.T + torch.outer(self._sum, c) + torch.outer(delta, norm_sum)
+        self._gram = (
+            self._gram + torch.outer(delta, self._sum) + torch.outer(self._sum, delta) + n * torch.outer(delta, delta)
+        )
+        self._sum = self._sum + n * delta
+        self._norm_sum = norm_sum
+        self._shift = shift.to(self._shift).clone()
+
+    def all_reduce(self) -> CKAAccumulator:
+        """Sum the statistics of every rank of the process group into every rank's accumulator.
+
+        A collective (no-op in one process): each rank updates with its own share of the
+        samples, then calls this once; afterwards `matrix` is the CKA over all ranks' samples.
+        Only the O(D²) statistics travel, never activations. Each rank shifted its features by
+        its own first batch's mean, so every rank first re-expresses its statistics around rank
+        0's shift (`_reshift`, exact) and then one flat float64 buffer is summed. Every rank
+        must have updated at least once, with the same nodes.
+        """
+        from graphsurgeon import distributed
+
+        if not distributed.is_distributed():
+            return self
+        if self._nodes is None:
+            raise SimilarityError(
+                f"CKAAccumulator.all_reduce on rank {distributed.rank()} before any update; give every rank "
+                "at least one batch (fewer samples than ranks?)."
+            )
+        shift = self._shift.clone()
+        distributed.broadcast_tensors([shift])
+        self._reshift(shift)
+        parts = [self._gram, self._sum, self._weighted, self._norm_gram, self._norm_sum]
+        flat = torch.cat([p.reshape(-1) for p in parts] + [torch.tensor([float(self._n)], dtype=_F64, device=shift.device)])
+        distributed.all_reduce_sum(flat)
+        offset = 0
+        for p in parts:
+            p.copy_(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+        self._n = int(round(float(flat[-1])))
+        return self
+
     def _block_sums(self, m: Tensor) -> Tensor:
         """(D, D) -> (K, K) sums over each pair of nodes' feature blocks."""
         return self._blocks @ m @ self._blocks.T

@@ -2,6 +2,15 @@
 
 The defaults are plain multi-task training with equal weights: sum the task losses, one
 backward, no structural change. A method overrides only what it changes.
+
+Under torchrun (see `graphsurgeon.train`): by default DDP averages the gradients that
+``backward`` produces. A method that computes gradients itself (``torch.autograd.grad``, several
+backward passes) sets the class attribute ``reduces_gradients = True``; the loop then runs it
+under ``ddp.no_sync()`` and the method averages everything it computes with
+`graphsurgeon.distributed` (the per-task gradient matrix *before* a nonlinear aggregation,
+``all_reduce_gradients`` for task-specific and its own parameters). A method that edits the
+network calls ``trainer.structure_changed()`` (or ``trainer.set_network``) afterwards, and makes
+its decisions on rank 0 (``broadcast_object``) from statistics summed over ranks.
 """
 from __future__ import annotations
 

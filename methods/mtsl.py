@@ -9,6 +9,12 @@ amalgamated into a new group node (`graphsurgeon.distill.Amalgamation`); the mem
 removed and their children re-parented (`graphsurgeon.surgery.fuse`). During task learning an
 alignment loss w·(1 − mean pairwise CKA) pulls the frontier siblings' outputs together.
 
+Under torchrun every rank accumulates the CKA statistics on its share of the similarity
+sample and the statistics (O(D²) per sibling set, never activations) are summed over ranks;
+rank 0 decides the partition and broadcasts it; every rank applies the same fuse, distilling
+the group node on its share of the batches with averaged gradients; the trainer then re-wraps
+the network for DDP (`Trainer.structure_changed`).
+
 The official code is ResNet-18-only and cuts stages by hand; here a "layer" is a segment
 at ``granularity="block"`` of whatever backbone was traced. Heads are never merged.
 """
@@ -22,8 +28,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from graphsurgeon import distributed
 from graphsurgeon.distill import Amalgamation
-from graphsurgeon.grouping import mtsl_partition
+from graphsurgeon.grouping import GroupingError, mtsl_partition
 from graphsurgeon.similarity import CKAAccumulator, global_avg_pool, minibatch_debiased_cka
 from graphsurgeon.surgery import fuse
 from graphsurgeon.methods.base import Method
@@ -133,21 +140,27 @@ class MTSL(Method):
 
     @torch.no_grad()
     def similarity(self, trainer: Trainer, depth: int, ids: Sequence[int]) -> torch.Tensor:
-        """Debiased linear CKA between the nodes' GAP'd outputs on a fixed training sample."""
+        """Debiased linear CKA between the nodes' GAP'd outputs on a fixed training sample
+        (each rank takes its share of the sample; the statistics are summed over ranks)."""
         net = trainer.net
         was_training = net.training
         net.eval()
         acc = CKAAccumulator(debiased=True)
         data = trainer.train_data
         g = torch.Generator().manual_seed(trainer.config.seed + 7919)
-        order = torch.randperm(len(data), generator=g)[: self.config.similarity_samples]
-        subset = torch.utils.data.Subset(data, order.tolist())
+        order = torch.randperm(len(data), generator=g)[: self.config.similarity_samples].tolist()
+        if len(order) < distributed.world_size():
+            raise GroupingError(
+                f"MTSL compares features on {len(order)} samples but runs on {distributed.world_size()} ranks; "
+                "raise similarity_samples (or use the data set's size) to at least the number of ranks."
+            )
+        subset = torch.utils.data.Subset(data, distributed.shard(order))
         for batch in trainer.loader(subset, shuffle=False, batch_size=trainer.config.eval_batch_size):
             x, _ = trainer.to_device(batch)
             values = net.features(x, depth=depth)
             acc.update({i: global_avg_pool(values[i]) for i in ids})
         net.train(was_training)
-        return acc.matrix()
+        return acc.all_reduce().matrix().cpu()
 
     def structural_phase(self, trainer: Trainer) -> list[dict]:
         net = trainer.net
@@ -160,7 +173,10 @@ class MTSL(Method):
             before = sum(p.numel() for p in net.parameters())
             node_tasks = [list(net.tree.node(i).tasks) for i in ids]
             sim = self.similarity(trainer, depth, ids)
-            decision = mtsl_partition(sim.numpy(), self.config.threshold, exhaustive_limit=self.config.exhaustive_limit)
+            decision = None
+            if distributed.is_main():
+                decision = mtsl_partition(sim.numpy(), self.config.threshold, exhaustive_limit=self.config.exhaustive_limit)
+            sim, decision = distributed.broadcast_object((sim, decision))  # rank 0 decides for all
             # most central member first (highest mean CKA with the rest): group_init="copy" takes it
             centrality = lambda i, block: sum(float(sim[i, j]) for j in block if j != i)
             groups = [
@@ -174,6 +190,7 @@ class MTSL(Method):
             )
             if groups:
                 fuse(net, depth, groups, init=self.config.group_init, distill=amalgamation, optimizer=trainer.optimizer)
+                trainer.structure_changed()
             self.decided.add(parent)
             event = {
                 "phase": self.phase + 1,
