@@ -1,0 +1,166 @@
+"""Sharpness-aware multi-task learning: Phan, Tran, Nguyen, Tran, Le & Nguyen, "Improving
+Multi-task Learning via Seeking Task-based Flat Regions" (FS-MTL), after Foret et al.'s SAM.
+
+Plain SAM on the summed loss would look for a point where the *sum* is flat; FS-MTL asks every
+task for its own flat region and lets the gradient method arbitrate between tasks twice. Per task
+``i``, following the official code (VietHoang1512/FS-MTL, ``nyuv2/train.py``):
+
+- ``g_i`` is the task's gradient; the perturbation is ``eps = rho * g / ||g||`` taken separately on
+  the shared parameters (with ``g_i``'s shared part) and on the task's own parameters;
+- ``g_i'`` is the task's gradient at the perturbed point; ``h_i = g_i' - g_i`` is its flatness part
+  (the direction in which the task's loss is sharp);
+- on the shared parameters the update is ``agg({g_i}) + agg({h_i})``: the loss parts and the
+  flatness parts are aggregated separately, each by the same gradient method, and summed;
+- a task-specific parameter is reached by one task only and takes ordinary SAM: its task's
+  gradient at that task's perturbed point.
+
+BatchNorm running statistics (every buffer) are restored after the perturbed passes, and the
+parameters are restored bit for bit from a copy (subtracting ``eps`` again would not). With ``"ew"``
+the shared update is ``sum_i g_i'``, i.e. SAM with one perturbation per task.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from graphsurgeon import distributed
+from graphsurgeon.errors import GraphSurgeonError
+from graphsurgeon.methods.gradient_method import GradientMethod
+from graphsurgeon.methods.gradients import assign_gradient, per_task_gradients, split_parameters
+
+if TYPE_CHECKING:
+    from graphsurgeon.train import Trainer
+
+__all__ = ["SharpnessAware"]
+
+
+def _ascent(grad: Tensor, rho: float) -> Tensor:
+    """SAM's perturbation ``rho * g / ||g||`` (zero for a zero gradient)."""
+    return grad * (rho / (grad.norm() + 1e-12))
+
+
+@torch.no_grad()
+def _add_(params: Sequence[Tensor], vector: Tensor) -> None:
+    """``p += vector[slice of p]`` for each parameter, in the layout of `per_task_gradients`."""
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.add_(vector[offset : offset + n].reshape(p.shape).to(p.dtype))
+        offset += n
+
+
+class SharpnessAware(GradientMethod):
+    """FS-MTL over any aggregator: ``SharpnessAware("pcgrad", net.tasks, rho=0.05)``.
+
+    Args:
+        aggregator, tasks, **options: as for `GradientMethod` (``"ew"`` gives per-task SAM).
+        rho: the radius of the perturbation (SAM's rho); ``0`` gives the plain gradient method,
+            at the price of the extra passes.
+
+    Each step costs one extra forward and backward per task (on that task's path only). The
+    perturbed passes need the batch: the loop hands it to `task_losses` and `extra_loss`, which
+    keep it for `backward`. A learnable aggregator (UW, GradNorm) learns from the loss part only:
+    its objective looks at the losses, which the flatness part does not change. Under DDP each
+    rank perturbs along its own gradients (as SAM does per device) and the loss and flatness parts
+    are averaged across ranks before they are aggregated.
+    """
+
+    name = "sam"
+
+    def __init__(self, aggregator: str, tasks: Sequence[str], *, rho: float, rep_grad: bool = False, **options: Any) -> None:
+        if rep_grad:
+            raise GraphSurgeonError(
+                "sharpness-aware training perturbs the shared parameters, so it needs their gradients, "
+                "not the representation's; drop rep_grad (--rep-grad) or sam (--sam)."
+            )
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho < 0:
+            raise GraphSurgeonError(f"SAM rho must be a finite number >= 0, got {rho!r}; FS-MTL uses values like 0.05.")
+        super().__init__(aggregator, tasks, **options)
+        self.rho = float(rho)
+        self._x: Tensor | None = None
+        self._targets: Mapping[str, Any] | None = None
+
+    # ------------------------------------------------------------------ loop hooks
+    def task_losses(self, trainer: Trainer, outputs: Mapping[str, Any], targets: Mapping[str, Any]) -> dict[str, Tensor]:
+        self._targets = targets
+        return super().task_losses(trainer, outputs, targets)
+
+    def extra_loss(self, trainer: Trainer, x: Tensor, outputs: Mapping[str, Tensor]) -> Tensor | None:
+        self._x = x
+        return super().extra_loss(trainer, x, outputs)
+
+    def backward(self, trainer: Trainer, losses: Mapping[str, Tensor], extra: Tensor | None) -> None:
+        batch = (self._x, self._targets)
+        self._x = self._targets = None
+        if batch[0] is None or batch[1] is None:
+            raise GraphSurgeonError(
+                "SharpnessAware.backward has no batch to re-evaluate at the perturbed point; it keeps the one "
+                "given to task_losses and extra_loss, so call both before backward (the Trainer does)."
+            )
+        net = trainer.net
+        values = self._ordered(losses)
+        loss_vec = self._loss_vector(values)
+        shared, specific = split_parameters(net)
+        params = shared + specific
+        num_shared = sum(p.numel() for p in shared)
+        rows = per_task_gradients(values + ([extra] if extra is not None else []), params)
+        plain = rows[: len(values)]
+        perturbed = self._perturbed_gradients(trainer, batch, params, plain, num_shared)
+
+        if shared:
+            loss_part, flat_part = plain[:, :num_shared], perturbed[:, :num_shared] - plain[:, :num_shared]
+            parts = [loss_part, flat_part] + ([rows[len(values):, :num_shared]] if extra is not None else [])
+            parts = distributed.all_reduce_mean(torch.cat(parts))
+            direction = self._aggregate(parts[: len(values)], loss_vec)
+            direction = direction + self._aggregate_flat(parts[len(values) : 2 * len(values)], loss_vec)
+            if extra is not None:
+                direction = direction + parts[2 * len(values)]
+            assign_gradient(shared, direction)
+        if specific:
+            own = perturbed[:, num_shared:].sum(0)  # each parameter is reached by one task only
+            if extra is not None:
+                own = own + rows[len(values), num_shared:]
+            assign_gradient(specific, distributed.all_reduce_mean(own))
+        distributed.all_reduce_gradients(self.parameters())
+
+    # ------------------------------------------------------------------ pieces
+    def _perturbed_gradients(
+        self, trainer: Trainer, batch: tuple[Tensor, Mapping[str, Any]], params: list[Tensor], plain: Tensor, num_shared: int
+    ) -> Tensor:
+        """Row ``i``: task ``i``'s gradient at its own perturbed point; everything restored after."""
+        net = trainer.net
+        x, targets = batch
+        with torch.no_grad():
+            saved_params = [p.detach().clone() for p in params]
+            saved_buffers = [b.detach().clone() for b in net.buffers()]
+        rows = []
+        try:
+            for task, grad in zip(self.tasks, plain):
+                _add_(params, torch.cat([_ascent(grad[:num_shared], self.rho), _ascent(grad[num_shared:], self.rho)]))
+                loss = super().task_losses(trainer, net(x, tasks=[task]), targets)[task]
+                rows.append(per_task_gradients([loss], params)[0])
+                with torch.no_grad():
+                    for p, saved in zip(params, saved_params):
+                        p.copy_(saved)
+        finally:
+            with torch.no_grad():
+                for p, saved in zip(params, saved_params):
+                    p.copy_(saved)
+                for b, saved in zip(net.buffers(), saved_buffers):
+                    b.copy_(saved)
+        return torch.stack(rows)
+
+    def _aggregate_flat(self, grads: Tensor, losses: Tensor) -> Tensor:
+        """Aggregate the flatness parts without a second update of a learnable aggregator's
+        weights (their gradient is restored), keeping the loss part's weights for the log."""
+        saved_grads = [None if p.grad is None else p.grad.clone() for p in self.aggregator.parameters()]
+        weights = self.aggregator.last_weights
+        direction = self._aggregate(grads, losses)
+        for p, g in zip(self.aggregator.parameters(), saved_grads):
+            p.grad = g
+        self.aggregator.last_weights = weights
+        return direction
