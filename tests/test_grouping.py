@@ -228,6 +228,37 @@ def test_tag_exact_equals_brute_force(entries, g):
     assert result.total_affinity == pytest.approx(tag_brute_force(a, g), abs=1e-9)
 
 
+def tag_brute_force_up_to_three(a: np.ndarray, g: int) -> float:
+    """The same search for N up to 8 without listing the C(255, 3) selections: tuples of g groups
+    with repetition (a repeated group is a smaller selection), the maximum over the last group
+    taken row by row against all pairs."""
+    n = len(a)
+    value = np.full((2**n - 1, n), -np.inf)
+    for row, mask in enumerate(range(1, 1 << n)):
+        members = [i for i in range(n) if mask >> i & 1]
+        for j in members:
+            others = [a[i, j] for i in members if i != j]
+            value[row, j] = sum(others) / len(others) if others else -1e6
+    if g == 1:
+        return value.sum(axis=1).max()
+    pairs = np.maximum(value[:, None, :], value[None, :, :])
+    if g == 2:
+        return pairs.sum(axis=2).max()
+    return max(np.maximum(pairs, last).sum(axis=2).max() for last in value)
+
+
+@pytest.mark.parametrize("n", [7, 8])
+@pytest.mark.parametrize("g", [1, 2, 3])
+@settings(max_examples=5, deadline=None)
+@given(data=st.data())
+def test_tag_exact_equals_brute_force_for_seven_and_eight_tasks(n, g, data):
+    a = np.array(data.draw(st.lists(st.floats(-10, 10), min_size=n * n, max_size=n * n))).reshape(n, n)
+    result = tag_groups(a, g)
+    assert result.method == "exact"
+    check_grouping(a, g, result)
+    assert result.total_affinity == pytest.approx(tag_brute_force_up_to_three(a, g), abs=1e-9)
+
+
 def test_tag_with_more_groups_than_tasks_serves_each_task_its_best_group():
     a = np.random.default_rng(4).normal(size=(4, 4))
     result = tag_groups(a, 6)
