@@ -11,7 +11,21 @@ __all__ = ["main"]
 
 def _train_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one method on one dataset")
-    p.add_argument("--method", default="mtsl", choices=["mtsl", "hps", "single"])
+    from graphsurgeon.experiment import METHODS
+    from graphsurgeon.methods.aggregators import AGGREGATORS
+
+    p.add_argument("--method", default="mtsl", choices=list(METHODS),
+                   help="mtsl (learn the tree), tag / itmtl (lookahead affinity), dmtg (differentiable grouping), "
+                   "hps (hard sharing), single / separate (one network per task)")
+    p.add_argument("--grad", default=None, choices=sorted(AGGREGATORS),
+                   help="gradient method for hps/single/separate (ew = plain sum)")
+    p.add_argument("--grad-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the gradient method, e.g. c=0.4 for cagrad (repeatable)")
+    p.add_argument("--rep-grad", action="store_true", help="aggregate gradients w.r.t. the shared representation")
+    p.add_argument("--sam", type=float, default=0.0, metavar="RHO", help="sharpness-aware radius (e.g. 0.05); 0 = off")
+    p.add_argument("--groups", type=int, default=2, help="TAG: number of task groups")
+    p.add_argument("--branches", type=int, default=2, help="DMTG: number of branches K")
+    p.add_argument("--search-epochs", type=int, default=None, help="TAG affinity / DMTG search epochs (default: about half)")
     p.add_argument("--backbone", default="small_resnet", help="small_resnet or a torchvision model name")
     p.add_argument("--data", default="multimnist", choices=["multimnist", "nyuv2", "cityscapes", "celeba"])
     p.add_argument("--data-root", default=None, help="folder of a downloaded dataset (not needed for multimnist)")
@@ -39,6 +53,7 @@ def _config(args):
 
     mtsl = MTSLConfig(schedule_scale=args.schedule_scale, threshold=args.threshold, align_weight=args.align_weight)
     epochs = args.epochs or (sum(mtsl.scaled(mtsl.task_phases)) + 2)
+    search = args.search_epochs or max(1, epochs // 2)
     return ExperimentConfig(
         method=args.method,
         backbone=args.backbone,
@@ -53,11 +68,32 @@ def _config(args):
             progress=not args.no_progress,
         ),
         mtsl={"schedule_scale": args.schedule_scale, "threshold": args.threshold, "align_weight": args.align_weight},
+        tag={"num_groups": args.groups, "affinity_epochs": search},
+        dmtg={"branches": args.branches, "search_epochs": search, "logits_lr": 0.05},
+        grad=args.grad,
+        grad_options=dict(_option(o) for o in args.grad_option),
+        rep_grad=args.rep_grad,
+        sam=args.sam,
         out_dir=args.out or f"runs/{args.method}-{args.data}-{args.seed}",
     )
 
 
+def _option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with VALUE read as a number or bool where it is one."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--grad-option wants KEY=VALUE, got {text!r} (e.g. --grad-option c=0.4).")
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    return key, {"true": True, "false": False}.get(value.lower(), value)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from graphsurgeon.errors import GraphSurgeonError
+
     parser = argparse.ArgumentParser(prog="graphsurgeon", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="MTSL vs single-task vs hard sharing on the embedded MultiMNIST")
@@ -69,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return _dispatch(args)
+    except GraphSurgeonError as error:  # bad input: the message says what to fix; no traceback
+        print(f"[graphsurgeon] error: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as stop:
         print(f"\n[graphsurgeon] interrupted: {stop or 'no checkpoint directory was set'}", file=sys.stderr)
         return 130

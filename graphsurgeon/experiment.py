@@ -24,7 +24,10 @@ from graphsurgeon.train import TrainConfig, Trainer, seed_everything
 
 __all__ = ["ExperimentConfig", "run", "build_network", "delta_m", "METHODS", "count_flops"]
 
-METHODS = ("single", "hps", "mtsl")
+METHODS = ("single", "separate", "hps", "mtsl", "tag", "itmtl", "dmtg")
+# where each method starts: one network per task, or one shared network (TAG measures its
+# affinities on the shared network; DMTG builds its branches from the first copy)
+START_SHARED = {"hps", "tag", "itmtl", "dmtg"}
 
 
 @dataclass
@@ -42,6 +45,13 @@ class ExperimentConfig:
     epochs: int | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
     mtsl: dict[str, Any] = field(default_factory=dict)
+    tag: dict[str, Any] = field(default_factory=dict)
+    itmtl: dict[str, Any] = field(default_factory=dict)
+    dmtg: dict[str, Any] = field(default_factory=dict)
+    grad: str | None = None  # a gradient method (AGGREGATORS) for hps/separate/single
+    grad_options: dict[str, Any] = field(default_factory=dict)
+    rep_grad: bool = False
+    sam: float = 0.0  # sharpness-aware radius rho; 0 = off
     corruptions: Sequence[str] = ("gaussian_noise", "gaussian_blur", "contrast")
     severities: Sequence[int] = (1, 3, 5)
     out_dir: str | None = None
@@ -72,7 +82,7 @@ def make_backbone(name: str, in_channels: int, image_size: int) -> nn.Module:
 
 
 def build_network(cfg: ExperimentConfig, task_info: Mapping[str, Any], example: torch.Tensor) -> MultiTaskNetwork:
-    sharing = "shared" if cfg.method == "hps" else "separate"
+    sharing = "shared" if cfg.method in START_SHARED else "separate"
     image_size = tuple(example.shape[-2:])
     heads = {
         t: (lambda shape, info=info: make_head(info.kind, shape, info.num_outputs, image_size))
@@ -90,17 +100,58 @@ def build_network(cfg: ExperimentConfig, task_info: Mapping[str, Any], example: 
     return net
 
 
-def make_method(cfg: ExperimentConfig):
-    from graphsurgeon.methods.base import Method
+def _options(cls, options: Mapping[str, Any], method: str):
+    """``cls(**options)`` for a config dataclass, naming the unknown keys instead of a TypeError."""
+    known = cls.__dataclass_fields__
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise TaskSpecError(f"{method} has no option(s) {unknown}; valid options: {sorted(known)}.")
+    return cls(**options)
 
-    if cfg.method in ("single", "hps"):
+
+def make_method(cfg: ExperimentConfig, tasks: Sequence[str]):
+    """The training strategy ``cfg`` names, for a network over ``tasks``.
+
+    ``single`` and ``separate`` are the same training: with no parameter shared, the summed
+    loss gives every task's network exactly its own gradient (and Adam is per parameter), so
+    one joint run equals T single-task runs on the same batches at a fraction of the overhead.
+    """
+    if cfg.method not in METHODS:
+        raise TaskSpecError(f"unknown method {cfg.method!r}; use one of {list(METHODS)}.")
+    wants_grad = cfg.grad is not None or cfg.sam or cfg.rep_grad
+    if wants_grad and cfg.method not in ("hps", "single", "separate"):
+        raise TaskSpecError(
+            f"--grad/--sam/--rep-grad apply to hps, single and separate, not to {cfg.method!r} "
+            "(which balances its tasks its own way); drop them or use --method hps."
+        )
+    if wants_grad:
+        from graphsurgeon.methods.gradient_method import GradientMethod
+        from graphsurgeon.methods.sam import SharpnessAware
+
+        grad = cfg.grad or "ew"
+        if cfg.sam:
+            return SharpnessAware(grad, tasks, rho=cfg.sam, rep_grad=cfg.rep_grad, **cfg.grad_options)
+        return GradientMethod(grad, tasks, rep_grad=cfg.rep_grad, **cfg.grad_options)
+    if cfg.method in ("single", "separate", "hps"):
+        from graphsurgeon.methods.base import Method
+
         return Method()
     if cfg.method == "mtsl":
         from graphsurgeon.methods.mtsl import MTSL, MTSLConfig
 
         known = MTSLConfig.__dataclass_fields__
         return MTSL(MTSLConfig(**{k: v for k, v in cfg.mtsl.items() if k in known}))
-    raise TaskSpecError(f"unknown method {cfg.method!r}; use one of {list(METHODS)}.")
+    if cfg.method == "tag":
+        from graphsurgeon.methods.tag import TAG, TAGConfig
+
+        return TAG(_options(TAGConfig, cfg.tag, "tag"))
+    if cfg.method == "itmtl":
+        from graphsurgeon.methods.itmtl import ITMTL
+
+        return ITMTL(len(tasks), **cfg.itmtl)
+    from graphsurgeon.methods.dmtg import DMTG, DMTGConfig
+
+    return DMTG(_options(DMTGConfig, cfg.dmtg, "dmtg"))
 
 
 def delta_m(results: Mapping[str, Mapping[str, float]], baseline: Mapping[str, Mapping[str, float]], task_info) -> float:
@@ -167,12 +218,13 @@ def run(cfg: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
         train_cfg.checkpoint_dir = str(out / "checkpoint")
     if cfg.epochs:
         train_cfg.epochs = cfg.epochs
-    trainer = Trainer(net, task_info, data["train"], data["val"], train_cfg, make_method(cfg))
+    trainer = Trainer(net, task_info, data["train"], data["val"], train_cfg, make_method(cfg, net.tasks))
     if resume and out is not None:
         trainer.resume()
     start = time.perf_counter()
     trainer.fit()
     seconds = time.perf_counter() - start
+    net = trainer.net  # a method may have replaced it (DMTG prunes its search network)
     test = trainer.evaluate(data["test"])
     corrupted = {}
     for name in cfg.corruptions:
