@@ -16,6 +16,7 @@ import torch
 from torch import fx, nn
 
 from graphsurgeon.errors import HeadMismatchError, TaskSpecError
+from graphsurgeon.fused import FusedExecutor
 from graphsurgeon.segments import Segment
 from graphsurgeon.tree import Origin, TaskTree, TreeNode
 
@@ -110,6 +111,7 @@ class MultiTaskNetwork(nn.Module):
             setattr(self, f"seg{d}", nn.ModuleDict({n.name: copy.deepcopy(seg.module) for n in tree.at_depth(d)}))
         self.heads = nn.ModuleDict({t: tasks[t].head for t in tree.tasks})
         self._plan = self._make_plan(tree)
+        self._fusion: FusedExecutor | None = None
 
     # ------------------------------------------------------------------ structure
     @property
@@ -171,6 +173,28 @@ class MultiTaskNetwork(nn.Module):
         return created
 
     # ------------------------------------------------------------------ execution
+    def fuse_execution(self, enabled: bool = True) -> MultiTaskNetwork:
+        """Run the nodes of each depth as one vmapped call (`graphsurgeon.fused`), or in a loop.
+
+        Fused and loop compute the same outputs, gradients and BatchNorm statistics (tested
+        against each other); only random draws (dropout) differ. Off by default because on CPU
+        it is mostly SLOWER: vmap turns the T convolutions into one grouped convolution, which
+        CPU kernels run slower than T plain ones, and stacks the T copies' parameters on every
+        call. Measured (benchmarks/results/branches_cpu.md, one thread, fused / loop time): a
+        resnet18 stage 1.04-1.3x at T = 2..40 (2.3x training at T=40, batch 32); a small
+        16-channel block 1.1-3.4x at batch 32 and for T <= 4, faster (0.6-0.9x) only at batch 4
+        with T >= 8, where the loop's per-call overhead dominates. Turn it on where one batched
+        call replaces many small kernel launches (GPUs, many tasks, small per-task work).
+        Parameters, names, optimizer state and export are the same either way. Returns self.
+        """
+        self._fusion = FusedExecutor() if enabled else None
+        return self
+
+    @property
+    def fused_execution(self) -> bool:
+        """Whether `fuse_execution` is on."""
+        return self._fusion is not None
+
     def _wanted(self, tasks: Iterable[str] | None) -> tuple[str, ...]:
         if tasks is None:
             return self.tree.tasks
@@ -191,11 +215,11 @@ class MultiTaskNetwork(nn.Module):
         values = {self.tree.at_depth(0)[0].id: x}
         for d, level_plan in enumerate(self._plan[:depth], start=1):
             level = self.level(d)
-            values = {
-                node_id: level[name](values[parent])
-                for name, node_id, parent, node_tasks in level_plan
-                if node_tasks & wanted
-            }
+            nodes = [(name, node_id, parent) for name, node_id, parent, node_tasks in level_plan if node_tasks & wanted]
+            if self._fusion is not None and len(nodes) > 1:
+                values = self._fusion.run_level(d, level, nodes, values)
+            else:
+                values = {node_id: level[name](values[parent]) for name, node_id, parent in nodes}
         return values
 
     def forward(self, x: torch.Tensor, tasks: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
@@ -203,6 +227,10 @@ class MultiTaskNetwork(nn.Module):
         wanted = self._wanted(tasks)
         leaves = self.features(x, wanted)
         leaf_of = {t: n[1] for n in self._plan[-1] for t in n[3]} if self._plan else {}
+        if self._fusion is not None and self._plan:
+            fused = self._fusion.run_heads(self.heads, wanted, leaf_of, leaves)
+            if fused is not None:
+                return fused
         out = {}
         for t in wanted:
             z = leaves[leaf_of[t]] if self._plan else x

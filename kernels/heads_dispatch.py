@@ -10,10 +10,12 @@ Backends:
 The CPU rules (also used for other non-CUDA devices) come from
 ``benchmarks/heads.py --quick --threads 1`` (benchmarks/results/heads_cpu.md): the
 loop is kept wherever batching measured no clear gain, so "auto" costs at most the
-loop plus its argument checks (~3-4 µs per call, measured; a few percent of the
-smallest benchmarked heads, T=2, M=64, K=256).  The CUDA rule is a first guess
-written without a GPU (this project's kernels are developed on CPU under the
-Triton interpreter) and must be tuned with the same benchmark on one.
+loop plus one lookup: the checked shapes and the chosen backend are cached per call
+signature (`_dispatch`), because validating and choosing on every call cost ~3.5 µs,
+10% of the smallest benchmarked heads (T=2, M=64, K=256); the lookup costs ~1 µs.
+The CUDA rule is a first guess written without a GPU (this project's kernels are
+developed on CPU under the Triton interpreter) and must be tuned with the same
+benchmark on one.
 """
 from __future__ import annotations
 
@@ -175,19 +177,58 @@ def batched_heads(
 
     Returns the T outputs (M, N_t).  Gradients flow to ``x``, every weight and bias
     on every backend.  ``explain`` tells which backend "auto" picks and why; the
-    choice is also logged at DEBUG level on the ``graphsurgeon.kernels`` loggers.
+    choice is also logged at DEBUG level on the ``graphsurgeon.kernels`` loggers, once
+    per call signature (shapes, dtype, device).
     """
-    problem = describe_problem(x, weights, biases, activation)
-    choice = choose_backend(problem, backend)
-    _log.debug("batched_heads -> %s: %s", choice.backend, choice.reason)
-    if choice.backend == "reference":
+    out_features, chosen = _dispatch(x, weights, biases, activation, backend)
+    if chosen == "reference":
         try:
             return reference_heads(x, weights, biases, activation)
         except RuntimeError as err:  # F.linear found a dtype/device mismatch: name it
             raise (diagnose(x, weights, biases, activation) or err) from err
     check_dtypes_and_devices(x, weights, biases)
     bias = None if biases is None else torch.cat(list(biases))
-    return run_concatenated(choice.backend, x, torch.cat(list(weights)), bias, problem.out_features, activation)
+    return run_concatenated(chosen, x, torch.cat(list(weights)), bias, out_features, activation)
+
+
+# backend="auto" calls: (activation, x's shape/dtype/device index, weight and bias
+# shapes) -> (N_t, backend).  Heads are called with one signature step after step; a
+# new one is checked by `describe_problem`, decided by `choose_backend` and logged once.
+# Explicit backends are checked on every call (whether Triton can run is looked up
+# afresh).  Bounded: cleared when full.
+_DISPATCH: dict[tuple, tuple[tuple[int, ...], str]] = {}
+_DISPATCH_MAX = 256
+
+
+def _dispatch(
+    x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor] | None, activation: str, backend: str
+) -> tuple[tuple[int, ...], str]:
+    if backend != "auto":
+        problem = describe_problem(x, weights, biases, activation)
+        return problem.out_features, choose_backend(problem, backend).backend
+    try:
+        key = (
+            activation,
+            x.shape,
+            x.dtype,
+            x.get_device(),
+            tuple([w.shape for w in weights]),
+            None if biases is None else tuple([b.shape for b in biases]),
+        )
+        hit = _DISPATCH.get(key)
+    except (AttributeError, TypeError):  # not tensors: describe_problem names the culprit
+        key, hit = None, None
+    if hit is not None:
+        return hit
+    problem = describe_problem(x, weights, biases, activation)
+    choice = choose_backend(problem)
+    _log.debug("batched_heads %s -> %s: %s", key, choice.backend, choice.reason)
+    hit = (problem.out_features, choice.backend)
+    if key is not None:
+        if len(_DISPATCH) >= _DISPATCH_MAX:
+            _DISPATCH.clear()
+        _DISPATCH[key] = hit
+    return hit
 
 
 def explain(

@@ -130,9 +130,8 @@ class BatchedHeads(nn.Module):
             out_features=self.out_features,
             has_bias=self.bias is not None,
             activation=self.activation,
-            dtype=rows.dtype,
-            device=rows.device,
             is_cuda=rows.is_cuda,
+            like=rows,
             stacked=True,
         )
         return rows, lead, choose_backend(problem, self.backend)

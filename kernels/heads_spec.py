@@ -51,10 +51,14 @@ class HeadsProblem(NamedTuple):
     ``shared`` is True for one (M, K) input read by every head and False for a
     stacked (T, M, K) input where head t reads ``x[t]``.  ``stacked`` says the
     weights already arrive as one (ΣN_t, K) tensor (`BatchedHeads`), so batched
-    backends skip the ``torch.cat`` that lists of weights need.  A NamedTuple rather than a
-    dataclass, and ``is_cuda`` next to ``device`` (``device.type`` costs ~0.5 µs):
-    it is built on every call, and for small heads the per-call Python overhead
-    decides whether batching beats the plain loop.
+    backends skip the ``torch.cat`` that lists of weights need.
+
+    It is built on every call, and for small heads the per-call Python overhead
+    decides whether the dispatcher keeps up with the plain loop (benchmarks/heads.py
+    holds it within 5% on CPU), so: a NamedTuple rather than a dataclass, ``is_cuda``
+    as a field (``device.type`` costs ~0.5 µs), and ``dtype``/``device`` read from the
+    input tensor ``like`` only by the rules that need them (fetching ``x.device``
+    builds a new object each time).
     """
 
     shared: bool
@@ -63,10 +67,17 @@ class HeadsProblem(NamedTuple):
     out_features: tuple[int, ...]
     has_bias: bool
     activation: str
-    dtype: torch.dtype
-    device: torch.device
     is_cuda: bool
+    like: Tensor
     stacked: bool = False
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.like.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.like.device
 
     @property
     def tasks(self) -> int:
@@ -102,8 +113,7 @@ def describe_problem(
         raise diagnose(x, weights, biases, activation) or AssertionError("shape check and diagnose disagree")
     x_shape = x.shape
     return HeadsProblem(
-        len(x_shape) == 2, x_shape[-2], x_shape[-1], out_features, biases is not None, activation,
-        x.dtype, x.device, x.is_cuda,
+        len(x_shape) == 2, x_shape[-2], x_shape[-1], out_features, biases is not None, activation, x.is_cuda, x
     )
 
 
@@ -112,27 +122,27 @@ def _valid_out_features(
 ) -> tuple[int, ...] | None:
     """The heads' N_t if every shape is valid, else None."""
     try:
-        x_shape = x.shape
-        rank, in_features, tasks = len(x_shape), x_shape[-1], len(weights)
-        if activation not in ACTIVATIONS or rank not in (2, 3) or in_features == 0 or tasks == 0:
-            return None
-        if rank == 3 and x_shape[0] != tasks:
-            return None
-        out_features = []
-        for w in weights:
-            shape = w.shape
-            if len(shape) != 2 or shape[1] != in_features or shape[0] == 0:
-                return None
-            out_features.append(shape[0])
-        if biases is not None:
-            if len(biases) != tasks:
-                return None
-            for b, n in zip(biases, out_features):
-                if b.shape != (n,):
-                    return None
-    except (AttributeError, IndexError, TypeError):
+        w_shapes = tuple([w.shape for w in weights])
+        b_shapes = None if biases is None else tuple([b.shape for b in biases])
+        return _check_shapes(activation, x.shape, w_shapes, b_shapes)
+    except (AttributeError, TypeError):
         return None
-    return tuple(out_features)
+
+
+def _check_shapes(
+    activation: str, x_shape: torch.Size, w_shapes: tuple[torch.Size, ...], b_shapes: tuple[torch.Size, ...] | None
+) -> tuple[int, ...] | None:
+    tasks = len(w_shapes)
+    if activation not in ACTIVATIONS or len(x_shape) not in (2, 3) or x_shape[-1] == 0 or tasks == 0:
+        return None
+    if len(x_shape) == 3 and x_shape[0] != tasks:
+        return None
+    if any(len(w) != 2 or w[1] != x_shape[-1] or w[0] == 0 for w in w_shapes):
+        return None
+    out_features = tuple(w[0] for w in w_shapes)
+    if b_shapes is not None and (len(b_shapes) != tasks or any(b != (n,) for b, n in zip(b_shapes, out_features))):
+        return None
+    return out_features
 
 
 def check_dtypes_and_devices(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor] | None) -> None:

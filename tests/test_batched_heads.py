@@ -259,6 +259,7 @@ def test_triton_on_cpu_without_interpreter_says_how_to_fix(monkeypatch):
 )
 def test_bad_input_raises_clear_error(mutate, message):
     x, weights, biases = make_heads(2, 4, 16, [4, 4], True, torch.float32)
+    batched_heads(x.detach(), weights, biases)  # a cached valid signature must not let a bad call through
     x, weights, biases, activation = mutate(x.detach(), weights, biases)
     with pytest.raises(GraphSurgeonError, match=message):
         batched_heads(x, weights, biases, activation)
@@ -281,3 +282,21 @@ def test_bad_backend_and_module_input_raise_clear_errors():
         BatchedHeads(16, [4, 0])
     with pytest.raises(GraphSurgeonError, match="out_features sum to 8"):
         split_heads(torch.randn(2, 9), [4, 4])
+
+
+def test_dispatch_checks_each_call_signature_once(monkeypatch):
+    from graphsurgeon.kernels import heads_dispatch
+
+    checked = []
+    original = heads_dispatch.describe_problem
+    monkeypatch.setattr(heads_dispatch, "describe_problem", lambda *a: checked.append(1) or original(*a))
+    monkeypatch.setattr(heads_dispatch, "_DISPATCH", {})
+    x, weights, biases = make_heads(2, 5, 16, [3, 4], True, torch.float32)
+    want = reference_heads(x, weights, biases, "relu")
+    for _ in range(3):
+        got = batched_heads(x, weights, biases, "relu")
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert len(checked) == 1
+    batched_heads(x[:3], weights, biases, "relu")  # new shapes: checked again
+    batched_heads(x, weights, biases, "gelu")  # new activation: checked again
+    assert len(checked) == 3
