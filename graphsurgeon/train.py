@@ -182,6 +182,7 @@ class Trainer:
         model = self.ddp or self.net
         for batch in bar:
             x, targets = self.to_device(batch)
+            self.batch = (x, targets)  # methods that re-evaluate the step (SAM, lookahead) read it
             sync = self.ddp.no_sync() if self.ddp is not None and own_gradients else contextlib.nullcontext()
             with sync:
                 outputs = model(x)

@@ -7,7 +7,7 @@ task's loss become?* This module answers it once for both:
     after = lookahead_losses(net, shared, directions, lr, evaluate)   # Tensor[K, T]
 
 For each candidate direction ``d_k`` the shared parameters are moved to ``theta - lr * d_k``,
-``evaluate()`` recomputes the task losses on the captured batch without autograd, and the
+``evaluate()`` recomputes the task losses on the step's batch without autograd, and the
 parameters are put back *exactly* (from a copy, not by adding ``lr * d_k`` back, which would
 drift by rounding). The forward passes run in the network's current mode, so in training the
 lookahead sees BatchNorm's batch statistics exactly as the training step's own forward did;
@@ -57,7 +57,7 @@ def lookahead_losses(
         directions: ``Tensor[K, P]``, one candidate direction per row (a task's gradient for
             TAG, a combined gradient for IT-MTL). The step is ``theta - lr * d``.
         lr: the step size (TAG and IT-MTL default to the optimizer's learning rate).
-        evaluate: recomputes the task losses on the captured batch; returns ``Tensor[T]``.
+        evaluate: recomputes the task losses on the step's batch; returns ``Tensor[T]``.
 
     Returns:
         ``Tensor[K, T]``: row k holds the task losses after the step along ``directions[k]``.
@@ -108,27 +108,16 @@ def affinity(before: Tensor, after: Tensor) -> Tensor:
 class LookaheadMethod(Method):
     """A method that re-evaluates the step's batch after hypothetical steps (TAG, IT-MTL).
 
-    The loop hands the batch to the hooks piecemeal (targets to ``task_losses``, the input to
-    ``extra_loss``), both before ``backward``; this class keeps them for ``backward`` to use.
+    The step's batch is the loop's ``trainer.batch``.
     """
-
-    _batch: tuple[torch.Tensor | None, Mapping[str, Any] | None] = (None, None)
-
-    def task_losses(self, trainer: Trainer, outputs: Mapping[str, Any], targets: Mapping[str, Any]) -> dict[str, Tensor]:
-        self._batch = (self._batch[0], targets)
-        return super().task_losses(trainer, outputs, targets)
-
-    def extra_loss(self, trainer: Trainer, x: Tensor, outputs: Mapping[str, Tensor]) -> Tensor | None:
-        self._batch = (x, self._batch[1])
-        return super().extra_loss(trainer, x, outputs)
 
     def batch_losses(self, trainer: Trainer, order: Sequence[str]) -> Callable[[], Tensor]:
         """``evaluate`` for `lookahead_losses`: the task losses, in ``order``, on this step's batch."""
-        x, targets = self._batch
+        x, targets = getattr(trainer, "batch", (None, None))
         if x is None or targets is None:
             raise LookaheadError(
-                f"{type(self).__name__} has no captured batch; it must run inside Trainer's step, "
-                "whose task_losses and extra_loss hooks capture it."
+                f"{type(self).__name__} has no batch; it must run inside Trainer's step, "
+                "which sets trainer.batch = (x, targets)."
             )
 
         def evaluate() -> Tensor:

@@ -62,8 +62,7 @@ class SharpnessAware(GradientMethod):
             at the price of the extra passes.
 
     Each step costs one extra forward and backward per task (on that task's path only). The
-    perturbed passes need the batch: the loop hands it to `task_losses` and `extra_loss`, which
-    keep it for `backward`. A learnable aggregator (UW, GradNorm) learns from the loss part only:
+    perturbed passes re-evaluate the step's batch, ``trainer.batch``. A learnable aggregator (UW, GradNorm) learns from the loss part only:
     its objective looks at the losses, which the flatness part does not change. Under DDP each
     rank perturbs along its own gradients (as SAM does per device) and the loss and flatness parts
     are averaged across ranks before they are aggregated.
@@ -81,25 +80,14 @@ class SharpnessAware(GradientMethod):
             raise GraphSurgeonError(f"SAM rho must be a finite number >= 0, got {rho!r}; FS-MTL uses values like 0.05.")
         super().__init__(aggregator, tasks, **options)
         self.rho = float(rho)
-        self._x: Tensor | None = None
-        self._targets: Mapping[str, Any] | None = None
-
-    # ------------------------------------------------------------------ loop hooks
-    def task_losses(self, trainer: Trainer, outputs: Mapping[str, Any], targets: Mapping[str, Any]) -> dict[str, Tensor]:
-        self._targets = targets
-        return super().task_losses(trainer, outputs, targets)
-
-    def extra_loss(self, trainer: Trainer, x: Tensor, outputs: Mapping[str, Tensor]) -> Tensor | None:
-        self._x = x
-        return super().extra_loss(trainer, x, outputs)
 
     def backward(self, trainer: Trainer, losses: Mapping[str, Tensor], extra: Tensor | None) -> None:
-        batch = (self._x, self._targets)
-        self._x = self._targets = None
+        batch = getattr(trainer, "batch", (None, None))
         if batch[0] is None or batch[1] is None:
             raise GraphSurgeonError(
-                "SharpnessAware.backward has no batch to re-evaluate at the perturbed point; it keeps the one "
-                "given to task_losses and extra_loss, so call both before backward (the Trainer does)."
+                "SharpnessAware.backward has no batch to re-evaluate at the perturbed point; "
+                "set trainer.batch = (x, targets) and compute that batch's losses, i.e. call both before backward, "
+                "as the Trainer's step does."
             )
         net = trainer.net
         values = self._ordered(losses)

@@ -42,6 +42,7 @@ def one_backward(trainer):
     """The loop body of `Trainer.train_epoch` up to the optimizer step, on a fixed batch."""
     x, targets = trainer.to_device(next(iter(trainer.loader(trainer.train_data, shuffle=False))))
     outputs = trainer.net(x)
+    trainer.batch = (x, targets)  # as the loop does
     losses = trainer.method.task_losses(trainer, outputs, targets)
     extra = trainer.method.extra_loss(trainer, x, outputs)
     trainer.optimizer.zero_grad(set_to_none=True)

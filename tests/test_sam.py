@@ -155,6 +155,7 @@ def test_perturbed_passes_leave_parameters_and_batchnorm_statistics_untouched():
     net = trainer.net
     x, targets = trainer.to_device(next(iter(trainer.loader(trainer.train_data, shuffle=False))))
     outputs = net(x)  # the step's own forward pass updates the running statistics once
+    trainer.batch = (x, targets)  # as the loop does
     losses = method.task_losses(trainer, outputs, targets)
     extra = method.extra_loss(trainer, x, outputs)
     params = [p.detach().clone() for p in net.parameters()]

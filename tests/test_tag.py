@@ -65,6 +65,7 @@ def one_step(trainer, batch):
     """The loop's step, stopping before optimizer.step() so that the gradients can be read."""
     x, targets = trainer.to_device(batch)
     outputs = trainer.net(x)
+    trainer.batch = (x, targets)  # as the loop does
     losses = trainer.method.task_losses(trainer, outputs, targets)
     extra = trainer.method.extra_loss(trainer, x, outputs)
     trainer.optimizer.zero_grad(set_to_none=True)
