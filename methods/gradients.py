@@ -33,8 +33,9 @@ itself for every method (weight 1) without consulting the method.
 """
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -126,6 +127,30 @@ def per_task_gradients(
                 pieces.append(g.reshape(-1).to(dtype=dtype, device=device))
         rows.append(torch.cat(pieces))
     return torch.stack(rows)
+
+
+@contextlib.contextmanager
+def restoring(tensors: Sequence[Tensor]) -> Iterator[Callable[[], None]]:
+    """Copy ``tensors`` now; yield ``restore()`` that writes the copy back; restore on exit.
+
+    SAM's perturbed passes and the lookahead steps move the parameters in place and let
+    BatchNorm update its running statistics; both must leave the model bit for bit as they
+    found it (from a copy: subtracting the step again would drift by rounding), also when
+    a pass raises, so both use this one helper.
+    """
+    tensors = list(tensors)
+    with torch.no_grad():
+        saved = [t.detach().clone() for t in tensors]
+
+    def restore() -> None:
+        if tensors:
+            with torch.no_grad():
+                torch._foreach_copy_(tensors, saved)
+
+    try:
+        yield restore
+    finally:
+        restore()
 
 
 def assign_gradient(params: Sequence[Tensor], vector: Tensor) -> None:

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from graphsurgeon.errors import GraphSurgeonError
 from graphsurgeon.methods.base import Method
+from graphsurgeon.methods.gradients import restoring
 
 if TYPE_CHECKING:
     from graphsurgeon.train import Trainer
@@ -71,25 +72,17 @@ def lookahead_losses(
         )
     if not (isinstance(lr, (int, float)) and lr > 0):
         raise LookaheadError(f"lookahead lr must be a positive number, got {lr!r}; pass the training lr.")
-    saved = [p.detach().clone() for p in params]
-    buffers = list(net.buffers())
-    saved_buffers = [b.detach().clone() for b in buffers]
     sizes = [p.numel() for p in params]
     devices = sorted({str(p.device) for p in params if p.device.type == "cuda"})
     rows = []
-    try:
+    # restored after each pass and on an exception inside evaluate()
+    with restoring([*params, *net.buffers()]) as restore:
         for d in directions:
             steps = [s.view_as(p).to(p) for s, p in zip(torch.split(d, sizes), params)]
             torch._foreach_add_(params, steps, alpha=-float(lr))
             with torch.random.fork_rng(devices=devices):
                 rows.append(evaluate().detach().reshape(-1))
-            torch._foreach_copy_(params, saved)
-            if buffers:
-                torch._foreach_copy_(buffers, saved_buffers)
-    finally:  # an exception inside evaluate() must not leave the model displaced
-        torch._foreach_copy_(params, saved)
-        if buffers:
-            torch._foreach_copy_(buffers, saved_buffers)
+            restore()
     return torch.stack(rows)
 
 

@@ -30,7 +30,7 @@ from torch import Tensor
 from graphsurgeon import distributed
 from graphsurgeon.errors import GraphSurgeonError
 from graphsurgeon.methods.gradient_method import GradientMethod
-from graphsurgeon.methods.gradients import assign_gradient, per_task_gradients, split_parameters
+from graphsurgeon.methods.gradients import assign_gradient, per_task_gradients, restoring, split_parameters
 
 if TYPE_CHECKING:
     from graphsurgeon.train import Trainer
@@ -122,24 +122,13 @@ class SharpnessAware(GradientMethod):
         """Row ``i``: task ``i``'s gradient at its own perturbed point; everything restored after."""
         net = trainer.net
         x, targets = batch
-        with torch.no_grad():
-            saved_params = [p.detach().clone() for p in params]
-            saved_buffers = [b.detach().clone() for b in net.buffers()]
         rows = []
-        try:
+        with restoring([*params, *net.buffers()]) as restore:  # also on an exception
             for task, grad in zip(self.tasks, plain):
                 _add_(params, torch.cat([_ascent(grad[:num_shared], self.rho), _ascent(grad[num_shared:], self.rho)]))
                 loss = super().task_losses(trainer, net(x, tasks=[task]), targets)[task]
                 rows.append(per_task_gradients([loss], params)[0])
-                with torch.no_grad():
-                    for p, saved in zip(params, saved_params):
-                        p.copy_(saved)
-        finally:
-            with torch.no_grad():
-                for p, saved in zip(params, saved_params):
-                    p.copy_(saved)
-                for b, saved in zip(net.buffers(), saved_buffers):
-                    b.copy_(saved)
+                restore()
         return torch.stack(rows)
 
     def _aggregate_flat(self, grads: Tensor, losses: Tensor) -> Tensor:

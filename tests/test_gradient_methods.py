@@ -9,7 +9,7 @@ import torch
 from graphsurgeon.errors import GraphSurgeonError
 from graphsurgeon.methods.aggregators import AGGREGATORS, make_aggregator
 from graphsurgeon.methods.cagrad import CAGrad
-from graphsurgeon.methods.gradients import Aggregator, assign_gradient, per_task_gradients
+from graphsurgeon.methods.gradients import Aggregator, assign_gradient, per_task_gradients, restoring
 from graphsurgeon.methods.imtl import IMTLG
 from graphsurgeon.methods.mgda import MGDA
 from graphsurgeon.methods.nash_mtl import NashMTL
@@ -113,6 +113,22 @@ def test_assign_gradient_round_trips_and_skips_frozen_params():
     with pytest.raises(GraphSurgeonError, match="same parameters"):
         assign_gradient(params, torch.zeros(20))
 
+
+def test_restoring_puts_parameters_and_buffers_back_bit_for_bit_also_on_an_exception():
+    bn = torch.nn.BatchNorm1d(3)
+    tensors = [*bn.parameters(), *bn.buffers()]
+    before = [t.detach().clone() for t in tensors]
+    with pytest.raises(RuntimeError, match="boom"), restoring(tensors) as restore:
+        with torch.no_grad():
+            bn.weight.add_(0.1)
+        restore()
+        assert torch.equal(bn.weight, before[0])
+        bn.train()(torch.randn(5, 3))  # moves the running statistics
+        with torch.no_grad():
+            bn.bias.mul_(3.0).add_(1e-3)
+        raise RuntimeError("boom")
+    assert all(torch.equal(t, b) for t, b in zip(tensors, before))
+    assert bn.weight.requires_grad and bn.weight.grad is None
 
 def test_training_step_with_mgda_lowers_every_task_loss():
     torch.manual_seed(1)
