@@ -191,8 +191,8 @@ def batched_heads(
     return run_concatenated(chosen, x, torch.cat(list(weights)), bias, out_features, activation)
 
 
-# backend="auto" calls: (activation, x's shape/dtype/device index, weight and bias
-# shapes) -> (N_t, backend).  Heads are called with one signature step after step; a
+# backend="auto" calls: (activation, x's dtype/device index/shape, weight shapes, bias
+# shapes or None) -> (N_t, backend).  Heads are called with one signature step after step; a
 # new one is checked by `describe_problem`, decided by `choose_backend` and logged once.
 # Explicit backends are checked on every call (whether Triton can run is looked up
 # afresh).  Bounded: cleared when full.
@@ -207,13 +207,15 @@ def _dispatch(
         problem = describe_problem(x, weights, biases, activation)
         return problem.out_features, choose_backend(problem, backend).backend
     try:
+        # one flat tuple: nested tuples cost ~0.3 µs more to build, 1% of the smallest heads
         key = (
             activation,
-            x.shape,
             x.dtype,
             x.get_device(),
-            tuple([w.shape for w in weights]),
-            None if biases is None else tuple([b.shape for b in biases]),
+            x.shape,
+            len(weights),  # where the weight shapes end and the bias shapes begin
+            *[w.shape for w in weights],
+            *([None] if biases is None else [b.shape for b in biases]),
         )
         hit = _DISPATCH.get(key)
     except (AttributeError, TypeError):  # not tensors: describe_problem names the culprit
