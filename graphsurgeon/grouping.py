@@ -265,22 +265,15 @@ def mtsl_partition(similarity: Any, threshold: float = 0.8, *, exhaustive_limit:
 
 @dataclass(frozen=True)
 class TaskGrouping:
-    """TAG's selected networks and the tree-friendly disjoint assignment derived from them."""
+    """TAG's selected groups: disjoint blocks covering every task, one branch each."""
 
     groups: Partition
-    """The selected groups (sorted; they may overlap). Each serves at least one task."""
+    """The groups (each sorted, in canonical order); every task is in exactly one."""
     total_affinity: float
-    """Σ over tasks of the affinity onto it from its serving group (TAG's notebook prints this / N)."""
+    """Σ over tasks of the affinity onto it from the rest of its group (TAG's notebook prints this / N)."""
     assignment: tuple[int, ...]
-    """assignment[j]: index into `groups` of the group that serves task j best."""
+    """assignment[j]: index into `groups` of task j's group."""
     method: Literal["exact", "beam"]
-
-    @property
-    def partition(self) -> Partition:
-        """Each task under its serving group only: the disjoint blocks a task tree can build."""
-        return tuple(
-            tuple(j for j, g in enumerate(self.assignment) if g == index) for index in range(len(self.groups))
-        )
 
 
 def _members(masks: np.ndarray, n: int) -> np.ndarray:
@@ -288,43 +281,14 @@ def _members(masks: np.ndarray, n: int) -> np.ndarray:
     return (np.asarray(masks, dtype=np.int64)[:, None] >> np.arange(n)) & 1 == 1
 
 
-def _onto_values(affinity: np.ndarray, members: np.ndarray) -> np.ndarray:
-    """(C, N): affinity onto task j from the other members of group c, -inf where j ∉ c.
-
-    value[c, j] = mean_{i in c, i != j} A[i, j]. A task alone in a group receives no
-    inter-task affinity: TAG's reference selection gives it a -1e6 sentinel, i.e. a singleton
-    never serves a task that any shared group could serve; here that is -inf.
-    """
-    size = members.sum(axis=1, keepdims=True).astype(np.float64)
-    onto = members.astype(np.float64) @ affinity - members * np.diag(affinity)
+def _group_values(affinity: np.ndarray, subsets: np.ndarray) -> np.ndarray:
+    """For each task subset G (bitmask): Σ_{j∈G} mean_{i∈G, i≠j} A[i, j], the affinity its
+    members send each other; 0 for a task alone (it receives none, and loses none)."""
+    inside = _members(subsets, affinity.shape[0]).astype(np.float64)
+    size = inside.sum(axis=1)
+    within = np.einsum("ci,ij,cj->c", inside, affinity, inside) - inside @ np.diag(affinity)
     with np.errstate(divide="ignore", invalid="ignore"):
-        values = onto / (size - 1)
-    return np.where(members & (size > 1), values, -np.inf)
-
-
-def _best_server(affinity: np.ndarray, subsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For each task subset P (bitmask): the most affinity one group G ⊇ P sends onto P's
-    tasks, Σ_{j∈P} value[G, j], and that group.
-
-    With G = P ∪ X, that sum is (Σ_{i≠j∈P} A[i,j] + Σ_{i∈X} Σ_{j∈P} A[i,j]) / (|P| + |X| - 1),
-    so for each size |X| = m the best X is the m outside tasks that send P the most: a sort
-    per subset and a scan over m replace the search over all supersets.
-    """
-    n = affinity.shape[0]
-    inside = _members(subsets, n)
-    rows = np.arange(len(subsets))
-    pull = inside.astype(np.float64) @ affinity.T  # [P, i] = Σ_{j∈P} A[i, j]
-    own = np.where(inside, pull, 0.0).sum(axis=1) - inside @ np.diag(affinity)
-    outside = np.where(inside, -np.inf, pull)
-    order = np.argsort(-outside, axis=1, kind="stable")
-    start = np.zeros((len(subsets), 1))
-    gain = np.concatenate([start, np.cumsum(np.take_along_axis(outside, order, axis=1), axis=1)], axis=1)
-    denominator = inside.sum(axis=1, keepdims=True) + np.arange(n + 1) - 1
-    with np.errstate(divide="ignore", invalid="ignore"):
-        sent = np.where(denominator > 0, (own[:, None] + gain) / denominator, -np.inf)
-    extra = sent.argmax(axis=1)
-    added = np.concatenate([start.astype(np.int64), np.cumsum(1 << order, axis=1)], axis=1)
-    return sent[rows, extra], subsets | added[rows, extra]
+        return np.where(size > 1, within / (size - 1), 0.0)
 
 
 def _splits(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -348,17 +312,12 @@ def _splits(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _exact(affinity: np.ndarray, num_groups: int) -> list[int]:
-    """Optimal selection, as group bitmasks, by dynamic programming over task subsets.
-
-    Each task is served by one selected group, so an optimal selection splits the tasks into
-    at most ``num_groups`` disjoint *served sets*, each served by the group G ⊇ P that sends it
-    the most affinity (`_best_server`); two served sets picking the same group are simply one
-    group. So the optimum is max over set partitions into ≤ num_groups blocks of Σ best(P),
-    which F_r(mask) = max(F_{r-1}(mask), max_P best(P) + F_{r-1}(mask \\ P)) finds in
-    O(num_groups · 3^N) — every selection of groups is covered without enumerating them.
-    """
+    """The optimal partition, as group bitmasks, by dynamic programming over task subsets:
+    F_r(mask) = max(F_{r-1}(mask), max_G value(G) + F_{r-1}(mask \\ G)) over the groups G that
+    hold mask's lowest task, in O(num_groups · 3^N) — every partition into at most
+    ``num_groups`` blocks is covered without enumerating them."""
     n = affinity.shape[0]
-    best, server = _best_server(affinity, np.arange(1 << n, dtype=np.int64))
+    value = _group_values(affinity, np.arange(1 << n, dtype=np.int64))
     mask, block, starts = _splits(n)
     ends = np.append(starts[1:], len(mask))
     layers = [np.full(1 << n, -np.inf)]
@@ -366,7 +325,7 @@ def _exact(affinity: np.ndarray, num_groups: int) -> list[int]:
     for _ in range(min(num_groups, n)):
         previous = layers[-1]
         grown = previous.copy()
-        grown[1:] = np.maximum(previous[1:], np.maximum.reduceat(best[block] + previous[mask ^ block], starts))
+        grown[1:] = np.maximum(previous[1:], np.maximum.reduceat(value[block] + previous[mask ^ block], starts))
         layers.append(grown)
 
     chosen, left, r = [], (1 << n) - 1, len(layers) - 1
@@ -374,19 +333,16 @@ def _exact(affinity: np.ndarray, num_groups: int) -> list[int]:
         while layers[r - 1][left] == layers[r][left]:
             r -= 1
         blocks = block[starts[left - 1] : ends[left - 1]]
-        served = int(blocks[np.argmax(best[blocks] + layers[r - 1][left ^ blocks])])
-        chosen.append(int(server[served]))
-        left, r = left ^ served, r - 1
-    return sorted(set(chosen))
+        group = int(blocks[np.argmax(value[blocks] + layers[r - 1][left ^ blocks])])
+        chosen.append(group)
+        left, r = left ^ group, r - 1
+    return chosen
 
 
 def _beam(affinity: np.ndarray, num_groups: int, width: int) -> list[int]:
-    """A good selection, as group bitmasks, by beam search over served-set partitions.
-
-    The same decomposition as `_exact`, searched greedily: tasks are placed one at a time
-    into one of at most ``num_groups`` served sets (or a new one), and the ``width`` partial
-    partitions with the largest Σ best(P) survive each step.
-    """
+    """A good partition, as group bitmasks, by beam search: tasks are placed one at a time
+    into one of at most ``num_groups`` groups (or a new one), and the ``width`` partial
+    partitions with the largest total value survive each step."""
     n = affinity.shape[0]
     beam: list[tuple[int, ...]] = [()]
     for task in range(n):
@@ -397,33 +353,32 @@ def _beam(affinity: np.ndarray, num_groups: int, width: int) -> list[int]:
             for k in range(len(state))
         ] + [(*state, bit) for state in beam if len(state) < num_groups]
         sets = np.array([m for state in grown for m in state], dtype=np.int64)
-        best = _best_server(affinity, sets)[0]
-        totals = np.add.reduceat(best, np.cumsum([0] + [len(state) for state in grown[:-1]]))
+        totals = np.add.reduceat(_group_values(affinity, sets), np.cumsum([0] + [len(state) for state in grown[:-1]]))
         beam = [grown[i] for i in np.argsort(-totals, kind="stable")[:width]]
-    return sorted(set(_best_server(affinity, np.array(beam[0], dtype=np.int64))[1].tolist()))
+    return list(beam[0])
 
 
 def tag_groups(
     affinity: Any, num_groups: int, *, exact_limit: int = 12, beam_width: int = 64
 ) -> TaskGrouping:
-    """Select up to ``num_groups`` task groups maximising TAG's total inter-task affinity.
+    """Split the tasks into at most ``num_groups`` groups maximising TAG's total affinity.
 
     ``affinity[i, j]`` is the affinity of task i onto task j: how much a step on task i's
-    gradient lowers task j's loss (TAG's Z_{i→j}); the diagonal is unused. Following TAG's
-    network-selection code, the affinity onto task j from a group G ∋ j is
-    ``mean_{i ∈ G, i ≠ j} affinity[i, j]``; a task alone in a group receives none (TAG's
-    sentinel is -1e6, so a singleton never serves a task a shared group could). Groups may
-    overlap and every task must be in one; a selection's total affinity is
-    ``Σ_j max_{G ∋ j} (affinity onto j from G)``, and as in TAG any selection of at most
-    ``num_groups`` distinct groups is allowed (an extra group can only raise the total).
+    gradient lowers task j's loss (TAG's Z_{i→j}); the diagonal is unused. As in TAG's
+    network-selection code, the affinity onto task j from its group G is
+    ``mean_{i ∈ G, i ≠ j} affinity[i, j]``, and the total is its sum over tasks.
+
+    Two differences from TAG's notebook, both because a task tree gives each task one path:
+    TAG may select *overlapping* groups (a task trained in several networks, scored in its
+    best one); here the groups are disjoint, so every affinity counted is one the built tree
+    trains together (projecting an overlapping selection onto a tree would credit transfer
+    from tasks that end up in another branch). And a task alone scores 0 where TAG's sentinel
+    is -1e6, which with disjoint groups would forbid isolating an adversarial task.
 
     For N <= ``exact_limit`` (at most 14) the optimum is found exactly by dynamic programming
     over task subsets in O(num_groups · 3^N); beyond, a beam search of width ``beam_width``
-    over the same served-set decomposition gives a good but unproven selection (N <= 62, as
-    groups are 64-bit masks). A single task forms its own group with total 0.
-
-    Returns the groups that serve at least one task, the total, and each task's serving
-    group; `TaskGrouping.partition` is the disjoint version the task tree needs.
+    gives a good but unproven partition (N <= 62, as groups are 64-bit masks). Fewer groups
+    than ``num_groups`` are returned when that scores at least as high.
     """
     a = _square(affinity, "affinity")
     g = _check_int(num_groups, "num_groups", 1)
@@ -442,12 +397,10 @@ def tag_groups(
 
     exact = n <= limit
     masks = sorted(_exact(a, g) if exact else _beam(a, g, width), key=_bits)
-    values = _onto_values(a, _members(np.array(masks), n))
-    serving = np.argmax(values, axis=0)  # first best group wins ties
-    used = sorted(set(serving.tolist()))
+    groups = tuple(_bits(m) for m in masks)
     return TaskGrouping(
-        groups=tuple(_bits(masks[u]) for u in used),
-        total_affinity=float(values.max(axis=0).sum()),
-        assignment=tuple(used.index(s) for s in serving.tolist()),
+        groups=groups,
+        total_affinity=float(_group_values(a, np.array(masks, dtype=np.int64)).sum()),
+        assignment=tuple(next(k for k, grp in enumerate(groups) if j in grp) for j in range(n)),
         method="exact" if exact else "beam",
     )

@@ -8,8 +8,9 @@ step on the shared parameters along task i's gradient alone, and
     Z[i, j] = 1 - L_j(after the step on task i) / L_j(before)
 
 on the same batch (`graphsurgeon.methods.lookahead`). Z is averaged over stage 1. Then
-`graphsurgeon.grouping.tag_groups` picks at most ``num_groups`` groups maximising the total
-affinity each task receives from its group, the tree is split into one branch per group at
+`graphsurgeon.grouping.tag_groups` splits the tasks into at most ``num_groups`` disjoint groups
+maximising the total affinity each task receives from the rest of its group (disjoint where
+TAG's notebook allows overlapping groups: a tree gives each task one branch), the tree is split into one branch per group at
 ``split_depth`` (0: at the input, i.e. one network per group) by `graphsurgeon.surgery.split`,
 and stage 2 trains the branched network — from scratch by default (``restart``), as TAG
 trains its chosen networks; or continuing from the stage-1 weights, each branch starting as
@@ -149,7 +150,7 @@ class TAG(LookaheadMethod):
         tasks = list(net.tasks)
         z = self.affinity_matrix()
         grouping = broadcast_object(tag_groups(z.numpy(), c.num_groups, exact_limit=c.exact_limit, beam_width=c.beam_width))
-        groups = [[tasks[i] for i in block] for block in grouping.partition]
+        groups = [[tasks[i] for i in block] for block in grouping.groups]
         before = sum(p.numel() for p in net.parameters())
         depth = c.split_depth + 1
 
@@ -173,8 +174,7 @@ class TAG(LookaheadMethod):
             "affinity": z.tolist(),
             "measurements": self.measurements,
             "num_groups": c.num_groups,
-            "groups": [[tasks[i] for i in g] for g in grouping.groups],
-            "partition": groups,
+            "groups": groups,
             "total_affinity": grouping.total_affinity,
             "score": grouping.total_affinity / len(tasks),
             "search": grouping.method,

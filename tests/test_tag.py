@@ -138,8 +138,8 @@ def test_identical_tasks_have_more_affinity_than_an_adversarial_one_and_tag_sepa
     assert decision["measurements"] == 4 and decision["tasks"] == ["a", "b", "c"]
     assert z[0, 1] > 0 and z[1, 0] > 0
     assert z[0, 1] > z[0, 2] and z[1, 0] > z[1, 2] and z[2, 0] < 0 and z[2, 1] < 0
-    assert tag_groups(z.numpy(), 2).partition == ((0, 1), (2,))
-    assert decision["partition"] == [["a", "b"], ["c"]]
+    assert tag_groups(z.numpy(), 2).groups == ((0, 1), (2,))
+    assert decision["groups"] == [["a", "b"], ["c"]]
     assert {n.tasks for n in net.tree.at_depth(1)} == {("a", "b"), ("c",)}
     gs.check(net)
 
@@ -152,7 +152,7 @@ def test_tag_end_to_end_builds_the_grouped_tree_and_keeps_training(restart):
     history = trainer.fit()
     decision = method.decisions[0]
     assert method.grouped and decision["epoch"] == 1 and decision["measurements"] == 2
-    partition = {tuple(g) for g in decision["partition"]}
+    partition = {tuple(g) for g in decision["groups"]}
     assert sorted(t for g in partition for t in g) == sorted(net.tasks)
     for d in range(1, net.depth + 1):  # split at the input: one network per group
         assert {n.tasks for n in net.tree.at_depth(d)} == partition
@@ -174,7 +174,7 @@ def test_tag_without_restart_starts_each_branch_as_the_shared_network_with_its_a
     before = {t: v.detach().clone() for t, v in net(x).items()}
     method.group(trainer)
     assert len(net.tree.at_depth(1)) == 1  # split_depth=1: the first segment stays shared
-    assert len(net.tree.at_depth(2)) == len(method.decisions[0]["partition"]) > 1
+    assert len(net.tree.at_depth(2)) == len(method.decisions[0]["groups"]) > 1
     gs.check(net)
     for t, v in net(x).items():
         torch.testing.assert_close(v, before[t], rtol=0, atol=0)
@@ -287,3 +287,16 @@ def test_itmtl_treats_rounding_level_differences_as_ties_won_by_the_first_candid
     method = ITMTL(3, candidates=("ew", "pcgrad"))
     one_step(trainer_for(net, method, 1, TwinsAndRival(), Regression), first_batch(TwinsAndRival()))
     assert method.choice == expected and method.last_lookahead == pytest.approx([1.0, second])
+
+
+def test_itmtl_hands_each_epochs_mean_losses_to_a_dwa_candidate():
+    method = ITMTL(3, candidates=("dwa", "ew"))
+    trainer = trainer_for(toy_shared_net(), method, 3, Toy(), Spec)
+    means = []
+    original = method.aggregators["dwa"].epoch_end
+    method.aggregators["dwa"].epoch_end = lambda m: means.append(torch.as_tensor(m).clone()) or original(m)
+    trainer.fit()
+    assert len(means) == 3 and all(m.shape == (3,) and (m > 0).all() for m in means)
+    dwa = method.aggregators["dwa"]
+    torch.testing.assert_close(dwa.last_epoch_losses, means[-1].to(dwa.last_epoch_losses))
+    assert not torch.allclose(dwa.current_weights(), torch.ones(3, dtype=torch.float64))  # no longer equal weights
