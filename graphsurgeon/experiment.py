@@ -5,6 +5,8 @@ that wires data, network, method and trainer together.
 """
 from __future__ import annotations
 
+import inspect
+
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -100,13 +102,13 @@ def build_network(cfg: ExperimentConfig, task_info: Mapping[str, Any], example: 
     return net
 
 
-def _options(cls, options: Mapping[str, Any], method: str):
-    """``cls(**options)`` for a config dataclass, naming the unknown keys instead of a TypeError."""
-    known = cls.__dataclass_fields__
+def _options(factory, options: Mapping[str, Any], method: str, *args: Any):
+    """``factory(*args, **options)``, naming the unknown keys instead of a bare TypeError."""
+    known = list(inspect.signature(factory).parameters)[len(args) :]
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise TaskSpecError(f"{method} has no option(s) {unknown}; valid options: {sorted(known)}.")
-    return cls(**options)
+    return factory(*args, **options)
 
 
 def make_method(cfg: ExperimentConfig, tasks: Sequence[str]):
@@ -139,8 +141,8 @@ def make_method(cfg: ExperimentConfig, tasks: Sequence[str]):
     if cfg.method == "mtsl":
         from graphsurgeon.methods.mtsl import MTSL, MTSLConfig
 
-        known = MTSLConfig.__dataclass_fields__
-        return MTSL(MTSLConfig(**{k: v for k, v in cfg.mtsl.items() if k in known}))
+        options = {k: v for k, v in cfg.mtsl.items() if k != "independent_init"}  # read by build_network
+        return MTSL(_options(MTSLConfig, options, "mtsl"))
     if cfg.method == "tag":
         from graphsurgeon.methods.tag import TAG, TAGConfig
 
@@ -148,7 +150,7 @@ def make_method(cfg: ExperimentConfig, tasks: Sequence[str]):
     if cfg.method == "itmtl":
         from graphsurgeon.methods.itmtl import ITMTL
 
-        return ITMTL(len(tasks), **cfg.itmtl)
+        return _options(ITMTL, cfg.itmtl, "itmtl", len(tasks))
     from graphsurgeon.methods.dmtg import DMTG, DMTGConfig
 
     return DMTG(_options(DMTGConfig, cfg.dmtg, "dmtg"))

@@ -245,7 +245,8 @@ class DMTG(Method):
         main = trainer.optimizer.param_groups[0]
         main["params"] = [p for p in main["params"] if p is not logits]
         lr = c.logits_lr if c.logits_lr is not None else trainer.config.lr
-        trainer.optimizer.add_param_group({"params": [logits], "lr": lr})
+        # no weight decay: it would pull the assignment towards uniform, which the search must not
+        trainer.optimizer.add_param_group({"params": [logits], "lr": lr, "weight_decay": 0.0})
 
     def tau(self, trainer: Trainer) -> float:
         """The temperature of the current step: ``tau_start`` at the first, ``tau_end`` at the last."""

@@ -42,6 +42,7 @@ from graphsurgeon.errors import GraphSurgeonError
 from graphsurgeon.methods.aggregators import make_aggregator
 from graphsurgeon.methods.base import Method
 from graphsurgeon.methods.gradients import Aggregator, assign_gradient, per_task_gradients, split_parameters
+from graphsurgeon.methods.weighting import EpochLossMean
 
 if TYPE_CHECKING:
     from graphsurgeon.train import Trainer
@@ -104,8 +105,7 @@ class GradientMethod(Method):
         self.aggregator: Aggregator = make_aggregator(aggregator, len(self.tasks), **options)
         self.rep_grad = bool(rep_grad)
         self.name = f"{type(self).name}-{self.aggregator_name}"
-        self._loss_sum = torch.zeros(len(self.tasks), dtype=torch.float64)
-        self._batches = 0
+        self.epoch_losses = EpochLossMean(len(self.tasks))
         self._rep: Tensor | None = None
         self._hooked: tuple[nn.Module, Any] | None = None
 
@@ -134,11 +134,7 @@ class GradientMethod(Method):
         distributed.all_reduce_gradients(self.parameters())
 
     def after_epoch(self, trainer: Trainer) -> dict[str, Any] | None:
-        if self._batches and hasattr(self.aggregator, "epoch_end"):  # DWA
-            # the per-step losses were already averaged across ranks: every rank has the same mean
-            self.aggregator.epoch_end(self._loss_sum / self._batches)
-        self._loss_sum.zero_()
-        self._batches = 0
+        self.epoch_losses.close([self.aggregator])  # DWA
         if self.rep_grad:  # a network replaced between epochs needs the hook on its new node
             self._attach(trainer.net)
         weights = self.aggregator.last_weights
@@ -151,17 +147,14 @@ class GradientMethod(Method):
         checkpoint taken mid-epoch resumes DWA's epoch mean exactly)."""
         return {
             "aggregator": {k: v.tolist() for k, v in self.aggregator.state_dict().items()},
-            "loss_sum": self._loss_sum.tolist(),
-            "batches": self._batches,
+            **self.epoch_losses.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         saved = state.get("aggregator", {})
         own = self.aggregator.state_dict()
         self.aggregator.load_state_dict({k: torch.tensor(saved[k], dtype=v.dtype) for k, v in own.items() if k in saved})
-        if "loss_sum" in state:
-            self._loss_sum = torch.tensor(state["loss_sum"], dtype=torch.float64)
-            self._batches = int(state["batches"])
+        self.epoch_losses.load_state_dict(state)
 
     # ------------------------------------------------------------------ pieces
     def _ordered(self, losses: Mapping[str, Tensor]) -> list[Tensor]:
@@ -176,8 +169,7 @@ class GradientMethod(Method):
         """The losses as the aggregators see them: detached, averaged across ranks; kept for DWA."""
         vec = torch.stack([v.detach().reshape(()).double() for v in values])
         vec = distributed.all_reduce_mean(vec)
-        self._loss_sum += vec.cpu()
-        self._batches += 1
+        self.epoch_losses.add(vec)
         return vec
 
     def _aggregate(self, grads: Tensor, losses: Tensor) -> Tensor:

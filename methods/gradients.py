@@ -269,4 +269,5 @@ class Aggregator(nn.Module, ABC):
 
 def gram(grads: Tensor) -> Tensor:
     """``G G^T`` in float64: the methods solving small ``T x T`` problems need only this."""
-    return (grads @ grads.T).double()
+    g = grads.double()  # products formed in float64: the conflict signs and the solvers are sensitive
+    return g @ g.T

@@ -25,6 +25,7 @@ from graphsurgeon.errors import GraphSurgeonError
 from graphsurgeon.methods.aggregators import make_aggregator
 from graphsurgeon.methods.gradients import assign_gradient, per_task_gradients, split_parameters
 from graphsurgeon.methods.lookahead import LookaheadMethod, lookahead_losses
+from graphsurgeon.methods.weighting import EpochLossMean
 
 if TYPE_CHECKING:
     from graphsurgeon.train import Trainer
@@ -83,6 +84,7 @@ class ITMTL(LookaheadMethod):
         self.epoch_chosen = {c: 0 for c in candidates}
         self.last_lookahead: list[float] | None = None
         self.decisions: list[dict] = []
+        self.epoch_losses = EpochLossMean(num_tasks)  # for a DWA candidate
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """The learnable state of the candidate aggregators (UW, GradNorm), for the optimizer."""
@@ -101,6 +103,7 @@ class ITMTL(LookaheadMethod):
             torch.autograd.backward(sum(values), inputs=specific)
             all_reduce_gradients(specific)
         loss_values = all_reduce_mean(torch.stack([v.detach().reshape(()) for v in values]))
+        self.epoch_losses.add(loss_values)
         if len(self.candidates) > 1 and trainer.step % self.every == 0:
             directions = torch.stack([self.aggregators[c].aggregate(grads, loss_values) for c in self.candidates])
             lr = self.step_size(trainer, self.lookahead_lr)
@@ -119,6 +122,7 @@ class ITMTL(LookaheadMethod):
         self.epoch_chosen[name] += 1
 
     def after_epoch(self, trainer: Trainer) -> dict[str, Any] | None:
+        self.epoch_losses.close(self.aggregators.values())
         record = {"epoch": trainer.epoch, "chosen": dict(self.epoch_chosen), "total_chosen": dict(self.chosen)}
         self.decisions.append(record)
         self.epoch_chosen = {c: 0 for c in self.candidates}
@@ -132,6 +136,7 @@ class ITMTL(LookaheadMethod):
             "epoch_chosen": self.epoch_chosen,  # a checkpoint may be taken mid-epoch
             "decisions": self.decisions,
             "aggregators": {k: v.tolist() for k, v in self.aggregators.state_dict().items()},
+            **self.epoch_losses.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -145,6 +150,7 @@ class ITMTL(LookaheadMethod):
         self.chosen = {c: int(state.get("chosen", {}).get(c, 0)) for c in self.candidates}
         self.epoch_chosen = {c: int(state.get("epoch_chosen", {}).get(c, 0)) for c in self.candidates}
         self.decisions = list(state.get("decisions", []))
+        self.epoch_losses.load_state_dict(state)
         current = self.aggregators.state_dict()
         self.aggregators.load_state_dict(
             {k: torch.tensor(v, dtype=current[k].dtype) for k, v in state.get("aggregators", {}).items()}

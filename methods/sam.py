@@ -17,6 +17,13 @@ task for its own flat region and lets the gradient method arbitrate between task
 BatchNorm running statistics (every buffer) are restored after the perturbed passes, and the
 parameters are restored bit for bit from a copy (subtracting ``eps`` again would not). With ``"ew"``
 the shared update is ``sum_i g_i'``, i.e. SAM with one perturbation per task.
+
+Differences from the official code's aggregators, where it departs from their own papers:
+its MGDA divides every ``g_i`` and ``h_i`` by its norm and multiplies the result by ``T``
+(here MGDA keeps its ``normalization`` option, default none: pass ``--grad-option
+normalization=l2`` for the same direction, ``1/T`` of its length); its CAGrad rescales by
+``1 + c^2`` (the CAGrad code's default) where ours divides by ``1 + c`` (its ``rescale=2``,
+see `graphsurgeon.methods.cagrad`).
 """
 from __future__ import annotations
 

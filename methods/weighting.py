@@ -12,7 +12,8 @@ the geometry of the gradients (except GradNorm, which looks at their norms).
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -195,3 +196,40 @@ class GradNorm(Aggregator):
         _accumulate_grad(self.weights, grad)
         self.last_gradnorm_loss = loss.detach().item()
         return w.detach().to(grads.device)
+
+
+class EpochLossMean:
+    """Each task's mean training loss over the epoch, for the aggregators that weight by it.
+
+    DWA compares the last two epochs' mean losses; any method that owns such aggregators
+    (GradientMethod, IT-MTL's candidates) adds each step's loss vector here and closes the
+    epoch, so that none of them silently degrades to equal weights. The sums travel in
+    checkpoints: a run resumed mid-epoch closes the epoch with the exact mean.
+    """
+
+    def __init__(self, num_tasks: int) -> None:
+        self.sum = torch.zeros(num_tasks, dtype=torch.float64)
+        self.batches = 0
+
+    def add(self, losses: Tensor) -> None:
+        """One step's per-task losses (already averaged across ranks, so every rank agrees)."""
+        self.sum += losses.detach().double().cpu()
+        self.batches += 1
+
+    def close(self, aggregators: Iterable[Aggregator]) -> None:
+        """Hand the epoch's mean to every aggregator with an ``epoch_end`` (DWA) and start anew."""
+        if self.batches:
+            mean = self.sum / self.batches
+            for aggregator in aggregators:
+                if hasattr(aggregator, "epoch_end"):
+                    aggregator.epoch_end(mean)
+        self.sum.zero_()
+        self.batches = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loss_sum": self.sum.tolist(), "batches": self.batches}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if "loss_sum" in state:
+            self.sum = torch.tensor(state["loss_sum"], dtype=torch.float64)
+            self.batches = int(state["batches"])

@@ -47,7 +47,9 @@ def test_every_method_trains_from_the_command_line(tmp_path, args):
 def test_gradient_options_belong_to_the_methods_that_use_them(capsys):
     assert main(["train", "--method", "tag", "--grad", "pcgrad", *TINY]) == 2
     assert "--grad/--sam/--rep-grad apply to hps" in capsys.readouterr().err
-    with pytest.raises(TaskSpecError, match="no option"):
-        make_method(ExperimentConfig(method="dmtg", dmtg={"branchez": 2}), ("a", "b"))
+    for method, options in [("dmtg", {"branchez": 2}), ("itmtl", {"candidate": ["ew"]}), ("mtsl", {"treshold": 0.5})]:
+        with pytest.raises(TaskSpecError, match=rf"{method} has no option\(s\) \['{next(iter(options))}'\]"):
+            make_method(ExperimentConfig(method=method, **{method: options}), ("a", "b"))
+    assert make_method(ExperimentConfig(method="itmtl", itmtl={"every": 3}), ("a", "b")).every == 3
     with pytest.raises(TaskSpecError, match="unknown method"):
         make_method(ExperimentConfig(method="bmn"), ("a", "b"))

@@ -40,8 +40,10 @@ def distinct_supernet(branches=3, shared_depth=0, seed=0):
     return sup
 
 
-def trainer_for(method, epochs, net=None, checkpoint_dir=None):
-    cfg = TrainConfig(epochs=epochs, batch_size=32, lr=3e-3, progress=False, checkpoint_dir=checkpoint_dir)
+def trainer_for(method, epochs, net=None, checkpoint_dir=None, weight_decay=0.0):
+    cfg = TrainConfig(
+        epochs=epochs, batch_size=32, lr=3e-3, progress=False, checkpoint_dir=checkpoint_dir, weight_decay=weight_decay
+    )
     return Trainer(net or plain_net(), {t: Spec for t in TASKS}, Toy(), Toy(n=64, seed=1), cfg, method)
 
 
@@ -152,20 +154,22 @@ def test_the_supernet_is_an_engine_network_of_branches_with_k_by_n_heads():
 
 def test_search_prune_finetune_in_the_trainer():
     method = DMTG(DMTGConfig(branches=2, search_epochs=2, logits_lr=0.05))
-    trainer = trainer_for(method, epochs=3)
+    trainer = trainer_for(method, epochs=3, weight_decay=1e-4)  # the weights decay, the logits must not
     seen = {}
     original = method.after_epoch
 
     def spy(tr):  # inspect the search's optimizer before it is replaced
         if tr.epoch == 1:
             groups = tr.optimizer.param_groups
-            seen["logits_group"] = [g["lr"] for g in groups if any(p is tr.net.group_logits for p in g["params"])]
+            seen["logits_group"] = [
+                (g["lr"], g["weight_decay"]) for g in groups if any(p is tr.net.group_logits for p in g["params"])
+            ]
             seen["search_params"] = {id(p) for g in groups for p in g["params"]} == {id(p) for p in tr.net.parameters()}
         return original(tr)
 
     method.after_epoch = spy
     history = trainer.fit()
-    assert seen == {"logits_group": [0.05], "search_params": True}
+    assert seen == {"logits_group": [(0.05, 0.0)], "search_params": True}
     assert all(math.isfinite(v) for r in history for v in r["train_loss"].values())
     assert [("dmtg" in r) for r in history] == [True, True, False]
     assert set(history[0]["dmtg"]["probabilities"]) == set(TASKS)
