@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import re
 import statistics
 import time
 from pathlib import Path
@@ -85,6 +86,23 @@ def _groups(r: dict[str, Any]) -> list[list[str]] | None:
     return [list(b) for b in partitions[-1]] if partitions else None
 
 
+def _levels(tree_text: str) -> str:
+    """A task tree's printout (``TaskTree.__repr__``) as its partition per depth, runs of equal
+    depths merged: ``d1–4: {all} · d5: {left} {right} …``."""
+    by_depth: dict[int, list[str]] = {}
+    for _, depth, tasks in re.findall(r"n(\d+) d(\d+) \{([^}]*)\}", tree_text):
+        by_depth.setdefault(int(depth), []).append(tasks)
+    everyone = by_depth.pop(0, [""])[0]
+    runs: list[tuple[int, int, str]] = []
+    for depth in sorted(by_depth):
+        blocks = " ".join("{all}" if b == everyone else "{" + b + "}" for b in sorted(by_depth[depth]))
+        if runs and runs[-1][2] == blocks:
+            runs[-1] = (runs[-1][0], depth, blocks)
+        else:
+            runs.append((depth, depth, blocks))
+    return " · ".join(f"d{a}: {b}" if a == e else f"d{a}–{e}: {b}" for a, e, b in runs)
+
+
 def _mean_std(values: list[float], fmt: str = "{:.3f}") -> str:
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{fmt.format(statistics.mean(values))} ± {fmt.format(std)}"
@@ -139,9 +157,14 @@ def report(per_seed: dict[int, dict[str, dict]], seeds: list[int], labels: list[
         "|---|" + "---|" * len([m for m in ("tag", "dmtg", "mtsl") if m in labels]),
     ]
     for s in seeds:
-        cells = [" | ".join("{" + ", ".join(b) + "}" for b in (per_seed[s][m]["groups"] or [])) for m in ("tag", "dmtg", "mtsl") if m in labels]
-        lines.append(f"| {s} | " + " | ".join(c.replace(" | ", " · ") for c in cells) + " |")
-    lines += ["", "Groups are the deepest level of each learned tree (MTSL shares the stem and splits there)."]
+        cells = [_levels(per_seed[s][m]["tree"]) for m in ("tag", "dmtg", "mtsl") if m in labels]
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Each cell is the learned tree, depth by depth (d1 = the first segment after the input; "
+        "consecutive depths with the same partition are merged): `d1–4: {all}` means one node "
+        "shared by every task at depths 1 to 4.",
+    ]
     return "\n".join(lines) + "\n"
 
 
