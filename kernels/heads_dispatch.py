@@ -156,7 +156,7 @@ def run_concatenated(
     if backend == "reference":
         sizes = list(out_features)
         biases = None if bias is None else bias.split_with_sizes(sizes)
-        return reference_heads(x, weight.split_with_sizes(sizes), biases, activation)
+        return reference_heads(x, weight.split_with_sizes(sizes), biases, activation, inplace=True)
     if backend == "triton":
         from graphsurgeon.kernels.heads_triton import triton_heads
 
@@ -183,7 +183,7 @@ def batched_heads(
     out_features, chosen = _dispatch(x, weights, biases, activation, backend)
     if chosen == "reference":
         try:
-            return reference_heads(x, weights, biases, activation)
+            return reference_heads(x, weights, biases, activation, inplace=True)
         except RuntimeError as err:  # F.linear found a dtype/device mismatch: name it
             raise (diagnose(x, weights, biases, activation) or err) from err
     check_dtypes_and_devices(x, weights, biases)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from graphsurgeon.kernels.heads_spec import apply_activation, head_offsets, split_heads
+from graphsurgeon.kernels.heads_spec import activate_fresh, head_offsets, split_heads
 
 _GROUPED_MM_CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Devices whose grouped GEMM is assumed to load each group at its own offset with
@@ -25,23 +25,12 @@ _GROUPED_MM_CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _GROUP_ALIGNED_DEVICES = ("cuda",)
 
 
-def _activate_fresh(y: Tensor, activation: str) -> Tensor:
-    """Activation of a tensor this module just allocated.
-
-    ReLU runs in place: the GEMM that produced ``y`` does not need its output for
-    backward, so overwriting it saves an (M, ΣN_t) allocation and a memory pass.
-    """
-    if activation == "relu":
-        return y.relu_()
-    return apply_activation(y, activation)
-
-
 def concat_gemm_heads(
     x: Tensor, weight: Tensor, bias: Tensor | None, out_features: Sequence[int], activation: str
 ) -> list[Tensor]:
     """Shared (M, K) input through all heads as one (M, K) x (K, ΣN_t) GEMM."""
     y = F.linear(x, weight, bias)
-    return split_heads(_activate_fresh(y, activation), out_features)
+    return split_heads(activate_fresh(y, activation), out_features)
 
 
 def grouped_mm_supported(dtype: torch.dtype, device: torch.device, in_features: int) -> bool:
@@ -103,7 +92,7 @@ def grouped_heads(
     y = torch._grouped_mm(x.contiguous(), weight.contiguous().t(), offs=offs)
     if bias is not None:
         y = y.add_(bias)
-    y = _activate_fresh(y, activation)
+    y = activate_fresh(y, activation)
     # One split (a single cat in backward), then a narrowing slice only per padded group.
     groups = y.split(widths, dim=1)
     return [g if g.shape[1] == n else g[:, :n] for g, n in zip(groups, out_features)]
@@ -137,7 +126,7 @@ def padded_bmm_heads(
             b_pad = b_pad.unsqueeze(1)
     w_t = w_pad.transpose(1, 2)
     y = torch.bmm(x, w_t) if b_pad is None else torch.baddbmm(b_pad, x, w_t)
-    y = _activate_fresh(y, activation)
+    y = activate_fresh(y, activation)
     # unbind (one stack in backward), not y[t]: T index ops would each scatter a
     # full (T, M, max N_t) gradient.
     return [y_t if n == n_max else y_t[:, :n] for y_t, n in zip(y.unbind(0), out_features)]
