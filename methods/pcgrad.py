@@ -29,13 +29,21 @@ class PCGrad(Aggregator):
     ``g_i^PC = sum_k C_ik g_k``; the task weights are the column sums of ``C``. This is the
     same arithmetic as projecting the ``P``-dimensional vectors, at ``O(T^2)`` per step.
 
-    The task orders come from a ``torch.Generator`` seeded with ``seed`` so runs repeat.
-    A task with a zero gradient is never projected onto.
+    The task orders come from a ``torch.Generator`` seeded with ``seed`` so runs repeat; its
+    state is part of ``state_dict`` (extra state), so a run resumed from a checkpoint draws
+    the orders the uninterrupted run would have. A task with a zero gradient is never
+    projected onto.
     """
 
     def __init__(self, num_tasks: int, seed: int = 0) -> None:
         super().__init__(num_tasks)
         self.generator = torch.Generator().manual_seed(seed)
+
+    def get_extra_state(self) -> Tensor:
+        return self.generator.get_state()
+
+    def set_extra_state(self, state: Tensor) -> None:
+        self.generator.set_state(torch.as_tensor(state, dtype=torch.uint8).cpu())
 
     def _weights(self, grads: Tensor, losses: Tensor) -> Tensor:
         k = gram(grads).cpu()

@@ -1,6 +1,7 @@
 """Known-answer tests for the gradient-aggregation methods and loss weightings."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -566,3 +567,23 @@ def test_last_weights_is_a_snapshot_of_learnable_weights():
     torch.optim.SGD(agg.parameters(), lr=0.1).step()
     assert not torch.equal(agg.weights.detach(), logged)
     assert torch.equal(agg.last_weights, logged)
+
+
+def test_pcgrad_task_orders_survive_a_checkpoint_round_trip():
+    from graphsurgeon.methods.gradient_method import GradientMethod
+
+    grads = torch.randn(4, 6, generator=torch.Generator().manual_seed(0), dtype=F64)
+    grads[1] = -grads[0] + 0.1  # conflicts, so the order matters
+    grads[2] = -grads[3] + 0.2
+    losses = torch.ones(4, dtype=F64)
+    method = GradientMethod("pcgrad", tuple("abcd"))
+    for _ in range(3):
+        method.aggregator.aggregate(grads, losses)
+    state = json.loads(json.dumps(method.state_dict()))  # checkpoints hold JSON
+    expected = [method.aggregator.aggregate(grads, losses) for _ in range(5)]
+    resumed = GradientMethod("pcgrad", tuple("abcd"))
+    resumed.load_state_dict(state)
+    got = [resumed.aggregator.aggregate(grads, losses) for _ in range(5)]
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    fresh = GradientMethod("pcgrad", tuple("abcd"))
+    assert not all(torch.equal(a, fresh.aggregator.aggregate(grads, losses)) for a in expected)
