@@ -116,8 +116,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ pieces
     def make_optimizer(self) -> torch.optim.Optimizer:
-        params = list(self.net.parameters()) + list(self.method_parameters())
-        return torch.optim.Adam(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+        """Adam over the network (group 0) and the method's own parameters (group 1, when it has
+        any: UW's log-variances, GradNorm's weights), which take no weight decay — decay would
+        pull loss weights towards a fixed point the method never asked for."""
+        groups: list[dict[str, Any]] = [{"params": list(self.net.parameters())}]
+        own = list(self.method_parameters())
+        if own:
+            groups.append({"params": own, "weight_decay": 0.0})
+        return torch.optim.Adam(groups, lr=self.config.lr, weight_decay=self.config.weight_decay)
 
     def set_network(self, net: MultiTaskNetwork) -> None:
         """Train ``net`` from now on (a method that replaces the network, e.g. DMTG's pruning);

@@ -170,6 +170,10 @@ def test_learnable_aggregator_weights_are_optimised(aggregator, attribute):
     trainer = make_trainer(make_net("shared"), method, epochs=2)
     weights = getattr(method.aggregator, attribute)
     assert any(weights is p for group in trainer.optimizer.param_groups for p in group["params"])
+    trainer.config.weight_decay = 0.1
+    decay = {id(p): g["weight_decay"] for g in trainer.make_optimizer().param_groups for p in g["params"]}
+    assert decay[id(weights)] == 0.0 and all(decay[id(p)] == 0.1 for p in trainer.net.parameters())
+    trainer.config.weight_decay = 0.0
     start = weights.detach().clone()
     trainer.fit()
     assert not torch.equal(weights.detach(), start)
