@@ -140,11 +140,12 @@ class SharpnessAware(GradientMethod):
 
     def _aggregate_flat(self, grads: Tensor, losses: Tensor) -> Tensor:
         """Aggregate the flatness parts without a second update of a learnable aggregator's
-        weights (their gradient is restored), keeping the loss part's weights for the log."""
+        weights (their gradient is restored), keeping the loss part's diagnostics for the log
+        (every ``last_*`` attribute: the weights, Nash-MTL's alpha, GradNorm's loss)."""
         saved_grads = [None if p.grad is None else p.grad.clone() for p in self.aggregator.parameters()]
-        weights = self.aggregator.last_weights
+        diagnostics = {k: v for k, v in vars(self.aggregator).items() if k.startswith("last_")}
         direction = self._aggregate(grads, losses)
         for p, g in zip(self.aggregator.parameters(), saved_grads):
             p.grad = g
-        self.aggregator.last_weights = weights
+        vars(self.aggregator).update(diagnostics)
         return direction

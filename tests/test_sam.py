@@ -177,6 +177,8 @@ def test_learnable_weights_learn_from_the_loss_part_only(aggregator):
     for p, q in zip(plain.parameters(), sam.parameters()):
         torch.testing.assert_close(q.grad, p.grad)
     torch.testing.assert_close(sam.aggregator.last_weights, plain.aggregator.last_weights)
+    if aggregator == "gradnorm":  # the logged GradNorm loss is the loss part's too
+        assert sam.aggregator.last_gradnorm_loss == pytest.approx(plain.aggregator.last_gradnorm_loss)
 
 
 def test_sam_trains_separate_networks_with_plain_sam():
