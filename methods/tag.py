@@ -120,10 +120,13 @@ class TAG(LookaheadMethod):
         values = [losses[t] for t in order]
         grads = all_reduce_mean(per_task_gradients(values, shared, retain_graph=True))
         super().backward(trainer, losses, extra)
-        before = all_reduce_mean(torch.stack([v.detach().reshape(()) for v in values]))
         lr = self.step_size(trainer, self.config.lookahead_lr)
-        after = all_reduce_mean(lookahead_losses(trainer.net, shared, grads, lr, self.batch_losses(trainer, order)))
-        self.affinity_sum += affinity(before, after).double().cpu()
+        # "before" is a lookahead along the zero direction rather than the training forward's
+        # losses: every row then runs under the same forked RNG state, so a network with
+        # dropout compares the same masks before and after (one extra forward per measurement)
+        directions = torch.cat([grads.new_zeros(1, grads.shape[1]), grads])
+        rows = all_reduce_mean(lookahead_losses(trainer.net, shared, directions, lr, self.batch_losses(trainer, order)))
+        self.affinity_sum += affinity(rows[0], rows[1:]).double().cpu()
         self.measurements += 1
 
     def affinity_matrix(self) -> torch.Tensor:

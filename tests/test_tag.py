@@ -300,3 +300,16 @@ def test_itmtl_hands_each_epochs_mean_losses_to_a_dwa_candidate():
     dwa = method.aggregators["dwa"]
     torch.testing.assert_close(dwa.last_epoch_losses, means[-1].to(dwa.last_epoch_losses))
     assert not torch.allclose(dwa.current_weights(), torch.ones(3, dtype=torch.float64))  # no longer equal weights
+
+
+def test_tag_affinity_of_a_vanishing_step_is_zero_even_with_dropout():
+    # before and after are evaluated with the same dropout masks, so a step of ~0 changes nothing
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 16), nn.Tanh())
+    net = gs.multitask(trunk, {t: nn.Linear(16, 1) for t in "abc"}, sharing="shared", example_input=torch.rand(2, 6))
+    method = TAG(TAGConfig(num_groups=2, every=1, affinity_epochs=1, lookahead_lr=1e-12))
+    trainer = trainer_for(net, method, 1, TwinsAndRival(), Regression)
+    method.on_start(trainer)
+    one_step(trainer, first_batch(TwinsAndRival()))
+    assert method.measurements == 1
+    torch.testing.assert_close(method.affinity_matrix(), torch.zeros(3, 3, dtype=torch.float64), atol=1e-6, rtol=0)
