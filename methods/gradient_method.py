@@ -177,7 +177,13 @@ class GradientMethod(Method):
 
     def _backward_parameters(self, net: nn.Module, values: list[Tensor], loss_vec: Tensor, extra: Tensor | None) -> None:
         shared, specific = split_parameters(net)
-        if shared:
+        if shared and not self.aggregator.uses_gradients:
+            # a loss weighting: sum_t w_t g_t + g_extra is the gradient of one weighted loss
+            weights = self.aggregator.loss_weights(loss_vec.to(shared[0].dtype))  # dtype as aggregate's
+            total = sum(w * v for w, v in zip(weights.tolist(), values)) + (extra if extra is not None else 0)
+            torch.autograd.backward(total, inputs=shared, retain_graph=bool(specific))
+            distributed.all_reduce_gradients(shared)
+        elif shared:
             rows = per_task_gradients(values + ([extra] if extra is not None else []), shared, retain_graph=True)
             rows = distributed.all_reduce_mean(rows)
             direction = self._aggregate(rows[: len(values)], loss_vec)

@@ -193,6 +193,10 @@ class Aggregator(nn.Module, ABC):
     """
 
     last_weights: Tensor | None
+    uses_gradients: bool = True
+    """False where the weights depend on the losses alone (EW, UW, DWA): the direction
+    ``sum_t w_t g_t`` is then the gradient of ``sum_t w_t L_t``, which one backward pass gives
+    (`loss_weights`), where the per-task gradients cost T."""
 
     def __init__(self, num_tasks: int) -> None:
         super().__init__()
@@ -224,6 +228,19 @@ class Aggregator(nn.Module, ABC):
             weights = self._weights(grads, losses).detach().to(grads.dtype, copy=True)
         self.last_weights = weights
         return weights @ grads
+
+    def loss_weights(self, losses: Tensor) -> Tensor:
+        """The task weights of a loss weighting (``uses_gradients = False``), with no gradient
+        at hand; the same bookkeeping as `aggregate` (``last_weights``, learnable state)."""
+        if self.uses_gradients:
+            raise GraphSurgeonError(
+                f"{type(self).__name__} weights the tasks by their gradients; call aggregate(grads, losses)."
+            )
+        losses = torch.as_tensor(losses)
+        dtype = losses.dtype if losses.dtype in (torch.float32, torch.float64) else torch.float64
+        # the weights ignore the gradients: one zero column carries only the dtype and device
+        self.aggregate(torch.zeros(self.num_tasks, 1, dtype=dtype, device=losses.device), losses)
+        return self.last_weights
 
     def forward(self, grads: Tensor, losses: Tensor) -> Tensor:
         """Same as ``aggregate``, so that an aggregator can be called like any module."""

@@ -39,6 +39,8 @@ class EW(Aggregator):
     ``"mean"`` (weights 1/T, the mean gradient CAGrad starts from).
     """
 
+    uses_gradients = False
+
     def __init__(self, num_tasks: int, reduction: Literal["sum", "mean"] = "sum") -> None:
         super().__init__(num_tasks)
         if reduction not in ("sum", "mean"):
@@ -67,6 +69,8 @@ class UW(Aggregator):
     ``log_vars.grad``; put ``parameters()`` in the optimizer.
     """
 
+    uses_gradients = False
+
     def __init__(self, num_tasks: int) -> None:
         super().__init__(num_tasks)
         self.log_vars = nn.Parameter(torch.zeros(num_tasks))
@@ -88,6 +92,8 @@ class DWA(Aggregator):
     reported through ``epoch_end`` the weights are 1, as in the paper. The paper uses
     ``temperature = 2``.
     """
+
+    uses_gradients = False
 
     def __init__(self, num_tasks: int, temperature: float = 2.0) -> None:
         super().__init__(num_tasks)

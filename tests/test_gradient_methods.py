@@ -587,3 +587,17 @@ def test_pcgrad_task_orders_survive_a_checkpoint_round_trip():
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
     fresh = GradientMethod("pcgrad", tuple("abcd"))
     assert not all(torch.equal(a, fresh.aggregator.aggregate(grads, losses)) for a in expected)
+
+
+def test_loss_weights_are_what_aggregate_uses_and_only_for_loss_weightings():
+    losses = torch.tensor([0.5, 2.0, 1.0], dtype=F64)
+    grads = torch.randn(3, 5, dtype=F64, generator=torch.Generator().manual_seed(1))
+    for name in ("ew", "uw", "dwa"):
+        by_losses, by_grads = make_aggregator(name, 3), make_aggregator(name, 3)
+        assert not by_losses.uses_gradients
+        weights = by_losses.loss_weights(losses)
+        by_grads.aggregate(grads, losses)
+        torch.testing.assert_close(weights, by_grads.last_weights)
+        assert weights is by_losses.last_weights
+    with pytest.raises(GraphSurgeonError, match="by their gradients"):
+        PCGrad(3).loss_weights(losses)

@@ -111,10 +111,15 @@ def test_task_specific_parameters_get_exactly_their_tasks_gradient(aggregator):
     assert any(not torch.allclose(p.grad, g) for p, g in zip(shared, plain))
 
 
-def test_shared_gradient_is_the_aggregated_direction():
+@pytest.mark.parametrize("aggregator", ["mgda", "uw", "dwa", "ew"])
+def test_shared_gradient_is_the_aggregated_direction(aggregator):
+    # loss weightings (uw, dwa, ew) take one backward of the weighted loss: the same direction
     from graphsurgeon.methods.gradients import per_task_gradients
 
-    method = GradientMethod("mgda", TASKS)
+    method = GradientMethod(aggregator, TASKS)
+    if aggregator == "dwa":  # weights other than 1 need two finished epochs
+        method.aggregator.epoch_end([1.0, 2.0, 3.0][: len(TASKS)])
+        method.aggregator.epoch_end([0.5, 1.9, 3.0][: len(TASKS)])
     trainer = make_trainer(make_net("branched"), method)
     x, targets = one_backward(trainer)
     shared, _ = split_parameters(trainer.net)
@@ -122,7 +127,10 @@ def test_shared_gradient_is_the_aggregated_direction():
     rows = per_task_gradients([Spec.loss(outputs[t], targets[t]) for t in TASKS], shared)
     direction = torch.cat([p.grad.flatten() for p in shared])
     torch.testing.assert_close(direction, method.aggregator.last_weights.float() @ rows)
-    assert method.aggregator.last_weights.sum().item() == pytest.approx(1.0)  # MGDA: convex
+    if aggregator == "mgda":
+        assert method.aggregator.last_weights.sum().item() == pytest.approx(1.0)  # convex
+    elif aggregator == "dwa":
+        assert not torch.allclose(method.aggregator.last_weights, torch.ones_like(method.aggregator.last_weights))
 
 
 @pytest.mark.parametrize("aggregator", sorted(AGGREGATORS))

@@ -106,7 +106,8 @@ def sam_backward(sharing, method):
 def test_rho_zero_is_the_plain_gradient_method(aggregator):
     expected, *_ = sam_backward("branched", GradientMethod(aggregator, TASKS))
     got, *_ = sam_backward("branched", SharpnessAware(aggregator, TASKS, rho=0.0))
-    assert_same_grads(got, expected, rtol=1e-5, atol=1e-7)
+    # float32; loss weightings take one backward of the weighted sum, SAM sums per-task rows
+    assert_same_grads(got, expected, rtol=1e-5, atol=2e-6)
 
 
 @pytest.mark.parametrize("sharing", ["shared", "branched"])
