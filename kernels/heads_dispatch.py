@@ -43,10 +43,10 @@ TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # cost as much as the T-1 GEMM calls they save (measured: T=2, M=64, K=256 loses;
 # T=2, M=512 wins).  Pre-stacked weights (`BatchedHeads`) batch at any size.
 CPU_SHARED_MIN_WORK = 1 << 21
-# CPU, per-task inputs, pre-stacked weights: from this many heads one
-# torch._grouped_mm call beats the loop in training (fwd+bwd 0.75-0.9x the loop)
-# and ties it in inference; below, the loop wins.  Lists of weights never batch
-# per-task inputs on CPU (the torch.cat outweighs the gain).
+# CPU, per-task inputs: from this many heads one torch._grouped_mm call beats the
+# loop in training (fwd+bwd 0.75-0.9x the loop, also with lists of weights, whose
+# torch.cat the single grouped backward pays for) and, with pre-stacked weights,
+# ties it in inference; below, and for lists in inference (1.04-1.46x), the loop wins.
 CPU_PER_TASK_MIN_TASKS = 8
 # CUDA, shared input: above this many multiply-adds one cuBLAS GEMM is assumed to
 # beat the untuned Triton kernel; below it the single fused launch (no separate
@@ -72,10 +72,15 @@ _CPU_SHARED_SMALL = BackendChoice(
 _CPU_PER_TASK_GROUPED = BackendChoice(
     "torch", f"per-task inputs, stacked weights, T >= {CPU_PER_TASK_MIN_TASKS}: one torch._grouped_mm call"
 )
+_CPU_PER_TASK_GROUPED_TRAINING = BackendChoice(
+    "torch",
+    f"per-task inputs, autograd recording, T >= {CPU_PER_TASK_MIN_TASKS}: one torch._grouped_mm forward and "
+    "backward beat T small ones, the weights' concatenation included",
+)
 _CPU_PER_TASK = BackendChoice(
     "reference",
     "per-task inputs on CPU: grouped or padded GEMMs measured no faster than the loop here "
-    "(the CPU grouped GEMM is itself a loop of GEMMs)",
+    f"(inference with lists of weights, or T < {CPU_PER_TASK_MIN_TASKS}; the CPU grouped GEMM is itself a loop of GEMMs)",
 )
 _CUDA_PER_TASK = BackendChoice("triton", "per-task ragged heads: one grouped launch, no padding (untuned rule)")
 _CUDA_SHARED_SMALL = BackendChoice(
@@ -127,11 +132,11 @@ def choose_backend(problem: HeadsProblem, backend: str = "auto") -> BackendChoic
     if problem.shared:
         return _CPU_SHARED if problem.stacked or problem.work >= CPU_SHARED_MIN_WORK else _CPU_SHARED_SMALL
     if (
-        problem.stacked
+        (problem.stacked or problem.grad_enabled)
         and len(problem.out_features) >= CPU_PER_TASK_MIN_TASKS
         and grouped_mm_supported(problem.dtype, problem.device, problem.in_features)
     ):
-        return _CPU_PER_TASK_GROUPED
+        return _CPU_PER_TASK_GROUPED if problem.stacked else _CPU_PER_TASK_GROUPED_TRAINING
     return _CPU_PER_TASK
 
 
@@ -191,8 +196,8 @@ def batched_heads(
     return run_concatenated(chosen, x, torch.cat(list(weights)), bias, out_features, activation)
 
 
-# backend="auto" calls: (activation, x's dtype/device index/shape, weight shapes, bias
-# shapes or None) -> (N_t, backend).  Heads are called with one signature step after step; a
+# backend="auto" calls: (activation, grad mode, x's dtype/device index/shape, weight
+# shapes, bias shapes or None) -> (N_t, backend).  Heads are called with one signature step after step; a
 # new one is checked by `describe_problem`, decided by `choose_backend` and logged once.
 # Explicit backends are checked on every call (whether Triton can run is looked up
 # afresh).  Bounded: cleared when full.
@@ -210,6 +215,7 @@ def _dispatch(
         # one flat tuple: nested tuples cost ~0.3 µs more to build, 1% of the smallest heads
         key = (
             activation,
+            torch.is_grad_enabled(),
             x.dtype,
             x.get_device(),
             x.shape,
@@ -247,5 +253,5 @@ def explain(
     return (
         f"{choice.backend}: {choice.reason} [T={problem.tasks}, {kind}, M={problem.rows}, "
         f"K={problem.in_features}, N_t={list(problem.out_features)}, M·ΣN_t·K={problem.work}, "
-        f"{problem.dtype}, {problem.device}]"
+        f"{problem.dtype}, {problem.device}, grad {'on' if problem.grad_enabled else 'off'}]"
     )

@@ -133,6 +133,7 @@ class BatchedHeads(nn.Module):
             is_cuda=rows.is_cuda,
             like=rows,
             stacked=True,
+            grad_enabled=torch.is_grad_enabled(),
         )
         return rows, lead, choose_backend(problem, self.backend)
 

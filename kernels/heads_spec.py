@@ -82,6 +82,9 @@ class HeadsProblem(NamedTuple):
     is_cuda: bool
     like: Tensor
     stacked: bool = False
+    grad_enabled: bool = False
+    """Autograd is recording (``torch.is_grad_enabled()``): a training call, whose backward
+    changes which backend pays (benchmarks/heads.py, fwd vs fwd+bwd rows)."""
 
     @property
     def dtype(self) -> torch.dtype:
@@ -125,7 +128,15 @@ def describe_problem(
         raise diagnose(x, weights, biases, activation) or AssertionError("shape check and diagnose disagree")
     x_shape = x.shape
     return HeadsProblem(
-        len(x_shape) == 2, x_shape[-2], x_shape[-1], out_features, biases is not None, activation, x.is_cuda, x
+        len(x_shape) == 2,
+        x_shape[-2],
+        x_shape[-1],
+        out_features,
+        biases is not None,
+        activation,
+        x.is_cuda,
+        x,
+        grad_enabled=torch.is_grad_enabled(),
     )
 
 

@@ -224,6 +224,12 @@ def test_explain_names_the_chosen_path():
     assert explain(x, weights, biases, backend="torch").startswith("torch: requested explicitly")
     x_tasks = x.detach().expand(3, -1, -1)
     assert explain(x_tasks, weights).startswith("reference: per-task inputs on CPU")
+    # lists of weights, per-task inputs: batched for T >= 8 when autograd records (training)
+    x8, weights8, biases8 = make_heads(8, 16, 32, [4] * 8, False, torch.float32)
+    assert explain(x8, weights8, biases8).startswith("torch: per-task inputs, autograd recording, T >= 8")
+    with torch.no_grad():
+        assert explain(x8, weights8, biases8).startswith("reference: per-task inputs on CPU")
+        assert explain(x8, weights8, biases8).endswith("grad off]")
     small_heads = BatchedHeads(256, [64, 64])  # pre-stacked weights batch at any size
     assert small_heads.explain(x[:4].detach()).startswith("torch: shared input")
     per_task = BatchedHeads(256, [8] * 8, shared_input=False)
@@ -300,3 +306,6 @@ def test_dispatch_checks_each_call_signature_once(monkeypatch):
     batched_heads(x[:3], weights, biases, "relu")  # new shapes: checked again
     batched_heads(x, weights, biases, "gelu")  # new activation: checked again
     assert len(checked) == 3
+    with torch.no_grad():  # the grad mode can change the choice: checked again
+        batched_heads(x, weights, biases, "gelu")
+    assert len(checked) == 4
