@@ -8,7 +8,7 @@ Backends:
   "auto"      the fastest correct one for the problem, by `choose_backend`.
 
 The CPU rules (also used for other non-CUDA devices) come from
-``benchmarks/heads.py --quick --threads 1`` (benchmarks/results/heads_cpu.md): the
+``benchmarks/heads.py --threads 1`` (benchmarks/results/heads_cpu.md): the
 loop is kept wherever batching measured no clear gain, so "auto" costs at most the
 loop plus one lookup: the checked shapes and the chosen backend are cached per call
 signature (`_dispatch`), because validating and choosing on every call cost ~3.5 µs,
@@ -40,9 +40,10 @@ TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # CPU, shared input, weights given as a list: below this many forward
 # multiply-adds (M·ΣN_t·K) stacking the weights (a copy) and splitting the output
-# cost as much as the T-1 GEMM calls they save (measured: T=2, M=64, K=256 loses;
-# T=2, M=512 wins).  Pre-stacked weights (`BatchedHeads`) batch at any size.
-CPU_SHARED_MIN_WORK = 1 << 21
+# cost as much as the T-1 GEMM calls they save (measured, K=256: T=2, M=64 (0.7M)
+# loses, 1.10x the loop; T=2, M=128 (1.4M) ties; T=4, M=64 (2.0M) wins, 0.9x).
+# Pre-stacked weights (`BatchedHeads`) batch at any size.
+CPU_SHARED_MIN_WORK = 3 << 19
 # CPU, per-task inputs: from this many heads one torch._grouped_mm call beats the
 # loop in training (fwd+bwd 0.75-0.9x the loop, also with lists of weights, whose
 # torch.cat the single grouped backward pays for) and, with pre-stacked weights,
