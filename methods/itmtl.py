@@ -39,6 +39,10 @@ class ITMTL(LookaheadMethod):
     Args:
         num_tasks: the number of tasks (the aggregators are built for it).
         candidates: aggregator names (``"ew"`` is the gradient of the sum of the losses).
+            The lookahead compares the steps the candidates' directions give, so candidates
+            should share a scale (the default sum and PCGrad do; MGDA and IMTL-G give convex
+            or affine combinations, CAGrad the mean's scale: their shorter steps are then
+            judged by length as much as by direction — see the table in `gradients`).
         every: choose every ``every`` steps; reuse the last choice in between.
         lookahead_lr: SGD step of the lookahead; ``None``: the optimizer's learning rate.
         options: per-candidate aggregator options, e.g. ``{"cagrad": {"c": 0.4}}``.
