@@ -6,7 +6,6 @@ that wires data, network, method and trainer together.
 from __future__ import annotations
 
 import inspect
-
 import json
 import time
 from collections.abc import Mapping, Sequence

@@ -45,7 +45,6 @@ def apply_activation(z: Tensor, activation: str) -> Tensor:
     return z
 
 
-
 def activate_fresh(z: Tensor, activation: str) -> Tensor:
     """`apply_activation` on a tensor the caller just allocated (a GEMM's output).
 
@@ -56,6 +55,7 @@ def activate_fresh(z: Tensor, activation: str) -> Tensor:
     if activation == "relu":
         return z.relu_()
     return apply_activation(z, activation)
+
 
 class HeadsProblem(NamedTuple):
     """What a batched-heads call computes, independent of the backend.

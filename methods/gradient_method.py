@@ -180,7 +180,7 @@ class GradientMethod(Method):
         if shared and not self.aggregator.uses_gradients:
             # a loss weighting: sum_t w_t g_t + g_extra is the gradient of one weighted loss
             weights = self.aggregator.loss_weights(loss_vec.to(shared[0].dtype))  # dtype as aggregate's
-            total = sum(w * v for w, v in zip(weights.tolist(), values)) + (extra if extra is not None else 0)
+            total = sum(w * v for w, v in zip(weights.unbind(), values)) + (extra if extra is not None else 0)
             torch.autograd.backward(total, inputs=shared, retain_graph=bool(specific))
             distributed.all_reduce_gradients(shared)
         elif shared:

@@ -218,14 +218,20 @@ class EpochLossMean:
         self.batches = 0
 
     def add(self, losses: Tensor) -> None:
-        """One step's per-task losses (already averaged across ranks, so every rank agrees)."""
-        self.sum += losses.detach().double().cpu()
+        """One step's per-task losses (already averaged across ranks, so every rank agrees).
+
+        Summed where the losses live: a copy to the host every step would synchronise a GPU.
+        """
+        losses = losses.detach().double()
+        if self.sum.device != losses.device:
+            self.sum = self.sum.to(losses.device)
+        self.sum += losses
         self.batches += 1
 
     def close(self, aggregators: Iterable[Aggregator]) -> None:
         """Hand the epoch's mean to every aggregator with an ``epoch_end`` (DWA) and start anew."""
         if self.batches:
-            mean = self.sum / self.batches
+            mean = self.sum.cpu() / self.batches
             for aggregator in aggregators:
                 if hasattr(aggregator, "epoch_end"):
                     aggregator.epoch_end(mean)
