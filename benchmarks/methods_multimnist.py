@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import re
 import statistics
 import time
 from pathlib import Path
@@ -74,29 +73,20 @@ def run_variant(job: tuple[str, int, str, bool]) -> dict[str, Any]:
         "train_cpu_seconds": r["train_cpu_seconds"],
         "wall_seconds": time.perf_counter() - start,
         "tree": r["tree"],
-        "groups": _groups(r),
+        "partitions": r["tree_partitions"],
     }
     folder.mkdir(parents=True, exist_ok=True)
     summary.write_text(json.dumps(result, indent=1, default=str))
     return result
 
 
-def _groups(r: dict[str, Any]) -> list[list[str]] | None:
-    """The task groups a grouping method chose: the partition at the deepest level of its tree."""
-    partitions = r.get("tree_partitions")
-    return [list(b) for b in partitions[-1]] if partitions else None
-
-
-def _levels(tree_text: str) -> str:
-    """A task tree's printout (``TaskTree.__repr__``) as its partition per depth, runs of equal
-    depths merged: ``d1–4: {all} · d5: {left} {right} …``."""
-    by_depth: dict[int, list[str]] = {}
-    for _, depth, tasks in re.findall(r"n(\d+) d(\d+) \{([^}]*)\}", tree_text):
-        by_depth.setdefault(int(depth), []).append(tasks)
-    everyone = by_depth.pop(0, [""])[0]
+def _levels(partitions: list[list[list[str]]]) -> str:
+    """A task tree's partition per depth (``TaskTree.partitions()``, depth 1 first), runs of
+    equal depths merged: ``d1–4: {all} · d5: {left} {right} …``."""
     runs: list[tuple[int, int, str]] = []
-    for depth in sorted(by_depth):
-        blocks = " ".join("{all}" if b == everyone else "{" + b + "}" for b in sorted(by_depth[depth]))
+    for depth, partition in enumerate(partitions, start=1):
+        # every depth partitions all the tasks: one block is everyone
+        blocks = "{all}" if len(partition) == 1 else " ".join("{" + n + "}" for n in sorted(map(", ".join, partition)))
         if runs and runs[-1][2] == blocks:
             runs[-1] = (runs[-1][0], depth, blocks)
         else:
@@ -171,7 +161,7 @@ def report(per_seed: dict[int, dict[str, dict]], seeds: list[int], labels: list[
         "|---|" + "---|" * len([m for m in ("tag", "dmtg", "mtsl") if m in labels]),
     ]
     for s in seeds:
-        cells = [_levels(per_seed[s][m]["tree"]) for m in ("tag", "dmtg", "mtsl") if m in labels]
+        cells = [_levels(per_seed[s][m]["partitions"]) for m in ("tag", "dmtg", "mtsl") if m in labels]
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     lines += [
         "",
