@@ -15,6 +15,10 @@ eval mode, batch 2, the smallest input the model accepts):
     torchscript  `graphsurgeon.to_torchscript(net, method="script")`, saved with
                  ``torch.jit.save`` to a file, loaded back, run: == ``net(x)``;
     export       `graphsurgeon.to_export(net, x).module()(x)` == ``net(x)``;
+    modes        the backbone built in train mode and in eval mode, each switched
+                 train → eval → train: a one-task network's trunk equals the eager model's,
+                 bit for bit, in every mode (train-mode draws from the same seed), so no
+                 mode's path is frozen into the graph;
     invariants   `graphsurgeon.check(net)`.
 
 Comparisons run in float64 (outputs must agree to 1e-10; the maximum difference is recorded,
@@ -54,7 +58,7 @@ from torch import fx, nn
 
 import graphsurgeon as gs
 
-STEPS = ("build", "forward", "materialise", "torchscript", "export", "invariants")
+STEPS = ("build", "forward", "modes", "materialise", "torchscript", "export", "invariants")
 TASK_OUTPUTS = {"a": 3, "b": 5, "c": 7}
 BRANCHES = (("a",), ("b", "c"))
 BATCH = 2
@@ -215,7 +219,7 @@ def run_model(
         net = gs.multitask(model, heads, sharing=make_tree(sharing, depth), example_input=x)
         net.eval()
         result.update(segments=net.depth, params=gs.count_parameters(net))
-        state.update(net=net, x=x, tol=1e-10 if dtype == torch.float64 else 1e-5)
+        state.update(net=net, x=x, classifier=classifier, tol=1e-10 if dtype == torch.float64 else 1e-5)
 
     def forward() -> None:
         net, x = state["net"], state["x"]
@@ -228,6 +232,27 @@ def run_model(
             if tuple(out[task].shape) != (BATCH, k):
                 raise Mismatch(f"task {task!r} output has shape {tuple(out[task].shape)}, expected {(BATCH, k)}")
         result["max_diff"]["forward"] = compare(out, want, 0.0)  # bit for bit
+
+    def modes() -> None:
+        x, worst = state["x"], 0.0
+        for built_in_train in (True, False):
+            torch.manual_seed(SEED)
+            model = build_backbone(name, size).to(x.dtype).train(built_in_train)
+            net = gs.multitask(model, {"z": nn.Identity()}, sharing="shared", example_input=x)
+            for training in (True, False, True):
+                model.train(training)
+                net.train(training)
+                torch.manual_seed(SEED)
+                want = {"z": trunk_of(model, state["classifier"], x)}
+                torch.manual_seed(SEED)
+                with torch.no_grad():
+                    mode = "train" if training else "eval"
+                    try:
+                        worst = max(worst, compare(net(x), want, 0.0))
+                    except Mismatch as exc:
+                        built = "train" if built_in_train else "eval"
+                        raise Mismatch(f"built in {built} mode, run in {mode} mode: {exc}") from None
+        result["max_diff"]["modes"] = worst
 
     def materialise() -> None:
         gm = gs.materialise(state["net"])
@@ -257,6 +282,7 @@ def run_model(
     needs: dict[str, tuple[str, ...]] = {
         "build": (),
         "forward": ("net",),
+        "modes": ("net",),
         "materialise": ("out",),
         "torchscript": ("out",),
         "export": ("out",),
@@ -265,6 +291,7 @@ def run_model(
     steps: dict[str, Callable[[], None]] = {
         "build": build,
         "forward": forward,
+        "modes": modes,
         "materialise": materialise,
         "torchscript": torchscript,
         "export": export,

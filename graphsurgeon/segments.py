@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import difflib
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,6 +23,7 @@ import torch
 from torch import fx, nn
 
 from graphsurgeon.errors import TraceError, TrunkError
+from graphsurgeon.trace import graph_signature
 
 __all__ = ["Segment", "segment", "find_trunk", "cut_points", "fingerprint"]
 
@@ -128,7 +129,56 @@ def find_trunk(gm: fx.GraphModule, trunk: str | None) -> fx.Node:
     )
 
 
+_INPLACE_OPERATORS = frozenset(
+    {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv}
+)
+# ops whose result shares memory with their first argument: writing to it writes to that argument
+_VIEW_METHODS = frozenset(
+    {"view", "view_as", "reshape", "flatten", "transpose", "permute", "squeeze", "unsqueeze", "expand",
+     "expand_as", "narrow", "select", "unflatten", "detach", "contiguous", "t", "chunk", "split", "unbind"}
+)
+
+
+def written_value(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
+    """The value ``node`` writes in place (``x.div_(p)``, ``x[i] = y``, ``F.relu(x, inplace=True)``,
+    ``nn.ReLU(inplace=True)(x)``), followed back through views to the value that owns the
+    memory; ``None`` for a node that writes nothing.
+
+    An in-place op whose result is not used again is a side effect that a graph walk over data
+    edges would drop (timm's ``DropPath`` scales with ``div_`` and uses the tensor it scaled).
+    """
+    writes = False
+    if node.op == "call_method" and isinstance(node.target, str):
+        writes = node.target.endswith("_") and not node.target.startswith("_")
+    elif node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        writes = (
+            node.target in _INPLACE_OPERATORS
+            or (name.endswith("_") and not name.startswith("_"))
+            or node.kwargs.get("inplace") is True
+        )
+    elif node.op == "call_module":
+        writes = getattr(gm.get_submodule(node.target), "inplace", False) is True
+    if not writes or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    return _memory_owner(node.args[0])
+
+
+def _memory_owner(value: fx.Node) -> fx.Node:
+    while (
+        (value.op == "call_method" and value.target in _VIEW_METHODS)
+        or (value.op == "call_function" and value.target in (operator.getitem, torch.flatten, torch.reshape))
+    ) and value.args and isinstance(value.args[0], fx.Node):
+        value = value.args[0]
+    return value
+
+
 def _input_dependent(gm: fx.GraphModule) -> dict[fx.Node, bool]:
+    """Which values must flow through the segment chain (computed once, in order) rather than be
+    re-created inside every segment that reads them: everything computed from the input, every
+    in-place write (a side effect that must happen exactly once) and every computed value that
+    is written in place (each re-created copy would miss the write)."""
+    written = {written_value(n, gm) for n in gm.graph.nodes} - {None}
     dep: dict[fx.Node, bool] = {}
     for n in gm.graph.nodes:
         if n.op == "placeholder":
@@ -136,19 +186,43 @@ def _input_dependent(gm: fx.GraphModule) -> dict[fx.Node, bool]:
         elif n.op == "get_attr":
             dep[n] = False
         else:
-            dep[n] = any(dep[a] for a in n.all_input_nodes) or (n.op == "call_module" and not n.all_input_nodes)
+            dep[n] = (
+                any(dep[a] for a in n.all_input_nodes)
+                or (n.op == "call_module" and not n.all_input_nodes)
+                or n in written
+                or written_value(n, gm) is not None
+            )
     return dep
 
 
-def _prune_to(gm: fx.GraphModule, trunk: fx.Node) -> tuple[list[fx.Node], dict[fx.Node, bool]]:
-    """The input-dependent nodes the trunk needs (plus side-effect nodes among them), in order."""
-    needed: set[fx.Node] = set()
-    stack = [trunk]
+def _ancestors(nodes: Iterable[fx.Node], into: set[fx.Node]) -> set[fx.Node]:
+    stack = list(nodes)
     while stack:
         n = stack.pop()
-        if n not in needed:
-            needed.add(n)
+        if n not in into:
+            into.add(n)
             stack.extend(n.all_input_nodes)
+    return into
+
+
+def _prune_to(gm: fx.GraphModule, trunk: fx.Node) -> tuple[list[fx.Node], dict[fx.Node, bool]]:
+    """The input-dependent nodes the trunk needs, in order, with the side effects among them.
+
+    Side effects are asserts that check needed values and in-place writes before the trunk to
+    a value the trunk computes or to a buffer (their result is often unused: the written tensor
+    is what is read again); a write pulls in what it reads, which may be written to in turn.
+    """
+    needed = _ancestors([trunk], set())
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
+    writes = [(n, written_value(n, gm)) for n in gm.graph.nodes if position[n] < position[trunk]]
+    writes = [(n, owner) for n, owner in writes if owner is not None]
+    grown = True
+    while grown:
+        grown = False
+        for n, owner in writes:
+            if n not in needed and (owner.op == "get_attr" or owner in needed):
+                _ancestors([n], needed)
+                grown = True
     dep = _input_dependent(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder" and n in needed]
     if len(placeholders) != 1:
@@ -161,13 +235,48 @@ def _prune_to(gm: fx.GraphModule, trunk: fx.Node) -> tuple[list[fx.Node], dict[f
     for n in gm.graph.nodes:
         if n.op == "output" or not dep.get(n, False):
             continue
-        # keep side-effect nodes (asserts) that only check values the trunk needs
+        # keep asserts (no users) that only check values the trunk needs
         if n in needed or (not n.users and n.op == "call_function" and set(n.all_input_nodes) <= needed):
             if n.op == "placeholder" and n is not placeholders[0]:
                 continue
             order.append(n)
             needed.add(n)
     return order, dep
+
+
+def _check_same_in_both_modes(
+    gm: fx.GraphModule, order: Sequence[fx.Node], other: fx.GraphModule, trunk: str | None, trunk_node: fx.Node
+) -> None:
+    """Refuse a trunk whose graph differs between train and eval mode (see `graphsurgeon.trace`):
+    the segments would run the traced mode's path in both modes."""
+    if trunk is not None and trunk not in {n.name for n in other.graph.nodes}:
+        raise TraceError(
+            f"trunk={trunk!r} exists only when the model is traced in "
+            f"{'train' if gm.training else 'eval'} mode: the backbone computes differently in the two modes. "
+            "Pass the module that branches on self.training in leaf_modules=[...], or pick a trunk node "
+            "that both modes compute."
+        )
+    other_order, _ = _prune_to(other, find_trunk(other, trunk))
+    mine, theirs = graph_signature(order), graph_signature(other_order)
+    if mine == theirs:
+        return
+    first = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+    node = order[min(first, len(order) - 1)]
+    stack = list(node.meta.get("nn_module_stack", {}).values())
+    where = f"module {stack[-1][0]!r}" if stack else f"the top-level {type(gm).__name__}.forward"
+    fix = (
+        f"pass leaf_modules=[{stack[-1][0]!r}] so it follows the mode at run time"
+        if stack
+        else "move the mode-dependent code into a submodule"
+    )
+    before = order.index(node) - 1 if node in order else -1
+    if before >= 0:
+        fix += f", or end the trunk before it (trunk={order[before].name!r})"
+    raise TraceError(
+        f"{type(gm).__name__} computes its trunk differently in train and eval mode, from node {node.name!r} "
+        f"in {where} on (it branches on self.training, or calls a function with training=self.training); "
+        f"a traced graph would keep one mode's path in both modes. Fix: {fix}."
+    )
 
 
 def _is_tensor_like(node: fx.Node) -> bool:
@@ -269,12 +378,17 @@ def _constant_closure(node: fx.Node, dep: dict[fx.Node, bool]) -> list[fx.Node]:
     return found
 
 
-def _segment_params(nodes: Sequence[fx.Node], gm: fx.GraphModule, dep: dict[fx.Node, bool]) -> set[str]:
+def _segment_params(
+    nodes: Sequence[fx.Node], gm: fx.GraphModule, dep: dict[fx.Node, bool], written_buffers: set[str]
+) -> set[str]:
+    """The state a range of nodes owns: parameters, and the buffers written in place that it
+    reads (a segment copy owns its buffers, so the reader of a write must be its segment)."""
     params: set[str] = set()
     for n in nodes:
         params.update(_params_of(n, gm))
         for c in _constant_closure(n, dep):
             params.update(_params_of(c, gm))
+        params.update(str(c.target) for c in (n, *_constant_closure(n, dep)) if c.target in written_buffers)
     return params
 
 
@@ -288,6 +402,9 @@ def _build(
 ) -> fx.GraphModule:
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {inp: graph.placeholder(inp.name)}
+    if any(written_value(n, gm) is inp for n in nodes):
+        # the input is the parent node's output, which sibling branches read too: write to a copy
+        env[inp] = graph.call_method("clone", (env[inp],))
 
     def lookup(a: fx.Node) -> fx.Node:
         if a not in env:
@@ -339,6 +456,9 @@ def segment(
                 m.training = mode
     trunk_node = find_trunk(gm, trunk)
     order, dep = _prune_to(gm, trunk_node)
+    other_mode = gm.meta.get("graphsurgeon_other_mode")
+    if other_mode is not None:
+        _check_same_in_both_modes(gm, order, other_mode, trunk, trunk_node)
     if trunk_node not in order:
         raise TrunkError(
             f"trunk={trunk_node.name!r} does not depend on the model input. "
@@ -351,7 +471,8 @@ def segment(
     if granularity == "block":
         cuts = [c for c in cuts if c in (0, end) or _block_of(order[c], gm) != _block_of(order[c + 1], gm)]
     ranges = [order[a + 1 : b + 1] for a, b in zip(cuts, cuts[1:])]
-    params = [_segment_params(r, gm, dep) for r in ranges]
+    written_buffers = {str(w.target) for n in order if (w := written_value(n, gm)) is not None and w.op == "get_attr"}
+    params = [_segment_params(r, gm, dep, written_buffers) for r in ranges]
     # merge parameter-free ranges into a neighbour, and ranges that share a parameter
     bounds = list(zip(cuts, cuts[1:]))
     merged: list[tuple[int, int, set[str]]] = []

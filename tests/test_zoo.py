@@ -64,6 +64,7 @@ def test_zoo_model_passes_every_step(name):
     assert result["steps"] == {step: "ok" for step in zoo.STEPS}, result["steps"]
     assert result["ok"]
     assert result["max_diff"]["forward"] == 0.0  # every branch reproduces the backbone's trunk bit for bit
+    assert result["max_diff"]["modes"] == 0.0  # in train and eval mode, whichever mode it was built in
     for step in ("materialise", "torchscript", "export"):
         assert result["max_diff"][step] <= 1e-10
 
@@ -120,7 +121,7 @@ def test_a_hanging_model_does_not_stop_the_sweep():
 
 
 def test_a_worker_that_dies_is_reported_in_the_step_it_died_in():
-    partial = {"model": "m", "steps": {s: "ok" for s in zoo.STEPS[:3]}, "running": "torchscript", "max_diff": {}}
+    partial = {"model": "m", "steps": {s: "ok" for s in zoo.STEPS[: zoo.STEPS.index("torchscript")]}, "running": "torchscript", "max_diff": {}}
     result = zoo._failed_result(partial, "m", "branched", "WorkerDied: signal 9", 12.0)
     assert result["steps"]["torchscript"] == "WorkerDied: signal 9"
     assert result["steps"]["materialise"] == "ok"
