@@ -10,7 +10,7 @@ same run on the same network. Reported: the time RATIO fused / loop (< 1: fusion
 the median of per-round paired ratios (see ``heads.time_interleaved``), on process CPU time
 with one thread so that other jobs on a shared machine do not skew it.
 
-  segment  "small"     a residual block 16 -> 16 channels on 14x14 maps (graphsurgeon.models);
+  segment  "small"     a residual block 16 -> 16 channels on 14x14 maps (graphsurgeon.apps.models);
            "resnet18"  torchvision resnet18's layer2 (two blocks, 64 -> 128 channels, 16x16 -> 8x8);
   batch    small (4) and large (32 images);
   pass     "fwd": eval mode under no_grad; "fwd+bwd": train mode (BatchNorm statistics
@@ -25,19 +25,19 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torchvision
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from heads import time_interleaved  # noqa: E402  (benchmarks/ is a folder of scripts)
+from heads import time_interleaved
 
-import graphsurgeon as gs  # noqa: E402
-from graphsurgeon.models import ResidualBlock  # noqa: E402
+import graphsurgeon as gs
+from graphsurgeon.apps.models import ResidualBlock
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = (2, 4, 8, 16, 40)

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 import graphsurgeon as gs
+from graphsurgeon.apps.models import make_head, small_resnet
 from graphsurgeon.data import get_dataset
-from graphsurgeon.methods.dmtg import DMTG, DMTGConfig
-from graphsurgeon.models import make_head, small_resnet
-from graphsurgeon.train import TrainConfig, Trainer, seed_everything
+from graphsurgeon.methods.structure.dmtg import DMTG, DMTGConfig
+from graphsurgeon.training.trainer import TrainConfig, Trainer, seed_everything
 
 TASKS = ("left", "left_parity", "right", "right_ge5")
 TRUE_GROUPS = [["left", "left_parity"], ["right", "right_ge5"]]

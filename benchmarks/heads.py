@@ -26,14 +26,14 @@ import random
 import re
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from graphsurgeon.kernels.batched_heads import BatchedHeads, batched_heads, reference_heads
-from graphsurgeon.kernels.heads_torch import padded_bmm_heads
+from graphsurgeon.kernels.heads import BatchedHeads, batched_heads, reference_heads
+from graphsurgeon.kernels.heads.pytorch import padded_bmm_heads
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = (2, 4, 8, 16, 40)
@@ -171,7 +171,7 @@ def time_interleaved(
     return times, ratios
 
 
-# The dispatcher's promise on CPU: "auto" within 5% of the loop (see heads_dispatch).
+# The dispatcher's promise on CPU: "auto" within 5% of the loop (see graphsurgeon.kernels.heads.dispatch).
 AUTO_TOLERANCE = 1.05
 
 

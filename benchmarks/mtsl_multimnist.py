@@ -1,6 +1,6 @@
 """MTSL vs single-task vs hard sharing on the embedded MultiMNIST, over several seeds.
 
-Runs the demo's configuration (graphsurgeon.demo) for each seed and writes
+Runs the demo's configuration (graphsurgeon.apps.demo) for each seed and writes
 benchmarks/results/mtsl_multimnist.{json,md}: per-task primary metric and Δm % vs
 single-task as mean ± std over seeds, parameters, FLOPs, and every learned MTSL tree.
 
@@ -14,9 +14,9 @@ import json
 import statistics
 from pathlib import Path
 
+from graphsurgeon.apps.demo import DEMO_TASKS, run_demo
+from graphsurgeon.apps.experiment import delta_m
 from graphsurgeon.data.multimnist import MULTIMNIST_TASKS
-from graphsurgeon.demo import DEMO_TASKS, run_demo
-from graphsurgeon.experiment import delta_m
 
 
 def _mean_std(values: list[float]) -> str:

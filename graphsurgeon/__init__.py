@@ -1,10 +1,37 @@
 """graphsurgeon: multi-task networks from any traceable PyTorch backbone.
 
 Data flows one way: model → `trace` → `segment` → `TaskTree` → `MultiTaskNetwork` →
-(train, surgery)* → `materialise` / `to_export` / `to_torchscript`.
+(train, surgery)* → `materialize` / `to_export` / `to_torchscript`.
+
+Layers (each subpackage exports its public names):
+    ``graphsurgeon.core``      the engine: tracing, segments, tree, network, surgery, export
+    ``graphsurgeon.training``  the one training loop (`Trainer`) and multi-process support
+    ``graphsurgeon.methods``   MTSL, TAG, IT-MTL, DMTG, gradient methods, sharpness-aware MTL
+    ``graphsurgeon.kernels``   batched task heads (Triton, PyTorch) with references
+    ``graphsurgeon.data``      datasets, task descriptions, corruptions
+    ``graphsurgeon.apps``      command line, demo, experiment wiring, plots
 """
-from graphsurgeon.build import multitask
-from graphsurgeon.checkpoint import load, save
+from graphsurgeon.core import (
+    MultiTaskNetwork,
+    Segment,
+    Task,
+    TaskTree,
+    TreeNode,
+    check,
+    count_parameters,
+    get_graph_node_names,
+    load,
+    materialise,
+    materialize,
+    multitask,
+    save,
+    segment,
+    surgery,
+    to_export,
+    to_torchscript,
+    trace,
+)
+from graphsurgeon.core.export import ExportError
 from graphsurgeon.errors import (
     CheckpointError,
     GraphSurgeonError,
@@ -15,12 +42,9 @@ from graphsurgeon.errors import (
     TreeEditError,
     TrunkError,
 )
-from graphsurgeon.export import ExportError, materialise, to_export, to_torchscript
-from graphsurgeon.invariants import check, count_parameters
-from graphsurgeon.network import MultiTaskNetwork, Task
-from graphsurgeon.segments import Segment, segment
-from graphsurgeon.trace import get_graph_node_names, trace
-from graphsurgeon.tree import TaskTree, TreeNode
+from graphsurgeon.training import TrainConfig, Trainer
+
+__version__ = "0.2.0"
 
 __all__ = [
     "CheckpointError",
@@ -34,17 +58,22 @@ __all__ = [
     "TaskSpecError",
     "TaskTree",
     "TraceError",
+    "TrainConfig",
+    "Trainer",
     "TreeEditError",
     "TreeNode",
     "TrunkError",
+    "__version__",
     "check",
     "count_parameters",
     "get_graph_node_names",
     "load",
     "materialise",
+    "materialize",
     "multitask",
     "save",
     "segment",
+    "surgery",
     "to_export",
     "to_torchscript",
     "trace",

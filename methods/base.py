@@ -1,13 +1,13 @@
-"""The strategy interface every training method implements over `graphsurgeon.train.Trainer`.
+"""The strategy interface every training method implements over `graphsurgeon.training.trainer.Trainer`.
 
 The defaults are plain multi-task training with equal weights: sum the task losses, one
 backward, no structural change. A method overrides only what it changes.
 
-Under torchrun (see `graphsurgeon.train`): by default DDP averages the gradients that
+Under torchrun (see `graphsurgeon.training.trainer`): by default DDP averages the gradients that
 ``backward`` produces. A method that computes gradients itself (``torch.autograd.grad``, several
 backward passes) sets the class attribute ``reduces_gradients = True``; the loop then runs it
 under ``ddp.no_sync()`` and the method averages everything it computes with
-`graphsurgeon.distributed` (the per-task gradient matrix *before* a nonlinear aggregation,
+`graphsurgeon.training.distributed` (the per-task gradient matrix *before* a nonlinear aggregation,
 ``all_reduce_gradients`` for task-specific and its own parameters). A method that edits the
 network calls ``trainer.structure_changed()`` (or ``trainer.set_network``) afterwards, and makes
 its decisions on rank 0 (``broadcast_object``) from statistics summed over ranks.
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from graphsurgeon.train import Trainer
+    from graphsurgeon.training.trainer import Trainer
 
 __all__ = ["Method"]
 

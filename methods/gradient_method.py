@@ -1,6 +1,6 @@
 """Gradient-method training: the shared parameters follow an aggregation of the per-task gradients.
 
-`GradientMethod` is the strategy that plugs any aggregator of `graphsurgeon.methods.aggregators`
+`GradientMethod` is the strategy that plugs any aggregator of `graphsurgeon.methods.aggregation.registry`
 (EW, UW, DWA, GradNorm, PCGrad, CAGrad, MGDA, IMTL-G, Nash-MTL) into the one training loop. Each
 step it
 
@@ -37,15 +37,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from graphsurgeon import distributed
 from graphsurgeon.errors import GraphSurgeonError
-from graphsurgeon.methods.aggregators import make_aggregator
+from graphsurgeon.methods.aggregation.base import Aggregator, assign_gradient, per_task_gradients, split_parameters
+from graphsurgeon.methods.aggregation.registry import make_aggregator
+from graphsurgeon.methods.aggregation.weighting import EpochLossMean
 from graphsurgeon.methods.base import Method
-from graphsurgeon.methods.gradients import Aggregator, assign_gradient, per_task_gradients, split_parameters
-from graphsurgeon.methods.weighting import EpochLossMean
+from graphsurgeon.training import distributed
 
 if TYPE_CHECKING:
-    from graphsurgeon.train import Trainer
+    from graphsurgeon.training.trainer import Trainer
 
 __all__ = ["GradientMethod", "shared_representation_depth"]
 

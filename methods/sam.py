@@ -23,7 +23,7 @@ its MGDA divides every ``g_i`` and ``h_i`` by its norm and multiplies the result
 (here MGDA keeps its ``normalization`` option, default none: pass ``--grad-option
 normalization=l2`` for the same direction, ``1/T`` of its length); its CAGrad rescales by
 ``1 + c^2`` (the CAGrad code's default) where ours divides by ``1 + c`` (its ``rescale=2``,
-see `graphsurgeon.methods.cagrad`).
+see `graphsurgeon.methods.aggregation.cagrad`).
 """
 from __future__ import annotations
 
@@ -34,13 +34,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from graphsurgeon import distributed
 from graphsurgeon.errors import GraphSurgeonError
+from graphsurgeon.methods.aggregation.base import assign_gradient, per_task_gradients, restoring, split_parameters
 from graphsurgeon.methods.gradient_method import GradientMethod
-from graphsurgeon.methods.gradients import assign_gradient, per_task_gradients, restoring, split_parameters
+from graphsurgeon.training import distributed
 
 if TYPE_CHECKING:
-    from graphsurgeon.train import Trainer
+    from graphsurgeon.training.trainer import Trainer
 
 __all__ = ["SharpnessAware"]
 

@@ -16,17 +16,17 @@ import torch
 from torch import nn
 
 import graphsurgeon as gs
-from graphsurgeon import distributed
+from graphsurgeon.apps.models import small_resnet
+from graphsurgeon.core.network import reinitialise
+from graphsurgeon.methods.aggregation.base import assign_gradient, per_task_gradients, split_parameters
 from graphsurgeon.methods.base import Method
-from graphsurgeon.methods.gradients import assign_gradient, per_task_gradients, split_parameters
-from graphsurgeon.methods.mtsl import MTSL, MTSLConfig
-from graphsurgeon.models import small_resnet
-from graphsurgeon.network import reinitialise
-from graphsurgeon.similarity import CKAAccumulator
-from graphsurgeon.train import TrainConfig, Trainer
+from graphsurgeon.methods.structure.mtsl import MTSL, MTSLConfig
+from graphsurgeon.methods.structure.similarity import CKAAccumulator
+from graphsurgeon.training import distributed
+from graphsurgeon.training.trainer import TrainConfig, Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_mtsl import Spec, Toy, toy_net  # noqa: E402
+from test_mtsl import Spec, Toy, toy_net
 
 GLOBAL_BATCH = 32
 EPOCHS = 4

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-__all__ = ["BATCH", "Op", "Program", "GeneratedNet", "ResidualBlock", "programs", "build_model", "random_models"]
+__all__ = ["BATCH", "GeneratedNet", "Op", "Program", "ResidualBlock", "build_model", "programs", "random_models"]
 
 BATCH = 2
 """Batch size of every example input: two rows, so that a test can see whether rows differ."""

@@ -31,23 +31,23 @@ from torch import nn
 
 import graphsurgeon as gs
 from graphsurgeon import MultiTaskNetwork, TaskTree
-from graphsurgeon.tree import Origin
+from graphsurgeon.core.tree import Origin
 
 __all__ = [
+    "GROUP_INITS",
     "Edit",
     "Merge",
+    "NetCase",
     "Replicate",
     "Split",
-    "GROUP_INITS",
-    "NetCase",
     "apply_edits",
     "build_case",
     "cut",
+    "edit_sequences",
+    "edits",
     "full_precision",
     "make_heads",
     "networks",
-    "edit_sequences",
-    "edits",
     "partitions_of",
     "sibling_sets",
     "task_lists",

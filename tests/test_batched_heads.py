@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from graphsurgeon.errors import GraphSurgeonError
-from graphsurgeon.kernels.batched_heads import (
+from graphsurgeon.kernels.heads import (
     BatchedHeads,
     batched_heads,
     explain,
@@ -30,8 +30,8 @@ from graphsurgeon.kernels.batched_heads import (
     rows_to_pixels,
     split_heads,
 )
-from graphsurgeon.kernels.heads_spec import apply_activation
-from graphsurgeon.kernels.heads_torch import grouped_heads, grouped_mm_supported, padded_bmm_heads
+from graphsurgeon.kernels.heads.pytorch import grouped_heads, grouped_mm_supported, padded_bmm_heads
+from graphsurgeon.kernels.heads.spec import apply_activation
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
 ACTIVATIONS = ("none", "relu", "gelu")
@@ -40,7 +40,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def _triton_skip_reason() -> str | None:
     try:
-        from graphsurgeon.kernels import heads_triton
+        from graphsurgeon.kernels.heads import triton_kernel as heads_triton
     except ImportError:
         return "triton is not installed"
     if not heads_triton.INTERPRETED:
@@ -239,7 +239,7 @@ def test_explain_names_the_chosen_path():
 def test_triton_on_cpu_without_interpreter_says_how_to_fix(monkeypatch):
     if TRITON_SKIP is not None:
         pytest.skip(TRITON_SKIP)
-    from graphsurgeon.kernels import heads_triton
+    from graphsurgeon.kernels.heads import triton_kernel as heads_triton
 
     monkeypatch.setattr(heads_triton, "INTERPRETED", False)
     x, weights, _ = make_heads(2, 4, 16, [4, 4], True, torch.float32)
@@ -291,7 +291,7 @@ def test_bad_backend_and_module_input_raise_clear_errors():
 
 
 def test_dispatch_checks_each_call_signature_once(monkeypatch):
-    from graphsurgeon.kernels import heads_dispatch
+    from graphsurgeon.kernels.heads import dispatch as heads_dispatch
 
     checked = []
     original = heads_dispatch.describe_problem

@@ -23,9 +23,9 @@ from strategies import GROUP_INITS, NetCase, edit_sequences, make_heads, network
 from torch import nn
 
 import graphsurgeon as gs
-import graphsurgeon.checkpoint as checkpoint
-from graphsurgeon import CheckpointError, TrunkError
-from graphsurgeon.checkpoint import read_metadata
+import graphsurgeon.core.checkpoint as checkpoint
+from graphsurgeon import CheckpointError
+from graphsurgeon.core.checkpoint import read_metadata
 
 ROUND_TRIP = settings(max_examples=10, deadline=None)
 
@@ -125,7 +125,7 @@ def test_round_trip_with_the_tasks_listed_in_another_order(merged) -> None:
 
 
 def test_load_weights_into_a_network_with_another_tree_raises(merged) -> None:
-    _, model, x, path = merged
+    _, _model, _x, path = merged
     other, _, _ = _tiny_net()
     with pytest.raises(CheckpointError, match="(?s)different task tree.*graphsurgeon.load"):
         checkpoint.load_weights(other, path)
@@ -139,7 +139,7 @@ def test_save_leaves_only_the_checkpoint_in_its_directory(merged) -> None:
 
 
 def test_a_failed_save_keeps_the_old_checkpoint_and_leaves_no_temp_file(merged, monkeypatch) -> None:
-    net, model, x, path = merged
+    net, model, _x, path = merged
     old = path.read_bytes()
 
     def broken_save_file(tensors, filename, metadata=None):
@@ -236,7 +236,7 @@ def test_loading_with_other_task_names_raises_naming_the_saved_tasks(merged) -> 
 def test_loading_into_a_different_backbone_raises_naming_the_segment(merged) -> None:
     net, _, _, path = merged
     # same parameters and segment count, but segment 1 applies its activation twice: other code
-    other, x = _tiny(act=nn.Sequential(nn.ReLU(), nn.ReLU()))
+    other, _x = _tiny(act=nn.Sequential(nn.ReLU(), nn.ReLU()))
     assert gs.multitask(other, make_heads(net.tasks, 3, 0)).depth == net.depth
     with pytest.raises(CheckpointError, match=r"different backbone: segment 1 differs.*same model"):
         gs.load(path, other, make_heads(net.tasks, 3, 0))

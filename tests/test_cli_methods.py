@@ -10,7 +10,7 @@ import json
 import pytest
 
 from graphsurgeon.__main__ import main
-from graphsurgeon.experiment import ExperimentConfig, make_method
+from graphsurgeon.apps.experiment import ExperimentConfig, make_method
 from graphsurgeon.errors import TaskSpecError
 
 TINY = ["--tasks", "left,right,left_parity", "--train-size", "96", "--epochs", "2", "--batch-size", "32",

@@ -14,16 +14,16 @@ import sys
 import time
 from pathlib import Path
 
+import distributed_worker as worker
 import pytest
 import torch
 import torch.distributed as dist
 
-import distributed_worker as worker
-from graphsurgeon import distributed
-from graphsurgeon.checkpoint import read_metadata
-from graphsurgeon.similarity import CKAAccumulator
-from graphsurgeon.train import TrainConfig, Trainer
-from graphsurgeon.tree import TaskTree
+from graphsurgeon.core.checkpoint import read_metadata
+from graphsurgeon.core.tree import TaskTree
+from graphsurgeon.methods.structure.similarity import CKAAccumulator
+from graphsurgeon.training import distributed
+from graphsurgeon.training.trainer import TrainConfig, Trainer
 
 WORLD = 2
 WORKER = Path(worker.__file__)

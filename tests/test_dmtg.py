@@ -1,6 +1,5 @@
 """DMTG on the engine: temperature schedule, Gumbel weights, weighted task losses, pruning to a
 TaskTree (outputs kept, invariants, export), and search → prune → fine-tune in the one Trainer."""
-import copy
 import importlib.util
 import math
 from pathlib import Path
@@ -8,15 +7,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_mtsl import Spec, Toy
 from torch import nn
 from torch.nn import functional as F
 
 import graphsurgeon as gs
-from graphsurgeon.methods.dmtg import DMTG, DMTGConfig, Supernet, group_weights, prune, temperature
-from graphsurgeon.models import small_resnet
-from graphsurgeon.network import MultiTaskNetwork, reinitialise
-from graphsurgeon.train import TrainConfig, Trainer
-from test_mtsl import Spec, Toy
+from graphsurgeon.apps.models import small_resnet
+from graphsurgeon.core.network import MultiTaskNetwork, reinitialise
+from graphsurgeon.methods.structure.dmtg import DMTG, DMTGConfig, Supernet, group_weights, prune, temperature
+from graphsurgeon.training.trainer import TrainConfig, Trainer
 
 TASKS = ("a", "twin", "other")
 

@@ -40,7 +40,7 @@ def perturb(module: nn.Module, seed: int) -> None:
         torch.manual_seed(seed)
         for p in module.parameters():
             p.add_(torch.randn_like(p))
-        for name, b in module.named_buffers():
+        for _name, b in module.named_buffers():
             if b.is_floating_point():
                 b.add_(torch.rand_like(b))
 
@@ -178,7 +178,7 @@ def test_fresh_reinitialises_every_parameter_including_bare_ones() -> None:
 
 def test_a_callable_init_gets_the_members_in_the_order_listed() -> None:
     case, _ = _three_task_net()
-    n1, n2, n3 = case.net.tree.at_depth(1)
+    n1, _n2, n3 = case.net.tree.at_depth(1)
     seen = []
 
     def init(members):

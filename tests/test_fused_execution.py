@@ -24,9 +24,9 @@ from strategies import networks
 from torch import nn
 
 import graphsurgeon as gs
-import graphsurgeon.fused as fused_module
+import graphsurgeon.core.fused as fused_module
 from graphsurgeon import TaskTree
-from graphsurgeon.models import small_resnet
+from graphsurgeon.apps.models import small_resnet
 
 TOL = 1e-10  # float64; summation order differs between a grouped and a plain convolution
 
@@ -176,11 +176,11 @@ def test_a_segment_vmap_cannot_run_falls_back_to_the_loop_with_one_warning(caplo
     fused, loop = fused_and_loop(jitter(net.double()))
     item_depth = next(d for d in range(1, fused.depth + 1) if "item" in next(iter(fused.level(d).values())).code)
     x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
-    with caplog.at_level(logging.WARNING, logger="graphsurgeon.fused"):
+    with caplog.at_level(logging.WARNING, logger="graphsurgeon.core.fused"):
         assert_train_step_equal(fused, loop, x)
         with torch.no_grad():
             fused(x)
-    warnings = [r.getMessage() for r in caplog.records if r.name == "graphsurgeon.fused"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "graphsurgeon.core.fused"]
     assert len(warnings) == 1, warnings
     assert f"segment {item_depth} " in warnings[0] and "item" in warnings[0].lower()
 

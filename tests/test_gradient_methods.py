@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from graphsurgeon.errors import GraphSurgeonError
-from graphsurgeon.methods.aggregators import AGGREGATORS, make_aggregator
-from graphsurgeon.methods.cagrad import CAGrad
-from graphsurgeon.methods.gradients import Aggregator, assign_gradient, per_task_gradients, restoring
-from graphsurgeon.methods.imtl import IMTLG
-from graphsurgeon.methods.mgda import MGDA
-from graphsurgeon.methods.nash_mtl import NashMTL
-from graphsurgeon.methods.pcgrad import PCGrad
-from graphsurgeon.methods.weighting import DWA, EW, UW, GradNorm
+from graphsurgeon.methods.aggregation.base import Aggregator, assign_gradient, per_task_gradients, restoring
+from graphsurgeon.methods.aggregation.cagrad import CAGrad
+from graphsurgeon.methods.aggregation.imtl import IMTLG
+from graphsurgeon.methods.aggregation.mgda import MGDA
+from graphsurgeon.methods.aggregation.nash_mtl import NashMTL
+from graphsurgeon.methods.aggregation.pcgrad import PCGrad
+from graphsurgeon.methods.aggregation.registry import AGGREGATORS, make_aggregator
+from graphsurgeon.methods.aggregation.weighting import DWA, EW, UW, GradNorm
 
 F64 = torch.float64
 
@@ -62,7 +62,7 @@ def _tiny_problem(dtype=torch.float32):
 
 
 def test_per_task_gradients_match_autograd_with_zeros_for_unreached_params():
-    trunk, unused, frozen, losses, params = _tiny_problem()
+    trunk, _unused, _frozen, losses, params = _tiny_problem()
     grads = per_task_gradients(losses, params, retain_graph=True)
     assert grads.shape == (2, 12 + 2 + 3 + 4)
     for row, loss in zip(grads, losses):

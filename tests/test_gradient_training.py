@@ -3,19 +3,19 @@ import json
 
 import pytest
 import torch
+from test_mtsl import Spec, Toy
 from torch import nn
 from torch.utils.data import Subset
 
 import graphsurgeon as gs
+from graphsurgeon.apps.models import small_resnet
+from graphsurgeon.core.tree import TaskTree
 from graphsurgeon.errors import GraphSurgeonError
-from graphsurgeon.methods.aggregators import AGGREGATORS
+from graphsurgeon.methods.aggregation.base import split_parameters
+from graphsurgeon.methods.aggregation.registry import AGGREGATORS
 from graphsurgeon.methods.base import Method
 from graphsurgeon.methods.gradient_method import GradientMethod
-from graphsurgeon.methods.gradients import split_parameters
-from graphsurgeon.models import small_resnet
-from graphsurgeon.train import TrainConfig, Trainer
-from graphsurgeon.tree import TaskTree
-from test_mtsl import Spec, Toy
+from graphsurgeon.training.trainer import TrainConfig, Trainer
 
 TASKS = ("a", "twin", "other")
 
@@ -114,7 +114,7 @@ def test_task_specific_parameters_get_exactly_their_tasks_gradient(aggregator):
 @pytest.mark.parametrize("aggregator", ["mgda", "uw", "dwa", "ew"])
 def test_shared_gradient_is_the_aggregated_direction(aggregator):
     # loss weightings (uw, dwa, ew) take one backward of the weighted loss: the same direction
-    from graphsurgeon.methods.gradients import per_task_gradients
+    from graphsurgeon.methods.aggregation.base import per_task_gradients
 
     method = GradientMethod(aggregator, TASKS)
     if aggregator == "dwa":  # weights other than 1 need two finished epochs

@@ -11,7 +11,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from graphsurgeon.errors import GraphSurgeonError
-from graphsurgeon.grouping import GroupingError, mtsl_partition, set_partitions, tag_groups
+from graphsurgeon.methods.structure.partition import GroupingError, mtsl_partition, set_partitions, tag_groups
 
 PROPERTY = settings(max_examples=30, deadline=None)
 

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, Phase, find, given, settings
 from model_zoo_gen import BATCH, GeneratedNet, Program, ResidualBlock, build_model, programs, random_models
 from torch import Tensor, fx, nn
 
-from graphsurgeon.trace import trace
+from graphsurgeon.core.trace import trace
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 # `find` stops at the first hit and never shrinks; derandomised so that a diversity check

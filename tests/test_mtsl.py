@@ -9,11 +9,11 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 import graphsurgeon as gs
-from graphsurgeon.distill import Amalgamation, feature_mse
-from graphsurgeon.methods.mtsl import MTSL, MTSLConfig
-from graphsurgeon.models import small_resnet
-from graphsurgeon.network import reinitialise
-from graphsurgeon.train import TrainConfig, Trainer
+from graphsurgeon.apps.models import small_resnet
+from graphsurgeon.core.network import reinitialise
+from graphsurgeon.methods.structure.amalgamation import Amalgamation, feature_mse
+from graphsurgeon.methods.structure.mtsl import MTSL, MTSLConfig
+from graphsurgeon.training.trainer import TrainConfig, Trainer
 
 
 class Spec:
@@ -66,7 +66,7 @@ def test_identical_tasks_merge_at_the_first_phase_and_the_unrelated_one_does_not
     first = method.decisions[0]
     assert first["depth"] == 1 and first["phase"] == 1
     ids = {tuple(t): i for t, i in zip(first["tasks"], first["nodes"])}
-    a, twin, other = ids[("a",)], ids[("twin",)], ids[("other",)]
+    a, twin = ids[("a",)], ids[("twin",)]
     sim = torch.tensor(first["similarity"])
     assert sim[first["nodes"].index(a), first["nodes"].index(twin)] == pytest.approx(1.0, abs=1e-9)
     assert first["merged"] == [[a, twin]]
@@ -116,7 +116,7 @@ def test_distillation_lowers_each_members_feature_mse_on_held_out_data():
     # the root's children are siblings in a separate tree: distil all three into one group
     depth, members = 1, [net.level(1)[f"n{n.id}"] for n in net.tree.at_depth(1)]
     root = net.tree.at_depth(0)[0].id
-    group = gs.network.init_group(members, "fresh")
+    group = gs.core.network.init_group(members, "fresh")
     batches = lambda data: [data.x[i : i + 32] for i in range(0, len(data), 32)]
     before = feature_mse(net, depth, root, members, group, None, batches(held_out))
     amalgamation = Amalgamation(batches=lambda: batches(train), epochs=15, lr=1e-2)
@@ -146,7 +146,7 @@ def test_fuse_averages_the_members_adam_state_into_the_group():
 
 @pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v3_small", "vit_b_16"])
 def test_mtsl_runs_one_phase_on_torchvision_backbones(backbone):
-    from graphsurgeon.experiment import GreyToRGB
+    from graphsurgeon.apps.experiment import GreyToRGB
 
     kwargs = {"image_size": 32} if backbone.startswith("vit") else {}
     torch.manual_seed(0)

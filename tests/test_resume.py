@@ -4,10 +4,10 @@ import signal
 
 import pytest
 import torch
-
-from graphsurgeon.methods.mtsl import MTSL, MTSLConfig
-from graphsurgeon.train import TrainConfig, Trainer
 from test_mtsl import Spec, Toy, toy_net
+
+from graphsurgeon.methods.structure.mtsl import MTSL, MTSLConfig
+from graphsurgeon.training.trainer import TrainConfig, Trainer
 
 
 def mtsl():

@@ -3,18 +3,18 @@ import copy
 
 import pytest
 import torch
+from test_gradient_training import TASKS, assert_same_grads, grads, make_net, make_trainer, one_backward
+from test_mtsl import Spec
 from torch import nn
 from torch.utils.data import Dataset
 
 import graphsurgeon as gs
 from graphsurgeon.errors import GraphSurgeonError
-from graphsurgeon.methods.aggregators import AGGREGATORS
+from graphsurgeon.methods.aggregation.base import per_task_gradients, split_parameters
+from graphsurgeon.methods.aggregation.registry import AGGREGATORS
 from graphsurgeon.methods.gradient_method import GradientMethod
-from graphsurgeon.methods.gradients import per_task_gradients, split_parameters
 from graphsurgeon.methods.sam import SharpnessAware
-from graphsurgeon.train import TrainConfig, Trainer
-from test_gradient_training import TASKS, assert_same_grads, grads, make_net, make_trainer, one_backward
-from test_mtsl import Spec
+from graphsurgeon.training.trainer import TrainConfig, Trainer
 
 # --------------------------------------------------------------------------- toy landscape
 #

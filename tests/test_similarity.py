@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from graphsurgeon.errors import GraphSurgeonError
-from graphsurgeon.similarity import (
+from graphsurgeon.methods.structure.similarity import (
     CKAAccumulator,
     SimilarityError,
     debiased_linear_cka,

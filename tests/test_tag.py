@@ -3,21 +3,21 @@ import copy
 
 import pytest
 import torch
+from test_mtsl import Spec, Toy
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 import graphsurgeon as gs
-from graphsurgeon.grouping import tag_groups
+from graphsurgeon.apps.models import small_resnet
+from graphsurgeon.methods.aggregation.base import split_parameters
+from graphsurgeon.methods.aggregation.pcgrad import PCGrad
 from graphsurgeon.methods.base import Method
-from graphsurgeon.methods.gradients import split_parameters
-from graphsurgeon.methods.itmtl import ITMTL
-from graphsurgeon.methods.lookahead import affinity, lookahead_losses
-from graphsurgeon.methods.pcgrad import PCGrad
-from graphsurgeon.methods.tag import TAG, TAGConfig
-from graphsurgeon.models import small_resnet
-from graphsurgeon.train import TrainConfig, Trainer
-from test_mtsl import Spec, Toy
+from graphsurgeon.methods.structure.itmtl import ITMTL
+from graphsurgeon.methods.structure.lookahead import affinity, lookahead_losses
+from graphsurgeon.methods.structure.partition import tag_groups
+from graphsurgeon.methods.structure.tag import TAG, TAGConfig
+from graphsurgeon.training.trainer import TrainConfig, Trainer
 
 
 class Regression:
@@ -280,7 +280,7 @@ def test_itmtl_reuses_its_choice_between_choosing_steps_and_checks_its_options()
 
 @pytest.mark.parametrize(("second", "expected"), [(1.0 - 1e-8, 0), (0.99, 1)])
 def test_itmtl_treats_rounding_level_differences_as_ties_won_by_the_first_candidate(monkeypatch, second, expected):
-    import graphsurgeon.methods.itmtl as itmtl
+    import graphsurgeon.methods.structure.itmtl as itmtl
 
     monkeypatch.setattr(itmtl, "lookahead_losses", lambda *a: torch.tensor([[0.5, 0.5], [second / 2, second / 2]]))
     net = rival_net()

@@ -179,7 +179,7 @@ def test_every_edit_sequence_keeps_the_tree_invariants(data: st.DataObject) -> N
     tree = data.draw(trees(safe=False))
     sequence = data.draw(edit_sequences(tree, max_size=5))
     before = tree
-    for edit, after, origin in apply_edits(tree, sequence):
+    for _edit, after, origin in apply_edits(tree, sequence):
         assert_tree_invariants(after)
         assert after.tasks == before.tasks and after.depth == before.depth
         assert set(origin) == {n.id for n in after.nodes}
@@ -191,7 +191,7 @@ def test_every_edit_sequence_keeps_the_tree_invariants(data: st.DataObject) -> N
 def test_origin_of_any_edit_is_consistent_with_the_old_tree(data: st.DataObject) -> None:
     """Reused ids keep their depth and map to themselves; fresh ids never recycle an old id."""
     tree = data.draw(trees(safe=False))
-    for edit, after, origin in apply_edits(tree, data.draw(edit_sequences(tree, max_size=4))):
+    for _edit, after, origin in apply_edits(tree, data.draw(edit_sequences(tree, max_size=4))):
         old = {n.id: n for n in tree.nodes}
         for n in after.nodes:
             sources = origin[n.id]
@@ -361,8 +361,8 @@ def test_edits_leave_the_original_tree_untouched() -> None:
 @given(st.data())
 def test_str_renders_every_node_once_with_its_depth_and_tasks(data: st.DataObject) -> None:
     tree = data.draw(trees())
-    for _, tree, _ in apply_edits(tree, data.draw(edit_sequences(tree, min_size=0, max_size=3))):
-        pass
+    for _, edited, _ in apply_edits(tree, data.draw(edit_sequences(tree, min_size=0, max_size=3))):
+        tree = edited
     lines = str(tree).splitlines()
     assert lines[0].startswith(f"TaskTree({len(tree.tasks)} tasks, depth {tree.depth}, {len(tree.nodes) - 1} ")
     assert len(lines) == 1 + len(tree.nodes)

@@ -1,0 +1,141 @@
+"""Command line: ``python -m graphsurgeon demo`` and ``python -m graphsurgeon train ...``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _train_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("train", help="train one method on one dataset")
+    from graphsurgeon.apps.experiment import METHODS
+    from graphsurgeon.methods.aggregation.registry import AGGREGATORS
+
+    p.add_argument("--method", default="mtsl", choices=list(METHODS),
+                   help="mtsl (learn the tree), tag / itmtl (lookahead affinity), dmtg (differentiable grouping), "
+                   "hps (hard sharing), single / separate (one network per task)")
+    p.add_argument("--grad", default=None, choices=sorted(AGGREGATORS),
+                   help="gradient method for hps/single/separate (ew = plain sum)")
+    p.add_argument("--grad-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the gradient method, e.g. c=0.4 for cagrad (repeatable)")
+    p.add_argument("--rep-grad", action="store_true", help="aggregate gradients w.r.t. the shared representation")
+    p.add_argument("--sam", type=float, default=0.0, metavar="RHO", help="sharpness-aware radius (e.g. 0.05); 0 = off")
+    p.add_argument("--groups", type=int, default=2, help="TAG: number of task groups")
+    p.add_argument("--branches", type=int, default=2, help="DMTG: number of branches K")
+    p.add_argument("--search-epochs", type=int, default=None, help="TAG affinity / DMTG search epochs (default: about half)")
+    p.add_argument("--backbone", default="small_resnet", help="small_resnet or a torchvision model name")
+    p.add_argument("--data", default="multimnist", choices=["multimnist", "nyuv2", "cityscapes", "celeba"])
+    p.add_argument("--data-root", default=None, help="folder of a downloaded dataset (not needed for multimnist)")
+    p.add_argument("--tasks", default=None, help="comma-separated task names (default: all of the dataset's)")
+    p.add_argument("--trunk", default=None, help="node where the backbone ends (default: the classifier's input)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=64, help="per process under torchrun")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--train-size", type=int, default=None)
+    p.add_argument("--schedule-scale", type=float, default=1.0, help="MTSL: scale the phase lengths")
+    p.add_argument("--threshold", type=float, default=0.8, help="MTSL: CKA threshold for merging")
+    p.add_argument("--align-weight", type=float, default=0.2, help="MTSL: weight of the alignment loss")
+    p.add_argument("--out", default=None, help="run folder (default runs/<method>-<data>-<seed>)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _config(args):
+    from graphsurgeon.apps.experiment import ExperimentConfig
+    from graphsurgeon.methods.structure.mtsl import MTSLConfig
+    from graphsurgeon.training.trainer import TrainConfig
+
+    mtsl = MTSLConfig(schedule_scale=args.schedule_scale, threshold=args.threshold, align_weight=args.align_weight)
+    epochs = args.epochs or (sum(mtsl.scaled(mtsl.task_phases)) + 2)
+    search = args.search_epochs or max(1, epochs // 2)
+    return ExperimentConfig(
+        method=args.method,
+        backbone=args.backbone,
+        data=args.data,
+        data_root=args.data_root,
+        tasks=args.tasks.split(",") if args.tasks else None,
+        trunk=args.trunk,
+        train_size=args.train_size,
+        epochs=epochs,
+        train=TrainConfig(
+            epochs=epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed, device=args.device,
+            progress=not args.no_progress,
+        ),
+        mtsl={"schedule_scale": args.schedule_scale, "threshold": args.threshold, "align_weight": args.align_weight},
+        tag={"num_groups": args.groups, "affinity_epochs": search},
+        dmtg={"branches": args.branches, "search_epochs": search, "logits_lr": 0.05},
+        grad=args.grad,
+        grad_options=dict(_option(o) for o in args.grad_option),
+        rep_grad=args.rep_grad,
+        sam=args.sam,
+        out_dir=args.out or f"runs/{args.method}-{args.data}-{args.seed}",
+    )
+
+
+def _option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with VALUE read as a number or bool where it is one."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--grad-option wants KEY=VALUE, got {text!r} (e.g. --grad-option c=0.4).")
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    return key, {"true": True, "false": False}.get(value.lower(), value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from graphsurgeon.errors import GraphSurgeonError
+
+    parser = argparse.ArgumentParser(prog="graphsurgeon", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="MTSL vs single-task vs hard sharing on the embedded MultiMNIST")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--no-progress", action="store_true")
+    demo.add_argument("--quick", action="store_true", help="tiny data and schedule: a smoke run in seconds")
+    _train_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        return _dispatch(args)
+    except GraphSurgeonError as error:  # bad input: the message says what to fix; no traceback
+        print(f"[graphsurgeon] error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as stop:
+        print(f"\n[graphsurgeon] interrupted: {stop or 'no checkpoint directory was set'}", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
+    if args.command == "demo":
+        from graphsurgeon.apps.demo import run_demo
+
+        run_demo(Path(args.out), seed=args.seed, progress=not args.no_progress, quick=args.quick)
+        return 0
+    from graphsurgeon.apps.experiment import run
+    from graphsurgeon.training import distributed
+
+    cfg = _config(args)
+    # under torchrun (WORLD_SIZE > 1) join the process group; a plain run is left alone
+    cfg.train.device = distributed.setup(cfg.train.device)
+    try:
+        results = run(cfg, resume=args.resume)
+        main = distributed.is_main()
+    finally:
+        distributed.teardown()
+    if main:
+        summary = {k: results[k] for k in ("method", "test", "parameters", "flops", "train_seconds")}
+        print(results["tree"])
+        print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Tables and plots of finished runs: what a user reads after `graphsurgeon demo`."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["metrics_table", "plot_cka", "plot_losses", "plot_tree"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def metrics_table(rows: Sequence[Mapping[str, Any]], tasks: Sequence[str], metric_of: Mapping[str, str]) -> str:
+    """Markdown: one row per method, the primary metric per task, Δm %, parameters, FLOPs."""
+    head = ["method", *[f"{t} ({metric_of[t]})" for t in tasks], "Δm % vs single", "params", "MFLOPs", "train s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["method"], *[r["metrics"][t] for t in tasks], r["delta_m"], f"{r['parameters']:,}", f"{r['flops'] / 1e6:.1f}", f"{r['train_seconds']:.0f}"]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_tree(tree, path: Path, title: str = "") -> None:
+    """The task tree as a node-link drawing: depth downwards, one column per leaf task."""
+    plt = _pyplot()
+    tasks = list(tree.tasks)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(tasks), 1.2 + 0.7 * tree.depth))
+    xpos = {}
+    for n in tree.nodes:
+        xpos[n.id] = sum(tasks.index(t) for t in n.tasks) / len(n.tasks)
+    for n in tree.nodes:
+        if n.parent is not None:
+            ax.plot([xpos[n.parent], xpos[n.id]], [n.depth - 1, n.depth], color="0.6", lw=1.5, zorder=1)
+    for n in tree.nodes:
+        shared = len(n.tasks) > 1
+        ax.scatter([xpos[n.id]], [n.depth], s=180 if shared else 90, color="tab:orange" if shared else "tab:blue", zorder=2)
+    for i, t in enumerate(tasks):
+        ax.text(i, tree.depth + 0.45, t, ha="center", va="top", rotation=30, fontsize=8)
+    ax.set_ylim(tree.depth + 0.9, -0.5)
+    ax.set_yticks(range(tree.depth + 1), ["input"] + [f"seg{d}" for d in range(1, tree.depth + 1)])
+    ax.set_xticks([])
+    ax.set_title(title or "learned task tree (orange: shared)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_cka(decisions: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """One heatmap per structural decision: the CKA matrix between sibling task nodes."""
+    if not decisions:
+        return
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(decisions), figsize=(3.2 * len(decisions), 3.2), squeeze=False)
+    for ax, d in zip(axes[0], decisions):
+        labels = ["+".join(t) for t in d["tasks"]]
+        im = ax.imshow(d["similarity"], vmin=0, vmax=1, cmap="viridis")
+        ax.set_xticks(range(len(labels)), labels, rotation=60, fontsize=6)
+        ax.set_yticks(range(len(labels)), labels, fontsize=6)
+        ax.set_title(f"phase {d['phase']}, depth {d['depth']}", fontsize=8)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_losses(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) -> None:
+    """Summed training loss per epoch for each method, with MTSL's structural phases marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for method, history in histories.items():
+        epochs = [h["epoch"] for h in history]
+        total = [sum(v for k, v in h["train_loss"].items() if not k.startswith("_")) for h in history]
+        ax.plot(epochs, total, marker="o", label=method)
+        for h in history:
+            if h.get("structural_phase"):
+                ax.axvline(h["epoch"], color="0.8", ls="--", lw=0.8)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("Σ task losses (train)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,154 @@
+"""`multitask`: from a backbone and task heads to a `MultiTaskNetwork` in one call."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from graphsurgeon.core.network import MultiTaskNetwork, Task
+from graphsurgeon.core.segments import Granularity, segment
+from graphsurgeon.core.trace import LeafSpec, trace
+from graphsurgeon.core.tree import TaskTree
+from graphsurgeon.errors import TaskSpecError, TreeEditError
+
+__all__ = ["multitask", "normalise_tasks"]
+
+# a head factory receives the trunk output's per-sample shape, e.g. (512,) or (64, 5, 5)
+HeadFactory = Callable[[tuple[int, ...]], nn.Module]
+TaskSpec = nn.Module | Task | HeadFactory
+Sharing = Literal["separate", "shared"] | TaskTree
+
+
+def _task_pairs(tasks: Mapping[str, TaskSpec] | Sequence[tuple[str, TaskSpec]]) -> list[tuple[str, TaskSpec]]:
+    """Validated ``(name, spec)`` pairs: names non-empty and unique, specs of a known kind."""
+    if isinstance(tasks, Mapping):
+        pairs = list(tasks.items())
+    else:
+        try:
+            pairs = [(name, spec) for name, spec in tasks]
+        except (TypeError, ValueError) as exc:
+            raise TaskSpecError(
+                "tasks must be a mapping {name: head module or Task} or a list of (name, head) pairs."
+            ) from exc
+    if not pairs:
+        raise TaskSpecError("no tasks given. Pass at least one, e.g. tasks={'digit': nn.Linear(512, 10)}.")
+    TaskTree._check_tasks(name for name, _ in pairs)
+    for name, spec in pairs:
+        head = spec.head if isinstance(spec, Task) else spec
+        if not (isinstance(head, nn.Module) or callable(head)):
+            raise TaskSpecError(
+                f"task {name!r} is given as {type(spec).__name__}; pass an nn.Module head, a head factory "
+                "f(trunk_shape) -> nn.Module, or graphsurgeon.Task(head=...)."
+            )
+    return pairs
+
+
+def normalise_tasks(
+    tasks: Mapping[str, TaskSpec] | Sequence[tuple[str, TaskSpec]], trunk_shape: tuple[int, ...] | None = None
+) -> dict[str, Task]:
+    """Turn ``{name: head}``, ``{name: Task}`` or ``[(name, head), ...]`` into ``{name: Task}``.
+
+    Head factories are called with ``trunk_shape`` (which needs an example input).
+    """
+    out = {}
+    seen: dict[int, str] = {}
+    for name, spec in _task_pairs(tasks):
+        head = spec.head if isinstance(spec, Task) else spec
+        if isinstance(head, nn.Module):
+            if id(head) in seen:
+                raise TaskSpecError(
+                    f"tasks {seen[id(head)]!r} and {name!r} are given the same head module; every task owns its "
+                    "head. Pass copy.deepcopy(head) for one of them."
+                )
+            seen[id(head)] = name
+        task = spec if isinstance(spec, Task) else Task(head=spec)
+        if not isinstance(task.head, nn.Module):
+            task = Task(head=_call_factory(name, task.head, trunk_shape), loss=task.loss, metrics=task.metrics)
+        out[name] = task
+    return out
+
+
+def _call_factory(name: str, factory: HeadFactory, trunk_shape: tuple[int, ...] | None) -> nn.Module:
+    if trunk_shape is None:
+        raise TaskSpecError(
+            f"task {name!r} has a head factory, which needs the trunk's output shape: pass example_input=<a batch>."
+        )
+    head = factory(trunk_shape)
+    if not isinstance(head, nn.Module):
+        raise TaskSpecError(f"the head factory of task {name!r} returned {type(head).__name__}, not an nn.Module.")
+    return head
+
+
+@torch.no_grad()
+def _trunk_shape(segments, example_input: torch.Tensor) -> tuple[int, ...]:
+    """Per-sample shape of the trunk output, without touching BatchNorm statistics."""
+    modes = {m: m.training for s in segments for m in s.module.modules()}
+    try:
+        for s in segments:
+            s.module.eval()
+        z = example_input
+        for s in segments:
+            z = s.module(z)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return tuple(z.shape[1:])
+
+
+def multitask(
+    model: nn.Module,
+    tasks: Mapping[str, TaskSpec] | Sequence[tuple[str, TaskSpec]],
+    *,
+    trunk: str | None = None,
+    sharing: Sharing = "separate",
+    granularity: Granularity = "block",
+    example_input: torch.Tensor | None = None,
+    leaf_modules: Iterable[LeafSpec] = (),
+    concrete_args: Mapping[str, Any] | None = None,
+) -> MultiTaskNetwork:
+    """Turn ``model`` into a multi-task network with one head per task.
+
+    Args:
+        model: any torch.fx-traceable backbone (every torchvision classifier is).
+        tasks: ``{name: head}`` or ``{name: graphsurgeon.Task(head, loss, metrics)}``; a head may
+            also be a factory ``f(trunk_shape) -> nn.Module`` (needs ``example_input``).
+        trunk: node where the shared backbone ends (default: the final classifier's input).
+        sharing: ``"separate"`` (a copy of every segment per task: MTSL's start), ``"shared"``
+            (hard sharing), or a `TaskTree` of depth ``len(segments)``.
+        granularity: ``"block"`` or ``"fine"`` segments (see `graphsurgeon.segment`).
+        example_input: one input batch; when given, cut points are checked to carry tensors and
+            every head is run once, so a head that does not fit fails here, not in training.
+        leaf_modules, concrete_args: passed to `graphsurgeon.core.trace`.
+    """
+    _task_pairs(tasks)  # fail on bad names or specs before the (slower) trace
+    gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    segments = segment(gm, trunk, granularity, example_input=example_input)
+    shape = _trunk_shape(segments, example_input) if example_input is not None else None
+    specs = normalise_tasks(tasks, trunk_shape=shape)
+    names = list(specs)
+    if isinstance(sharing, TaskTree):
+        tree = sharing
+        tree.check()
+        if tree.depth != len(segments) or set(tree.tasks) != set(names):
+            raise TreeEditError(
+                f"the given TaskTree has depth {tree.depth} and tasks {list(tree.tasks)}, but the backbone has "
+                f"{len(segments)} segments and the tasks are {names}. Build it for exactly those."
+            )
+    elif sharing == "separate":
+        tree = TaskTree.separate(names, len(segments))
+    elif sharing == "shared":
+        tree = TaskTree.shared(names, len(segments))
+    else:
+        raise TaskSpecError(f"sharing must be 'separate', 'shared' or a TaskTree, got {sharing!r}.")
+    config = {"trunk": segments[-1].output_name, "granularity": granularity, "backbone": type(model).__name__}
+    net = MultiTaskNetwork(segments, tree, specs, trunk_name=segments[-1].output_name, config=config)
+    net.train(model.training)
+    if example_input is not None:
+        was_training = net.training
+        net.eval()
+        with torch.no_grad():
+            net(example_input)
+        net.train(was_training)
+    return net

@@ -1,0 +1,175 @@
+"""Checkpoints: the task tree as JSON plus the weights, in one safetensors file.
+
+safetensors holds tensors without pickle (loading a checkpoint runs no code) and carries a
+string metadata header, where the tree, the trunk and a fingerprint of every segment live.
+The file is written to a temporary name and renamed, so an interrupted save never leaves a
+half-written checkpoint behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from graphsurgeon.core.build import TaskSpec, multitask
+from graphsurgeon.core.network import MultiTaskNetwork
+from graphsurgeon.core.tree import TaskTree
+from graphsurgeon.errors import CheckpointError, GraphSurgeonError, TrunkError
+
+__all__ = ["load", "read_metadata", "save"]
+
+FORMAT = "graphsurgeon-checkpoint/1"
+
+
+def _digest(code: str) -> str:
+    return hashlib.sha256(code.encode()).hexdigest()[:16]
+
+
+def save(net: MultiTaskNetwork, path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> Path:
+    """Write ``net``'s tree, configuration and weights to ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+    metadata = {
+        "format": FORMAT,
+        "tree": net.tree.to_json(),
+        "config": json.dumps(net.config, sort_keys=True),
+        "fingerprints": json.dumps([_digest(c) for c in net.fingerprints]),
+        "extra": json.dumps(dict(extra or {}), sort_keys=True, default=str),
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's tree, config, fingerprints and extra data, without loading weights."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist. Check the path (graphsurgeon.save writes it).")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a safetensors file ({exc}). Re-save it.") from exc
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{str(path)!r} is a safetensors file but not a graphsurgeon checkpoint (format {meta.get('format')!r}). "
+            "Write checkpoints with graphsurgeon.save(net, path)."
+        )
+    try:
+        return {
+            "tree": TaskTree.from_json(meta["tree"]),
+            "config": json.loads(meta["config"]),
+            "fingerprints": json.loads(meta["fingerprints"]),
+            "extra": json.loads(meta.get("extra", "{}")),
+        }
+    except (KeyError, json.JSONDecodeError, GraphSurgeonError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} has corrupt metadata ({exc}). Re-save it.") from exc
+
+
+def load_weights(net: MultiTaskNetwork, path: str | os.PathLike, fingerprints: Sequence[str] | None = None) -> None:
+    """Load a checkpoint's weights into a network of the same tree and backbone."""
+    if fingerprints is None:
+        meta = read_metadata(path)
+        if not meta["tree"].same_structure(net.tree) or meta["tree"] != net.tree:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} holds a different task tree than the network:\n{meta['tree']}\n"
+                f"vs\n{net.tree}\nUse graphsurgeon.load(path, model, tasks) to rebuild the network from it."
+            )
+        fingerprints = meta["fingerprints"]
+    ours = [_digest(c) for c in net.fingerprints]
+    if list(fingerprints) != ours:
+        bad = next((i for i, (a, b) in enumerate(zip(fingerprints, ours), 1) if a != b), min(len(ours), len(fingerprints)) + 1)
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} was cut from a different backbone: segment {bad} differs "
+            f"({len(fingerprints)} segments saved, {len(ours)} here). Load it with the same model, trunk= and granularity=."
+        )
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt ({exc}). Re-save it.") from exc
+    own = net.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not match the network: missing {missing[:3]}, unexpected {unexpected[:3]}. "
+            "Were the heads or tasks changed? Build the network with the heads the checkpoint was saved with."
+        )
+    for k, v in tensors.items():
+        if v.shape != own[k].shape:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r}: {k} has shape {tuple(v.shape)}, the network expects {tuple(own[k].shape)}. "
+                "Build the network with the same heads/backbone configuration."
+            )
+    net.load_state_dict(tensors)
+
+
+def load(
+    path: str | os.PathLike,
+    model: nn.Module,
+    tasks: Mapping[str, TaskSpec] | Sequence[tuple[str, TaskSpec]],
+    **multitask_kwargs: Any,
+) -> MultiTaskNetwork:
+    """Rebuild the network saved at ``path`` on ``model``'s architecture, with ``tasks``' heads.
+
+    The tree, trunk and granularity come from the checkpoint; the backbone's code comes from
+    ``model`` (checkpoints hold no code), and its segments must match the saved fingerprints.
+    """
+    meta = read_metadata(path)
+    cfg = meta["config"]
+    saved_backbone = cfg.get("backbone")
+    if saved_backbone is not None and saved_backbone != type(model).__name__:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} was saved from a {saved_backbone} backbone, not {type(model).__name__}. "
+            f"Pass a {saved_backbone} model to load()."
+        )
+    try:
+        net = multitask(
+            model,
+            tasks,
+            trunk=multitask_kwargs.pop("trunk", cfg.get("trunk")),
+            granularity=multitask_kwargs.pop("granularity", cfg.get("granularity", "block")),
+            sharing="separate",
+            **multitask_kwargs,
+        )
+    except TrunkError as exc:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} ends its trunk at node {cfg.get('trunk')!r}, which this "
+            f"{type(model).__name__} backbone does not have: it was saved from another backbone. "
+            "Pass the model the checkpoint was saved from."
+        ) from exc
+    if set(meta["tree"].tasks) != set(net.tasks):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} was saved for tasks {list(meta['tree'].tasks)}, not {list(net.tasks)}. "
+            "Pass the same task names."
+        )
+    if meta["tree"].depth != net.depth:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has {meta['tree'].depth} segments; this backbone gives {net.depth}. "
+            "Load it with the same model, trunk= and granularity=."
+        )
+    # lay the network out as the saved tree: every node starts as a copy of its segment,
+    # then the saved weights overwrite them
+    saved = meta["tree"]
+    first = {d: net.tree.at_depth(d)[0].id for d in range(1, net.depth + 1)}
+    net.rebuild(saved, {n.id: (first[n.depth],) if n.depth else (n.id,) for n in saved.nodes})
+    load_weights(net, path, meta["fingerprints"])
+    return net

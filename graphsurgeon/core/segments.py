@@ -1,0 +1,504 @@
+"""Cutting a traced backbone into a chain of single-input, single-output segments.
+
+A *cut point* is a position in topological order where exactly one input-dependent value is
+live (produced before, used after). Between two cut points lies a segment: an
+``fx.GraphModule`` that takes one value and returns one value and owns only its parameters.
+Segments are the unit the task tree replicates and the surgery fuses, so a segment must be
+runnable on its own and the chain of segments must reproduce the traced model exactly.
+
+Values that do not depend on the input (``get_attr`` parameters, constant tensors, shape
+arithmetic on them) never count as live: they are re-created inside every segment that uses
+them. A parameter used by two segments would be owned twice, so the segments in between are
+merged into one.
+"""
+from __future__ import annotations
+
+import difflib
+import operator
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import fx, nn
+
+from graphsurgeon.core.trace import graph_signature
+from graphsurgeon.errors import TraceError, TrunkError
+
+__all__ = ["Segment", "cut_points", "find_trunk", "fingerprint", "segment"]
+
+Granularity = Literal["block", "fine"]
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One link of the backbone chain.
+
+    Attributes:
+        index: position in the chain, 1-based (depth 0 of the task tree is the input).
+        module: the runnable segment; one positional input, one output.
+        input_name: name, in the traced graph, of the value that enters the segment.
+        output_name: name of the value it produces (the next segment's input).
+        node_names: the traced nodes it computes, in order.
+    """
+
+    index: int
+    module: fx.GraphModule
+    input_name: str
+    output_name: str
+    node_names: tuple[str, ...]
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.module)
+
+
+def fingerprint(module: fx.GraphModule) -> str:
+    """The segment's code plus the type and configuration of every module it calls.
+
+    Equal fingerprints mean interchangeable weights: the code alone would not tell a ReLU from
+    a GELU, or a stride-1 from a stride-2 convolution.
+    """
+    calls = [
+        f"{n.target}: {type(module.get_submodule(n.target)).__name__}({module.get_submodule(n.target).extra_repr()})"
+        for n in module.graph.nodes
+        if n.op == "call_module"
+    ]
+    return "\n".join([module.code, *calls])
+
+
+def _value_nodes(node: fx.Node) -> list[fx.Node]:
+    """First node inside a (possibly nested) output structure."""
+    found: list[fx.Node] = []
+    fx.node.map_arg(node.args, found.append)
+    return found
+
+
+def _describe_nodes(gm: fx.GraphModule) -> str:
+    names = [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    return ", ".join(names[-8:])
+
+
+def find_trunk(gm: fx.GraphModule, trunk: str | None) -> fx.Node:
+    """The node whose value the task heads consume.
+
+    ``None`` picks the input of the final classifier: the last parametrised module on the way
+    to the output (``fc`` in ResNet, ``heads.head`` in ViT), so that the default trunk is what
+    the backbone's own classifier saw.
+    """
+    nodes = {n.name: n for n in gm.graph.nodes}
+    if trunk is not None:
+        if trunk not in nodes or nodes[trunk].op in ("output",):
+            close = difflib.get_close_matches(trunk, list(nodes), n=5, cutoff=0.5)
+            hint = f" Close matches: {close}." if close else f" Last nodes: {_describe_nodes(gm)}."
+            raise TrunkError(
+                f"trunk={trunk!r} is not a node of the traced {type(gm).__name__} graph.{hint} "
+                "Use graphsurgeon.get_graph_node_names(model) to list the valid names."
+            )
+        node = nodes[trunk]
+        if node.op == "placeholder":
+            raise TrunkError(
+                f"trunk={trunk!r} is the model input, which leaves no backbone to share. "
+                "Name a node after the first layer (see graphsurgeon.get_graph_node_names(model))."
+            )
+        return node
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    leaves = _value_nodes(output)
+    if not leaves:
+        raise TrunkError(f"{type(gm).__name__} returns no tensor; pass trunk=<node name> explicitly.")
+    ancestors: set[fx.Node] = set()
+    stack = [leaves[0]]
+    while stack:
+        n = stack.pop()
+        if n in ancestors:
+            continue
+        ancestors.add(n)
+        stack.extend(n.all_input_nodes)
+    for node in reversed(gm.graph.nodes):
+        if node in ancestors and node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            if any(True for _ in mod.parameters()) and node.all_input_nodes:
+                trunk_node = node.all_input_nodes[0]
+                if trunk_node.op == "placeholder":
+                    break
+                return trunk_node
+    raise TrunkError(
+        f"cannot find a final classifier in {type(gm).__name__} to end the trunk at. "
+        "Pass trunk=<node name> (see graphsurgeon.get_graph_node_names(model))."
+    )
+
+
+_INPLACE_OPERATORS = frozenset(
+    {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv}
+)
+# ops whose result shares memory with their first argument: writing to it writes to that argument
+_VIEW_METHODS = frozenset(
+    {"view", "view_as", "reshape", "flatten", "transpose", "permute", "squeeze", "unsqueeze", "expand",
+     "expand_as", "narrow", "select", "unflatten", "detach", "contiguous", "t", "chunk", "split", "unbind"}
+)
+
+
+def written_value(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
+    """The value ``node`` writes in place (``x.div_(p)``, ``x[i] = y``, ``F.relu(x, inplace=True)``,
+    ``nn.ReLU(inplace=True)(x)``), followed back through views to the value that owns the
+    memory; ``None`` for a node that writes nothing.
+
+    An in-place op whose result is not used again is a side effect that a graph walk over data
+    edges would drop (timm's ``DropPath`` scales with ``div_`` and uses the tensor it scaled).
+    """
+    writes = False
+    if node.op == "call_method" and isinstance(node.target, str):
+        writes = node.target.endswith("_") and not node.target.startswith("_")
+    elif node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        writes = (
+            node.target in _INPLACE_OPERATORS
+            or (name.endswith("_") and not name.startswith("_"))
+            or node.kwargs.get("inplace") is True
+        )
+    elif node.op == "call_module":
+        writes = getattr(gm.get_submodule(node.target), "inplace", False) is True
+    if not writes or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    return _memory_owner(node.args[0])
+
+
+def _memory_owner(value: fx.Node) -> fx.Node:
+    while (
+        (value.op == "call_method" and value.target in _VIEW_METHODS)
+        or (value.op == "call_function" and value.target in (operator.getitem, torch.flatten, torch.reshape))
+    ) and value.args and isinstance(value.args[0], fx.Node):
+        value = value.args[0]
+    return value
+
+
+def _input_dependent(gm: fx.GraphModule) -> dict[fx.Node, bool]:
+    """Which values must flow through the segment chain (computed once, in order) rather than be
+    re-created inside every segment that reads them: everything computed from the input, every
+    in-place write (a side effect that must happen exactly once) and every computed value that
+    is written in place (each re-created copy would miss the write)."""
+    written = {written_value(n, gm) for n in gm.graph.nodes} - {None}
+    dep: dict[fx.Node, bool] = {}
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            dep[n] = True
+        elif n.op == "get_attr":
+            dep[n] = False
+        else:
+            dep[n] = (
+                any(dep[a] for a in n.all_input_nodes)
+                or (n.op == "call_module" and not n.all_input_nodes)
+                or n in written
+                or written_value(n, gm) is not None
+            )
+    return dep
+
+
+def _ancestors(nodes: Iterable[fx.Node], into: set[fx.Node]) -> set[fx.Node]:
+    stack = list(nodes)
+    while stack:
+        n = stack.pop()
+        if n not in into:
+            into.add(n)
+            stack.extend(n.all_input_nodes)
+    return into
+
+
+def _prune_to(gm: fx.GraphModule, trunk: fx.Node) -> tuple[list[fx.Node], dict[fx.Node, bool]]:
+    """The input-dependent nodes the trunk needs, in order, with the side effects among them.
+
+    Side effects are asserts that check needed values and in-place writes before the trunk to
+    a value the trunk computes or to a buffer (their result is often unused: the written tensor
+    is what is read again); a write pulls in what it reads, which may be written to in turn.
+    """
+    needed = _ancestors([trunk], set())
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
+    writes = [(n, written_value(n, gm)) for n in gm.graph.nodes if position[n] < position[trunk]]
+    writes = [(n, owner) for n, owner in writes if owner is not None]
+    grown = True
+    while grown:
+        grown = False
+        for n, owner in writes:
+            if n not in needed and (owner.op == "get_attr" or owner in needed):
+                _ancestors([n], needed)
+                grown = True
+    dep = _input_dependent(gm)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder" and n in needed]
+    if len(placeholders) != 1:
+        names = [p.name for p in placeholders]
+        raise TraceError(
+            f"the backbone's trunk depends on {len(names)} inputs {names}; graphsurgeon needs exactly one "
+            "tensor input. Fix the others with concrete_args={name: value}."
+        )
+    order: list[fx.Node] = []
+    for n in gm.graph.nodes:
+        if n.op == "output" or not dep.get(n, False):
+            continue
+        # keep asserts (no users) that only check values the trunk needs
+        if n in needed or (not n.users and n.op == "call_function" and set(n.all_input_nodes) <= needed):
+            if n.op == "placeholder" and n is not placeholders[0]:
+                continue
+            order.append(n)
+            needed.add(n)
+    return order, dep
+
+
+def _check_same_in_both_modes(
+    gm: fx.GraphModule, order: Sequence[fx.Node], other: fx.GraphModule, trunk: str | None, trunk_node: fx.Node
+) -> None:
+    """Refuse a trunk whose graph differs between train and eval mode (see `graphsurgeon.core.trace`):
+    the segments would run the traced mode's path in both modes."""
+    if trunk is not None and trunk not in {n.name for n in other.graph.nodes}:
+        raise TraceError(
+            f"trunk={trunk!r} exists only when the model is traced in "
+            f"{'train' if gm.training else 'eval'} mode: the backbone computes differently in the two modes. "
+            "Pass the module that branches on self.training in leaf_modules=[...], or pick a trunk node "
+            "that both modes compute."
+        )
+    other_order, _ = _prune_to(other, find_trunk(other, trunk))
+    mine, theirs = graph_signature(order), graph_signature(other_order)
+    if mine == theirs:
+        return
+    first = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+    node = order[min(first, len(order) - 1)]
+    stack = list(node.meta.get("nn_module_stack", {}).values())
+    where = f"module {stack[-1][0]!r}" if stack else f"the top-level {type(gm).__name__}.forward"
+    fix = (
+        f"pass leaf_modules=[{stack[-1][0]!r}] so it follows the mode at run time"
+        if stack
+        else "move the mode-dependent code into a submodule"
+    )
+    before = order.index(node) - 1 if node in order else -1
+    if before >= 0:
+        fix += f", or end the trunk before it (trunk={order[before].name!r})"
+    raise TraceError(
+        f"{type(gm).__name__} computes its trunk differently in train and eval mode, from node {node.name!r} "
+        f"in {where} on (it branches on self.training, or calls a function with training=self.training); "
+        f"a traced graph would keep one mode's path in both modes. Fix: {fix}."
+    )
+
+
+def _is_tensor_like(node: fx.Node) -> bool:
+    """Whether a live value can be passed between segments as a tensor.
+
+    Shape propagation gives the answer when it ran; without it, values only consumed by
+    ``getitem`` (tuples) and shape queries are rejected.
+    """
+    meta = node.meta.get("tensor_meta")
+    if meta is not None:
+        return isinstance(meta, torch.fx.passes.shape_prop.TensorMetadata)
+    if "example_value" in node.meta:
+        return isinstance(node.meta["example_value"], torch.Tensor)
+    if node.op == "call_method" and node.target in ("size", "dim", "numel"):
+        return False
+    if node.op == "call_function" and node.target in (getattr, len):
+        return False
+    users = list(node.users)
+    return not users or not all(u.op == "call_function" and u.target is operator.getitem for u in users)
+
+
+def cut_points(order: Sequence[fx.Node], trunk: fx.Node) -> dict[int, fx.Node]:
+    """Positions ``i`` in ``order`` after which exactly one value is live, with that value.
+
+    The live value is not always ``order[i]``: a node without users (an assert) may come last.
+    """
+    index = {n: i for i, n in enumerate(order)}
+    last_use = {}
+    for n in order:
+        uses = [index[u] for u in n.users if u in index]
+        last_use[n] = max(uses, default=index[n])
+    last_use[trunk] = len(order)  # consumed by the heads
+    # count live values across each boundary with a difference array
+    delta = [0] * (len(order) + 1)
+    for n in order:
+        start, end = index[n], last_use[n]
+        if end > start:
+            delta[start] += 1
+            delta[end] -= 1
+    cuts, live = {}, 0
+    for i in range(len(order)):
+        live += delta[i]
+        if live == 1 and i <= index[trunk]:
+            value = next(n for n in reversed(order[: i + 1]) if i < last_use[n])
+            if _is_tensor_like(value):
+                cuts[i] = value
+    return cuts
+
+
+def _block_of(node: fx.Node, gm: fx.GraphModule) -> str:
+    """The module block a node belongs to: the outermost module whose parent is a container.
+
+    ResNet's BasicBlocks are children of a ``Sequential``; a composite module directly under
+    the root (GoogLeNet's inception blocks) is a block too; primitive layers and glue code at
+    the top level (ResNet's stem conv/bn/relu, pooling, flatten) belong to the block ``""``. Only the original module *types* are
+    consulted (from ``nn_module_stack``): the GraphModule's own submodules are plain copies.
+    """
+    stack = list(node.meta.get("nn_module_stack", {}).values())
+    root_type = gm.meta.get("graphsurgeon_root_type", nn.Module)
+    for i, (qualname, _) in enumerate(stack):
+        # the stack holds the original module types; gm's own submodules are plain copies
+        parent_type = stack[i - 1][1] if i > 0 else root_type
+        if isinstance(parent_type, type) and issubclass(parent_type, _CONTAINERS):
+            primitive = i == len(stack) - 1 and node.op == "call_module" and node.target == qualname
+            # a container of primitive layers (regnet's stem: conv, bn, relu) is one block,
+            # unless it is the backbone itself (a user's plain nn.Sequential)
+            return stack[i - 1][0] if primitive and i > 0 else qualname
+    # no container above: a composite top-level child (GoogLeNet's inception3a) is a block;
+    # a primitive top-level layer (ResNet's conv1, bn1) is glue that joins its neighbours
+    if stack and not (len(stack) == 1 and node.op == "call_module" and node.target == stack[0][0]):
+        return stack[0][0]
+    return ""
+
+
+def _params_of(node: fx.Node, gm: fx.GraphModule) -> list[str]:
+    """Qualified names of the parameters a node touches directly."""
+    if node.op == "call_module":
+        prefix = node.target
+        return [f"{prefix}.{p}" for p, _ in gm.get_submodule(prefix).named_parameters()]
+    if node.op == "get_attr":
+        obj = gm
+        for part in node.target.split("."):
+            obj = getattr(obj, part)
+        return [node.target] if isinstance(obj, nn.Parameter) else []
+    return []
+
+
+def _constant_closure(node: fx.Node, dep: dict[fx.Node, bool]) -> list[fx.Node]:
+    """The input-independent nodes a node reads, transitively."""
+    found, stack = [], [a for a in node.all_input_nodes if not dep[a]]
+    seen: set[fx.Node] = set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        found.append(n)
+        stack.extend(a for a in n.all_input_nodes if not dep[a])
+    return found
+
+
+def _segment_params(
+    nodes: Sequence[fx.Node], gm: fx.GraphModule, dep: dict[fx.Node, bool], written_buffers: set[str]
+) -> set[str]:
+    """The state a range of nodes owns: parameters, and the buffers written in place that it
+    reads (a segment copy owns its buffers, so the reader of a write must be its segment)."""
+    params: set[str] = set()
+    for n in nodes:
+        params.update(_params_of(n, gm))
+        for c in _constant_closure(n, dep):
+            params.update(_params_of(c, gm))
+        params.update(str(c.target) for c in (n, *_constant_closure(n, dep)) if c.target in written_buffers)
+    return params
+
+
+def _build(
+    gm: fx.GraphModule,
+    nodes: Sequence[fx.Node],
+    inp: fx.Node,
+    out: fx.Node,
+    dep: dict[fx.Node, bool],
+    index: int,
+) -> fx.GraphModule:
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {inp: graph.placeholder(inp.name)}
+    if any(written_value(n, gm) is inp for n in nodes):
+        # the input is the parent node's output, which sibling branches read too: write to a copy
+        env[inp] = graph.call_method("clone", (env[inp],))
+
+    def lookup(a: fx.Node) -> fx.Node:
+        if a not in env:
+            if dep[a]:
+                raise AssertionError(f"segment {index} reads {a.name}, which is live across its start")
+            env[a] = graph.node_copy(a, lookup)
+        return env[a]
+
+    for n in nodes:
+        env[n] = graph.node_copy(n, lookup)
+    graph.output(env[out])
+    graph.lint()
+    return fx.GraphModule(gm, graph, class_name=f"Segment{index}")
+
+
+def segment(
+    gm: fx.GraphModule,
+    trunk: str | None = None,
+    granularity: Granularity = "block",
+    example_input: torch.Tensor | None = None,
+) -> list[Segment]:
+    """Cut a traced backbone into a chain of segments ending at ``trunk``.
+
+    Args:
+        gm: the traced backbone (see `graphsurgeon.core.trace`).
+        trunk: node name where the shared backbone ends; ``None``: the final classifier's input.
+        granularity: ``"block"`` cuts only between module blocks (children of a container:
+            ResNet's BasicBlocks, ViT's encoder layers, a stage of EfficientNet); ``"fine"`` at
+            every cut point. Either way, adjacent cuts are merged so that every segment has
+            parameters.
+        example_input: when given, shapes are propagated so that only tensors are cut at.
+
+    Returns:
+        Segments 1..L; chaining them reproduces ``gm`` up to the trunk, bit for bit.
+    """
+    if granularity not in ("block", "fine"):
+        raise ValueError(f"granularity must be 'block' or 'fine', got {granularity!r}")
+    if example_input is not None:
+        from torch.fx.passes.shape_prop import ShapeProp
+
+        # eval mode and no grad: shape propagation must not move the user's BatchNorm statistics
+        modes = {m: m.training for m in gm.modules()}
+        gm.eval()
+        try:
+            with torch.no_grad():
+                ShapeProp(gm).propagate(example_input)
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+    trunk_node = find_trunk(gm, trunk)
+    order, dep = _prune_to(gm, trunk_node)
+    other_mode = gm.meta.get("graphsurgeon_other_mode")
+    if other_mode is not None:
+        _check_same_in_both_modes(gm, order, other_mode, trunk, trunk_node)
+    if trunk_node not in order:
+        raise TrunkError(
+            f"trunk={trunk_node.name!r} does not depend on the model input. "
+            "Choose a node computed from the input (see graphsurgeon.get_graph_node_names(model))."
+        )
+    live = cut_points(order, trunk_node)
+    end = order.index(trunk_node)
+    live[end] = trunk_node
+    cuts = [c for c in sorted(live) if c <= end]
+    if granularity == "block":
+        cuts = [c for c in cuts if c in (0, end) or _block_of(order[c], gm) != _block_of(order[c + 1], gm)]
+    ranges = [order[a + 1 : b + 1] for a, b in zip(cuts, cuts[1:])]
+    written_buffers = {str(w.target) for n in order if (w := written_value(n, gm)) is not None and w.op == "get_attr"}
+    params = [_segment_params(r, gm, dep, written_buffers) for r in ranges]
+    # merge parameter-free ranges into a neighbour, and ranges that share a parameter
+    bounds = list(zip(cuts, cuts[1:]))
+    merged: list[tuple[int, int, set[str]]] = []
+    for (a, b), p in zip(bounds, params):
+        if merged and (not p or not merged[-1][2]):
+            pa, _, pp = merged.pop()
+            merged.append((pa, b, pp | p))
+        else:
+            merged.append((a, b, p))
+    changed = True
+    while changed:
+        changed = False
+        for i in range(len(merged)):
+            for j in range(i + 1, len(merged)):
+                if merged[i][2] & merged[j][2]:
+                    a, _, _ = merged[i]
+                    _, b, _ = merged[j]
+                    union = set().union(*(m[2] for m in merged[i : j + 1]))
+                    merged[i : j + 1] = [(a, b, union)]
+                    changed = True
+                    break
+            if changed:
+                break
+    segments = []
+    for k, (a, b, _) in enumerate(merged, start=1):
+        nodes = order[a + 1 : b + 1]
+        module = _build(gm, nodes, live[a], live[b], dep, k)
+        segments.append(Segment(k, module, live[a].name, live[b].name, tuple(n.name for n in nodes)))
+    return segments

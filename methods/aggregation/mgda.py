@@ -1,0 +1,96 @@
+"""MGDA: Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization",
+NeurIPS 2018 (after Désidéri's multiple-gradient descent algorithm, 2012).
+
+The minimum-norm point of the convex hull of the task gradients is either zero (the
+parameters are Pareto-stationary) or a direction that decreases every task:
+``d . g_t >= ||d||^2`` for all ``t``.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+from scipy.optimize import minimize
+from torch import Tensor
+
+from graphsurgeon.errors import GraphSurgeonError
+from graphsurgeon.methods.aggregation.base import Aggregator, gram
+
+__all__ = ["MGDA", "min_norm_weights"]
+
+Normalization = Literal["none", "l2", "loss", "loss+"]
+_NORMALIZATIONS = ("none", "l2", "loss", "loss+")
+
+# sum_t w_t = 1 for scipy's SLSQP (the bounds 0 <= w_t <= 1 complete the simplex).
+SIMPLEX = ({"type": "eq", "fun": lambda w: w.sum() - 1.0, "jac": lambda w: np.ones_like(w)},)
+
+
+def min_norm_weights(k: np.ndarray) -> np.ndarray:
+    """Convex weights ``w`` minimising ``w^T K w`` for a PSD Gram matrix ``K`` (float64).
+
+    Solved as the QP it is, with SLSQP over the simplex and the analytic gradient (the paper
+    uses Frank-Wolfe iterations). SLSQP stops on the objective, so the optimality conditions
+    hold to about 1e-8 relative, which is far below the noise of a stochastic gradient.
+    """
+    n = k.shape[0]
+    scale = np.trace(k) / n
+    if scale <= 0:
+        return np.full(n, 1.0 / n)
+    k = k / scale  # the minimiser is invariant to the scale of K; this conditions SLSQP
+    result = minimize(
+        lambda w: float(w @ k @ w),
+        np.full(n, 1.0 / n),
+        jac=lambda w: 2.0 * (k @ w),
+        method="SLSQP",
+        bounds=[(0.0, 1.0)] * n,
+        constraints=SIMPLEX,
+        options={"ftol": 1e-15, "maxiter": 500},
+    )
+    w = np.clip(result.x, 0.0, None)
+    return w / w.sum()
+
+
+class MGDA(Aggregator):
+    """Minimum-norm point of the convex hull of the (normalised) task gradients.
+
+    ``normalization`` divides each gradient before the hull is formed (an option of Sener &
+    Koltun's official code, not described in the paper): ``"none"``; ``"l2"`` by ``||g_t||``
+    (every task counts equally whatever its gradient scale); ``"loss"`` by ``L_t`` (needs positive
+    losses); ``"loss+"`` by ``L_t ||g_t||``.
+
+    The direction is the min-norm point of the *normalised* hull, ``sum_t (w_t / n_t) g_t``
+    (as LibMTL does), so it is a common descent direction for every task whatever the
+    normalisation; Sener & Koltun's code instead reuses ``w`` on the unnormalised losses.
+    ``last_weights`` holds ``w_t / n_t``.
+    """
+
+    def __init__(self, num_tasks: int, normalization: Normalization = "none") -> None:
+        super().__init__(num_tasks)
+        if normalization not in _NORMALIZATIONS:
+            raise GraphSurgeonError(
+                f"MGDA normalization must be one of {_NORMALIZATIONS}, got {normalization!r}; "
+                "pick one of those."
+            )
+        self.normalization = normalization
+
+    def _weights(self, grads: Tensor, losses: Tensor) -> Tensor:
+        k = gram(grads).cpu()
+        norms = k.diagonal().clamp_min(0).sqrt()
+        if self.normalization in ("loss", "loss+") and not (losses > 0).all():
+            raise GraphSurgeonError(
+                f"MGDA normalization {self.normalization!r} needs positive losses, got "
+                f"{losses.tolist()}; use normalization='l2' or 'none'."
+            )
+        losses = losses.double().cpu()
+        normalizer = {
+            "none": torch.ones_like(norms),
+            "l2": norms,
+            "loss": losses,
+            "loss+": losses * norms,
+        }[self.normalization]
+        # A zero gradient is its own min-norm point; keep its row zero instead of 0/0.
+        normalizer = torch.where(normalizer > 0, normalizer, torch.ones_like(normalizer))
+        k = k / torch.outer(normalizer, normalizer)
+        w = torch.from_numpy(min_norm_weights(k.numpy()))
+        return (w / normalizer).to(grads.device)

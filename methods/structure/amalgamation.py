@@ -1,0 +1,131 @@
+"""Knowledge amalgamation: training a group node to stand in for the members it replaces.
+
+MTSL does not simply average the members: the group node G is trained so that, for each
+member t, a channel gate g_t = sigmoid(MLP(GAP(F_G))) recovers the member's features,
+minimising Σ_t MSE(F_t, g_t ⊙ F_G). The gates let one shared representation serve members
+that weight channels differently; they are discarded after the phase (the children
+downstream adapt during the next task-learning phase).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from graphsurgeon.core.network import MultiTaskNetwork
+from graphsurgeon.methods.structure.similarity import global_avg_pool
+from graphsurgeon.training import distributed
+
+__all__ = ["Amalgamation", "ChannelGate", "feature_mse"]
+
+
+def _broadcast_gate(g: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    if f.dim() == 3:
+        return g[:, None, :]
+    return g.reshape(*g.shape, *([1] * (f.dim() - 2)))
+
+
+class ChannelGate(nn.Module):
+    """Linear → ReLU → Linear → Sigmoid on the pooled group features: one gate per member."""
+
+    def __init__(self, channels: int, reduction: int = 4) -> None:
+        super().__init__()
+        hidden = max(channels // reduction, 4)
+        self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, channels), nn.Sigmoid())
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return _broadcast_gate(self.mlp(global_avg_pool(f)), f) * f
+
+
+def feature_mse(
+    net: MultiTaskNetwork,
+    depth: int,
+    parent: int,
+    members: Sequence[nn.Module],
+    group: nn.Module,
+    gates: Sequence[nn.Module] | None,
+    batches: Iterable[torch.Tensor],
+) -> list[float]:
+    """Per-member MSE between the member's features and the (gated) group features, no grad."""
+    totals, count = [0.0] * len(members), 0
+    modes = [m.training for m in (*members, group)]
+    for m in (*members, group):
+        m.eval()
+    with torch.no_grad():
+        for x in batches:
+            inp = net.features(x, depth=depth - 1)[parent]
+            fg = group(inp)
+            for i, m in enumerate(members):
+                pred = gates[i](fg) if gates is not None else fg
+                totals[i] += F.mse_loss(pred, m(inp), reduction="sum").item()
+            count += fg.numel()
+    for m, mode in zip((*members, group), modes):
+        m.train(mode)
+    return [t / max(count, 1) for t in totals]
+
+
+@dataclass
+class Amalgamation:
+    """A `graphsurgeon.core.surgery.fuse` ``distill`` callback: MTSL's knowledge amalgamation.
+
+    Args:
+        batches: a callable returning an iterable of input batches (one epoch of real data).
+        epochs: passes over ``batches`` per fuse.
+        lr: Adam learning rate for the group node and the gates (a separate optimizer).
+        progress: wraps each epoch's batches (e.g. a tqdm factory) or ``None``.
+    """
+
+    batches: Callable[[], Iterable[torch.Tensor]]
+    epochs: int = 1
+    lr: float = 1e-3
+    reduction: int = 4
+    progress: Callable[[Iterable], Iterable] | None = None
+    history: list[dict] = field(default_factory=list)
+    gates: list[ChannelGate] | None = field(default=None, repr=False)
+    """The gates trained by the last call (kept to measure held-out MSE)."""
+
+    def __call__(
+        self, net: MultiTaskNetwork, depth: int, parent: int, members: Sequence[nn.Module], group: nn.Module
+    ) -> dict:
+        device = next(group.parameters()).device
+        gates: list[ChannelGate] | None = None
+        opt: torch.optim.Optimizer | None = None
+        curve: list[float] = []
+        member_modes = [m.training for m in members]
+        for m in members:
+            m.eval()  # targets: their BatchNorm statistics stay as they are
+        group.train()  # BatchNorm in train mode, as MTSL distils
+        net_mode = net.training
+        for _ in range(self.epochs):
+            batches = self.batches()
+            if self.progress is not None:
+                batches = self.progress(batches)
+            for x in batches:
+                with torch.no_grad():
+                    net.eval()
+                    inp = net.features(x, depth=depth - 1)[parent]
+                    targets = [m(inp) for m in members]
+                fg = group(inp)
+                if gates is None:
+                    channels = global_avg_pool(fg).shape[1]
+                    gates = [ChannelGate(channels, self.reduction).to(device) for _ in members]
+                    params = list(group.parameters()) + [p for g in gates for p in g.parameters()]
+                    opt = torch.optim.Adam(params, lr=self.lr)
+                loss = sum(F.mse_loss(gate(fg), t) for gate, t in zip(gates, targets))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                # under torchrun each rank distils on its share of the batches: average the
+                # gradients so that every rank ends with the same group node (no-op alone)
+                distributed.all_reduce_gradients(params)
+                opt.step()
+                curve.append(float(loss.detach()))
+        net.train(net_mode)
+        for m, mode in zip(members, member_modes):
+            m.train(mode)
+        self.gates = gates
+        record = {"depth": depth, "parent": parent, "members": len(members), "loss_curve": curve}
+        self.history.append(record)
+        return record

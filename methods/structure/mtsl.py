@@ -1,0 +1,222 @@
+"""MTSL — Multi-Task Structural Learning (Gurulingan et al., ICML 2023), on the graph engine.
+
+Training starts fully split (one copy of every segment per task) and alternates
+task-learning phases with structural phases. In a structural phase, for every set of sibling
+task nodes at the frontier (the earliest depth not yet decided), the members' outputs are
+compared by debiased linear CKA on a fixed sample of training images; the partition search
+of `graphsurgeon.methods.structure.partition.mtsl_partition` picks the groups to merge; each group's knowledge is
+amalgamated into a new group node (`graphsurgeon.methods.structure.amalgamation.Amalgamation`); the members are
+removed and their children re-parented (`graphsurgeon.core.surgery.fuse`). During task learning an
+alignment loss w·(1 − mean pairwise CKA) pulls the frontier siblings' outputs together.
+
+Under torchrun every rank accumulates the CKA statistics on its share of the similarity
+sample and the statistics (O(D²) per sibling set, never activations) are summed over ranks;
+rank 0 decides the partition and broadcasts it; every rank applies the same fuse, distilling
+the group node on its share of the batches with averaged gradients; the trainer then re-wraps
+the network for DDP (`Trainer.structure_changed`).
+
+The official code is ResNet-18-only and cuts stages by hand; here a "layer" is a segment
+at ``granularity="block"`` of whatever backbone was traced. Heads are never merged.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from graphsurgeon.core.surgery import fuse
+from graphsurgeon.methods.base import Method
+from graphsurgeon.methods.structure.amalgamation import Amalgamation
+from graphsurgeon.methods.structure.partition import GroupingError, mtsl_partition
+from graphsurgeon.methods.structure.similarity import CKAAccumulator, global_avg_pool, minibatch_debiased_cka
+from graphsurgeon.training import distributed
+
+if TYPE_CHECKING:
+    from graphsurgeon.training.trainer import Trainer
+
+__all__ = ["MTSL", "MTSLConfig"]
+
+
+@dataclass
+class MTSLConfig:
+    """Every knob of MTSL; the defaults are the official code's."""
+
+    task_phases: Sequence[int] = (2, 2, 2, 2, 4, 4, 8, 8, 8, 8)
+    distill_epochs: Sequence[int] = (1, 1, 2, 2, 2, 2, 4, 4, 8, 8)
+    schedule_scale: float = 1.0
+    threshold: float = 0.8
+    align_weight: float = 0.2
+    similarity_samples: int = 800
+    group_init: str = "fresh"  # or "mean" of the members, or "copy" of the most central member
+    distill_lr: float | None = None
+    exhaustive_limit: int = 10
+
+    def scaled(self, epochs: Sequence[int]) -> list[int]:
+        return [max(1, math.ceil(e * self.schedule_scale)) for e in epochs]
+
+
+@dataclass
+class MTSL(Method):
+    config: MTSLConfig = field(default_factory=MTSLConfig)
+    decisions: list[dict] = field(default_factory=list)
+    phase: int = 0
+    decided: set[int] = field(default_factory=set)
+
+    name = "mtsl"
+
+    # ------------------------------------------------------------------ schedule
+    def phase_ends(self) -> list[int]:
+        """Epochs after which the structural phases run."""
+        return list(itertools.accumulate(self.config.scaled(self.config.task_phases)))
+
+    def frontier(self, tree) -> tuple[int, list[tuple[int, list[int]]]]:
+        """The earliest depth with an undecided set of ≥ 2 siblings, and those sets (parent, ids)."""
+        for depth in range(1, tree.depth + 1):
+            sets = [
+                (p.id, [c.id for c in tree.children(p.id)])
+                for p in tree.at_depth(depth - 1)
+                if p.id not in self.decided and len(tree.children(p.id)) >= 2
+            ]
+            if sets:
+                return depth, sets
+        return 0, []
+
+    # ------------------------------------------------------------------ task learning
+    def on_start(self, trainer: Trainer) -> None:
+        self._hooks: list = []
+        self._captured: dict[int, torch.Tensor] = {}
+        self._install_hooks(trainer)
+
+    def _install_hooks(self, trainer: Trainer) -> None:
+        """Capture the frontier siblings' outputs during the normal forward (no second pass)."""
+        for h in getattr(self, "_hooks", []):
+            h.remove()
+        self._hooks, self._captured = [], {}
+        if self.config.align_weight <= 0:
+            return
+        depth, sets = self.frontier(trainer.net.tree)
+        for _, ids in sets:
+            for node_id in ids:
+                module = trainer.net.level(depth)[f"n{node_id}"]
+                self._hooks.append(module.register_forward_hook(self._capture(node_id)))
+
+    def _capture(self, node_id: int):
+        def hook(module, args, output):
+            if module.training:
+                self._captured[node_id] = output
+
+        return hook
+
+    def extra_loss(self, trainer: Trainer, x: torch.Tensor, outputs: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        if not self._captured or x.shape[0] < 4:
+            return None
+        _, sets = self.frontier(trainer.net.tree)
+        terms = []
+        for _, ids in sets:
+            feats = [global_avg_pool(self._captured[i]) for i in ids if i in self._captured]
+            if len(feats) >= 2:
+                cka = minibatch_debiased_cka(feats)
+                k = cka.shape[0]
+                off = cka[~torch.eye(k, dtype=torch.bool, device=cka.device)]
+                terms.append(1 - off.mean())
+        self._captured = {}
+        if not terms:
+            return None
+        return self.config.align_weight * torch.stack(terms).mean()
+
+    # ------------------------------------------------------------------ structural learning
+    def after_epoch(self, trainer: Trainer) -> dict[str, Any] | None:
+        ends = self.phase_ends()
+        if self.phase >= len(ends) or trainer.epoch != ends[self.phase]:
+            return None
+        events = self.structural_phase(trainer)
+        self.phase += 1
+        self._install_hooks(trainer)
+        return {"structural_phase": events}
+
+    @torch.no_grad()
+    def similarity(self, trainer: Trainer, depth: int, ids: Sequence[int]) -> torch.Tensor:
+        """Debiased linear CKA between the nodes' GAP'd outputs on a fixed training sample
+        (each rank takes its share of the sample; the statistics are summed over ranks)."""
+        net = trainer.net
+        was_training = net.training
+        net.eval()
+        acc = CKAAccumulator(debiased=True)
+        data = trainer.train_data
+        g = torch.Generator().manual_seed(trainer.config.seed + 7919)
+        order = torch.randperm(len(data), generator=g)[: self.config.similarity_samples].tolist()
+        if len(order) < distributed.world_size():
+            raise GroupingError(
+                f"MTSL compares features on {len(order)} samples but runs on {distributed.world_size()} ranks; "
+                "raise similarity_samples (or use the data set's size) to at least the number of ranks."
+            )
+        subset = torch.utils.data.Subset(data, distributed.shard(order))
+        for batch in trainer.loader(subset, shuffle=False, batch_size=trainer.config.eval_batch_size):
+            x, _ = trainer.to_device(batch)
+            values = net.features(x, depth=depth)
+            acc.update({i: global_avg_pool(values[i]) for i in ids})
+        net.train(was_training)
+        return acc.all_reduce().matrix().cpu()
+
+    def structural_phase(self, trainer: Trainer) -> list[dict]:
+        net = trainer.net
+        depth, sets = self.frontier(net.tree)
+        if not sets:
+            return []
+        distill_epochs = self.config.scaled(self.config.distill_epochs)[min(self.phase, len(self.config.distill_epochs) - 1)]
+        events = []
+        for parent, ids in sets:
+            before = sum(p.numel() for p in net.parameters())
+            node_tasks = [list(net.tree.node(i).tasks) for i in ids]
+            sim = self.similarity(trainer, depth, ids)
+            decision = None
+            if distributed.is_main():
+                decision = mtsl_partition(sim.numpy(), self.config.threshold, exhaustive_limit=self.config.exhaustive_limit)
+            sim, decision = distributed.broadcast_object((sim, decision))  # rank 0 decides for all
+            # most central member first (highest mean CKA with the rest): group_init="copy" takes it
+            def centrality(i: int, block: Sequence[int], sim: torch.Tensor = sim) -> float:
+                return sum(float(sim[i, j]) for j in block if j != i)
+
+            groups = [
+                [ids[i] for i in sorted(block, key=lambda i, b=block: -centrality(i, b))] for block in decision.merge_groups
+            ]
+            amalgamation = Amalgamation(
+                batches=lambda: (b[0].to(trainer.device) for b in trainer.loader(trainer.train_data, shuffle=True)),
+                epochs=distill_epochs,
+                lr=self.config.distill_lr or trainer.config.lr,
+                progress=(lambda it: trainer.progress(it, desc=f"distil d{depth}")) if trainer.config.progress else None,
+            )
+            if groups:
+                fuse(net, depth, groups, init=self.config.group_init, distill=amalgamation, optimizer=trainer.optimizer)
+                trainer.structure_changed()
+            self.decided.add(parent)
+            event = {
+                "phase": self.phase + 1,
+                "epoch": trainer.epoch,
+                "depth": depth,
+                "parent": parent,
+                "nodes": ids,
+                "tasks": node_tasks,
+                "similarity": sim.tolist(),
+                "trials": [{"k": t.k, "partition": [list(b) for b in t.partition], "score": t.score} for t in decision.trials],
+                "merged": groups,
+                "distill_loss": [h["loss_curve"] for h in amalgamation.history],
+                "parameters_before": before,
+                "parameters_after": sum(p.numel() for p in net.parameters()),
+            }
+            events.append(event)
+            self.decisions.append(event)
+        return events
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"phase": self.phase, "decided": sorted(self.decided), "decisions": self.decisions, "config": asdict(self.config)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.phase = int(state.get("phase", 0))
+        self.decided = set(state.get("decided", []))
+        self.decisions = list(state.get("decisions", []))
+
