@@ -28,6 +28,7 @@ from graphsurgeon.core import (
     segment,
     surgery,
     to_export,
+    to_onnx,
     to_torchscript,
     trace,
 )
@@ -37,6 +38,7 @@ from graphsurgeon.errors import (
     GraphSurgeonError,
     HeadMismatchError,
     InvariantError,
+    MissingDependencyError,
     TaskSpecError,
     TraceError,
     TreeEditError,
@@ -52,6 +54,7 @@ __all__ = [
     "GraphSurgeonError",
     "HeadMismatchError",
     "InvariantError",
+    "MissingDependencyError",
     "MultiTaskNetwork",
     "Segment",
     "Task",
@@ -75,6 +78,7 @@ __all__ = [
     "segment",
     "surgery",
     "to_export",
+    "to_onnx",
     "to_torchscript",
     "trace",
 ]

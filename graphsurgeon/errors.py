@@ -35,3 +35,7 @@ class InvariantError(GraphSurgeonError):
 
 class CheckpointError(GraphSurgeonError):
     """A checkpoint is corrupt or does not match the network it is loaded into."""
+
+
+class MissingDependencyError(GraphSurgeonError, ImportError):
+    """A feature needs an optional package (an extra) that is not installed."""

@@ -4,7 +4,7 @@ only the network executes."""
 from graphsurgeon.core import surgery
 from graphsurgeon.core.build import multitask
 from graphsurgeon.core.checkpoint import load, save
-from graphsurgeon.core.export import ExportError, materialise, materialize, to_export, to_torchscript
+from graphsurgeon.core.export import ExportError, materialise, materialize, to_export, to_onnx, to_torchscript
 from graphsurgeon.core.invariants import check, count_parameters
 from graphsurgeon.core.network import MultiTaskNetwork, Task
 from graphsurgeon.core.segments import Segment, segment
@@ -29,6 +29,7 @@ __all__ = [
     "segment",
     "surgery",
     "to_export",
+    "to_onnx",
     "to_torchscript",
     "trace",
 ]

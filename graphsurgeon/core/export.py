@@ -7,7 +7,11 @@ that owns it (``seg3_n7_conv1``), and returns ``{task: output}``. The result is 
 """
 from __future__ import annotations
 
+import os
+import re
+import tempfile
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,8 +19,9 @@ from torch import fx
 
 from graphsurgeon.core.network import MultiTaskNetwork
 from graphsurgeon.errors import GraphSurgeonError
+from graphsurgeon.optional import require
 
-__all__ = ["ExportError", "materialise", "materialize", "to_export", "to_torchscript"]
+__all__ = ["ExportError", "materialise", "materialize", "to_export", "to_onnx", "to_torchscript"]
 
 
 class ExportError(GraphSurgeonError):
@@ -114,3 +119,117 @@ def to_export(
             f"torch.export failed on the materialised graph: {type(exc).__name__}: {str(exc).splitlines()[0]}. "
             "Check that the backbone exports on its own (torch.export.export(model, (x,)))."
         ) from exc
+
+
+class _TaskTuple(torch.nn.Module):
+    """The materialised graph with outputs as a tuple in task order: ONNX graphs have a list of
+    named outputs, not a dict."""
+
+    def __init__(self, graph: fx.GraphModule, tasks: tuple[str, ...]) -> None:
+        super().__init__()
+        self.graph_module, self.tasks = graph, tasks
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.graph_module(x)
+        return tuple(out[t] for t in self.tasks)
+
+
+def to_onnx(
+    net: MultiTaskNetwork,
+    example_input: torch.Tensor,
+    path: str | os.PathLike[str],
+    *,
+    dynamic_batch: bool = False,
+    check: bool = True,
+    atol: float = 1e-5,
+    opset_version: int | None = None,
+) -> Path:
+    """Write the network as an ONNX model (one named output per task) and check it.
+
+    Exported with ``torch.onnx.export(..., dynamo=True)`` (the ``torch.export``-based exporter,
+    which needs ``onnxscript``) in eval mode: ONNX is an inference format, so BatchNorm uses its
+    running statistics and dropout is off whatever mode ``net`` is in (its modes are restored).
+    With ``check`` the file is loaded in ONNX Runtime and every task's output must match eager
+    ``net(example_input)`` within ``atol`` (relative and absolute), or `ExportError` says which
+    task differs by how much. The file is written atomically: an export that fails leaves no
+    half-written model at ``path``.
+
+    Needs the ``onnx`` extra (``pip install 'graphsurgeon[onnx]'``: onnx, onnxruntime, onnxscript).
+    """
+    require("onnxscript", "gs.to_onnx")
+    onnx = require("onnx", "gs.to_onnx")
+    target = Path(path)
+    modes = {m: m.training for m in net.modules()}
+    net.eval()
+    try:
+        module = _TaskTuple(materialize(net), net.tasks)
+        dynamic_shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the exporter reports its passes as warnings
+                torch.onnx.export(
+                    module,
+                    (example_input,),
+                    str(tmp),
+                    dynamo=True,
+                    input_names=["x"],
+                    output_names=list(net.tasks),
+                    dynamic_shapes=dynamic_shapes,
+                    opset_version=opset_version,
+                    external_data=False,
+                    verbose=False,
+                )
+            onnx.checker.check_model(str(tmp))
+            if check:
+                with torch.no_grad():
+                    eager = net(example_input)
+                _check_onnx_outputs(tmp, example_input, eager, net.tasks, atol)
+            os.replace(tmp, target)
+        except ExportError:
+            raise
+        except Exception as exc:  # the exporter raises many types; the user needs the op that failed
+            raise ExportError(
+                f"ONNX export of the materialised network failed: {_onnx_failure(exc)}. ONNX cannot express every "
+                "backbone op: check that the backbone exports on its own (torch.onnx.export(model.eval(), (x,), "
+                "'m.onnx', dynamo=True)), or deploy with gs.to_export(net, x) instead."
+            ) from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return target
+
+
+def _onnx_failure(exc: BaseException) -> str:
+    """The line of the exporter's report that names the failing op ("No ONNX function found for
+    <OpOverload(op='aten._linalg_eigh' ...)>"), else the error's first line. The exporter wraps
+    the cause in a ConversionError whose first line only says which step failed."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    for line in text.splitlines():
+        if "No ONNX function found" in line or "Unsupported" in line:
+            return line.split(">: ", 1)[-1].strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0].strip() if lines else ''}"
+
+
+def _check_onnx_outputs(
+    path: Path, x: torch.Tensor, eager: dict[str, torch.Tensor], tasks: tuple[str, ...], atol: float
+) -> None:
+    ort = require("onnxruntime", "gs.to_onnx(check=True)")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(list(tasks), {"x": x.detach().cpu().numpy()})
+    for task, value in zip(tasks, got):
+        want = eager[task].detach().cpu()
+        value_t = torch.from_numpy(value).to(want.dtype)
+        if value_t.shape != want.shape or not torch.allclose(value_t, want, rtol=atol, atol=atol):
+            diff = (value_t - want).abs().max().item() if value_t.shape == want.shape else float("nan")
+            raise ExportError(
+                f"the ONNX model's output {task!r} differs from eager: max |difference| {diff:.3g} > {atol:g} "
+                f"(shapes {tuple(value_t.shape)} vs {tuple(want.shape)}). Export in float32, or pass a larger atol= "
+                "if the backbone uses ops ONNX Runtime computes differently."
+            )

@@ -1,0 +1,44 @@
+"""Optional dependencies, checked in one place.
+
+Heavy or deployment-only libraries (ONNX, ONNX Runtime, TensorBoard, timm, transformers) are
+extras: the core library never imports them at import time. A feature that needs one calls
+`require`, which either returns the module or raises `MissingDependencyError` saying which
+extra to install.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from graphsurgeon.errors import MissingDependencyError
+
+__all__ = ["EXTRAS", "available", "require"]
+
+EXTRAS: dict[str, str] = {
+    "onnx": "onnx",
+    "onnxruntime": "onnx",
+    "onnxscript": "onnx",
+    "tensorboard": "tensorboard",
+    "timm": "timm",
+    "transformers": "transformers",
+}
+"""The pip extra of graphsurgeon that installs each optional module."""
+
+
+def available(module: str) -> bool:
+    """Whether ``module`` can be imported (without importing it twice when it can)."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def require(module: str, purpose: str) -> ModuleType:
+    """Import ``module`` for ``purpose`` (e.g. ``"gs.to_onnx"``), or say how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        extra = EXTRAS.get(module)
+        how = f"pip install 'graphsurgeon[{extra}]'" if extra else f"pip install {module}"
+        raise MissingDependencyError(f"{purpose} needs the optional package {module!r}, which is not installed. Fix: {how}.") from exc
