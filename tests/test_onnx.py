@@ -18,7 +18,7 @@ SLOW = ["efficientnet_b0", "convnext_tiny", "swin_t", "densenet121", "regnet_y_4
 def _branched(model: nn.Module, x: torch.Tensor) -> gs.MultiTaskNetwork:
     depth = len(gs.segment(gs.trace(model), example_input=x))
     tree = gs.TaskTree.branched(["a", "b", "c"], depth, [["a"], ["b", "c"]], split_at=depth // 2 + 1)
-    heads = {t: (lambda k: lambda shape: nn.Sequential(nn.Flatten(), nn.LazyLinear(k)))(k) for t, k in zip("abc", (3, 5, 7))}
+    heads = {t: nn.Sequential(nn.Flatten(), nn.LazyLinear(k)) for t, k in zip("abc", (3, 5, 7))}
     net = gs.multitask(model, heads, sharing=tree, example_input=x)
     return net.eval()
 
