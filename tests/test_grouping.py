@@ -117,15 +117,18 @@ def test_mtsl_exhaustive_equals_brute_force(s, threshold):
         assert trial.score == pytest.approx(best[trial.k], abs=1e-12)
         assert score(s, trial.partition) == pytest.approx(trial.score, abs=1e-12)
         assert trial.evaluated == stirling2(n, trial.k)
-    if decision.k is None:
-        assert decision.partition == tuple((i,) for i in range(n)) and decision.merge_groups == ()
+    if decision.k is None:  # the official fallback: the best partition with at most N-1 blocks
+        top = max(best.values())
+        assume(sum(abs(v - top) < 1e-9 for v in best.values()) == 1)  # no tie between k
+        assert score(s, decision.partition) == pytest.approx(top, abs=1e-12)
+        assert decision.score == pytest.approx(top, abs=1e-12)
     else:
         assert decision.partition == decision.trials[-1].partition
-        block_means = [score(s, [b]) * n / len(b) for b in decision.partition]
-        assert decision.block_scores == pytest.approx(block_means, abs=1e-12)
-        expected = [b for b, m in zip(decision.partition, block_means) if len(b) >= 2 and m >= threshold]
-        assume(all(abs(m - threshold) > 1e-9 for m in block_means))
-        assert list(decision.merge_groups) == expected
+    block_means = [score(s, [b]) * n / len(b) for b in decision.partition]
+    assert decision.block_scores == pytest.approx(block_means, abs=1e-12)
+    assume(all(abs(m - threshold) > 1e-9 for m in block_means))
+    expected = [b for b, m in zip(decision.partition, block_means) if len(b) >= 2 and m > threshold]
+    assert list(decision.merge_groups) == expected
 
 
 def test_mtsl_two_clear_clusters_are_found_exactly():
@@ -158,7 +161,7 @@ def test_mtsl_threshold_above_every_similarity_merges_nothing():
     s = np.full((5, 5), 0.7)
     decision = mtsl_partition(s, threshold=0.71)
     assert decision.k is None and decision.merge_groups == ()
-    assert decision.partition == ((0,), (1,), (2,), (3,), (4,))
+    assert decision.partition == ((0, 1, 2, 3, 4),)  # the fallback: best with <= N-1 blocks
     assert [t.k for t in decision.trials] == [1, 2, 3, 4]
     assert decision.evaluated == sum(stirling2(5, k) for k in range(1, 5))
 
@@ -284,3 +287,28 @@ def test_tag_single_task_is_its_own_group():
 def test_tag_rejects_bad_input(args, kwargs, match):
     with pytest.raises(GraphSurgeonError, match=match):
         tag_groups(*args, **kwargs)
+
+
+def test_mtsl_merges_a_similar_pair_beside_an_unrelated_task():
+    """Official fallback (GroupTasks.create_selection): no k reaches 0.8 (a singleton scores 0,
+    so {0,1}|{2} scores 0.6), the best partition with <= N-1 blocks is kept, and its pair merges."""
+    s = np.array([[1, 0.9, 0.3], [0.9, 1, 0.3], [0.3, 0.3, 1]])
+    decision = mtsl_partition(s, threshold=0.8)
+    assert decision.k is None
+    assert decision.partition == ((0, 1), (2,))
+    assert decision.merge_groups == ((0, 1),)
+
+
+def test_mtsl_merges_two_similar_pairs_beside_an_unrelated_task():
+    s = np.full((5, 5), 0.1)
+    s[0, 1] = s[1, 0] = s[2, 3] = s[3, 2] = 0.95
+    np.fill_diagonal(s, 1.0)
+    decision = mtsl_partition(s, threshold=0.8)
+    assert decision.k is None
+    assert decision.merge_groups == ((0, 1), (2, 3))
+
+
+def test_mtsl_merges_only_above_the_threshold():
+    s = np.array([[1.0, 0.8], [0.8, 1.0]])
+    assert mtsl_partition(s, threshold=0.8).merge_groups == ()  # the official test is strict: >
+    assert mtsl_partition(s, threshold=0.79).merge_groups == ((0, 1),)

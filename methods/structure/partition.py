@@ -128,14 +128,17 @@ class PartitionDecision:
     """MTSL's decision for one set of sibling task nodes, with everything needed to log it."""
 
     partition: Partition
-    """The chosen partition; all singletons when nothing is merged."""
+    """The chosen partition: the first whose score reaches the threshold, else the best-scoring
+    partition with at most N-1 blocks (the official fallback; a single node: itself)."""
     block_scores: tuple[float, ...]
     """Mean pairwise similarity inside each block of `partition` (0 for a singleton)."""
     merge_groups: Partition
-    """Blocks of ≥ 2 nodes whose mean similarity reaches the threshold: the merges to perform."""
+    """Blocks of ≥ 2 nodes whose mean similarity exceeds the threshold: the merges to perform
+    (also from a fallback partition, so a pair can merge while a dissimilar task stays alone)."""
     k: int | None
-    """Number of blocks of the chosen partition, or None when no k reached the threshold."""
+    """Number of blocks of the partition that reached the threshold, or None when none did."""
     score: float
+    """Score of `partition` (the fallback's when `k` is None)."""
     threshold: float
     method: Literal["exhaustive", "agglomerative"]
     trials: tuple[PartitionTrial, ...]
@@ -206,10 +209,15 @@ def mtsl_partition(similarity: Any, threshold: float = 0.8, *, exhaustive_limit:
     partition with exactly k blocks is found — exhaustively over all Stirling2(N, k) partitions
     when N <= ``exhaustive_limit``, otherwise by average-linkage agglomerative clustering on the
     distance 1 - S cut to k clusters — and the smallest k whose best score reaches ``threshold``
-    is chosen (fewest blocks = most sharing that is still similar enough). Of its blocks, those
-    with ≥ 2 members whose mean score reaches the threshold are merged; if no k qualifies,
-    nothing is merged. The search stops at the chosen k; `PartitionDecision.trials` holds every
-    k tried. Ties between partitions go to the first in `set_partitions` order.
+    is chosen (fewest blocks = most sharing that is still similar enough). When no k qualifies,
+    the best-scoring partition with at most N-1 blocks is kept. Of the chosen partition's blocks,
+    those with ≥ 2 members whose mean score is *above* the threshold are merged. This is the
+    official rule (NeurAI-Lab/MTSL, ``GroupTasks.create_selection`` and the merge test in
+    ``train_stubs.py: fusion_phase``): since a singleton scores 0, a partition that leaves one
+    dissimilar task alone rarely reaches the threshold for N ≤ 4, and without the fallback a
+    similar pair beside an unrelated task could never merge. The search stops at the chosen k;
+    `PartitionDecision.trials` holds every k tried. Ties between partitions go to the first in
+    `set_partitions` order (and, for the fallback, to the fewest blocks).
 
     Args:
         similarity: symmetric (N, N) matrix; the diagonal is ignored.
@@ -244,15 +252,19 @@ def mtsl_partition(similarity: Any, threshold: float = 0.8, *, exhaustive_limit:
             chosen = trial
             break
 
-    partition = chosen.partition if chosen else tuple((i,) for i in range(n))
+    kept = chosen
+    if kept is None and trials:  # ties (within rounding) go to the fewest blocks: the most sharing
+        top = max(t.score for t in trials)
+        kept = next(t for t in trials if t.score >= top - 1e-12)
+    partition = kept.partition if kept else tuple((i,) for i in range(n))
     block_scores = tuple(_block_mean(s, b) for b in partition)
-    merges = tuple(b for b, score in zip(partition, block_scores) if len(b) >= 2 and score >= threshold)
+    merges = tuple(b for b, score in zip(partition, block_scores) if len(b) >= 2 and score > threshold)
     return PartitionDecision(
         partition=partition,
         block_scores=block_scores,
         merge_groups=merges,
         k=chosen.k if chosen else None,
-        score=chosen.score if chosen else 0.0,
+        score=kept.score if kept else 0.0,
         threshold=float(threshold),
         method="exhaustive" if exhaustive else "agglomerative",
         trials=tuple(trials),
