@@ -7,10 +7,15 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-settings.register_profile(
-    "ci", deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], derandomize=True
-)
-settings.load_profile("ci")
+# Hypothesis profiles (select with --hypothesis-profile=NAME or GS_HYPOTHESIS_PROFILE=NAME):
+#   ci        the default: derandomized (CI is reproducible), each property's own example count
+#   dev       random examples, so --hypothesis-seed=N reproduces or varies a run
+#   thorough  random, and at least 500 examples per property (see strategies.examples)
+_QUIET = [HealthCheck.too_slow, HealthCheck.data_too_large]
+settings.register_profile("ci", deadline=None, suppress_health_check=_QUIET, derandomize=True)
+settings.register_profile("dev", deadline=None, suppress_health_check=_QUIET)
+settings.register_profile("thorough", deadline=None, suppress_health_check=_QUIET, max_examples=500)
+settings.load_profile(os.environ.get("GS_HYPOTHESIS_PROFILE", "ci"))
 torch.set_num_threads(1)
 
 

@@ -17,6 +17,8 @@
   `model_zoo_gen.random_models`, weights jittered to full float64 precision) with drawn tasks
   and a random tree; `build_case` builds one for a given model and tree.
 
+* `examples`: a property's example count under the active profile (tests/conftest.py).
+
 Every strategy shrinks towards the simplest case: one task, shared trees, short sequences.
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from hypothesis import settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -310,3 +313,11 @@ def networks(
         return build_case(model, x, tasks, seed, granularity, segments)
     tree = draw(trees(tasks=tasks, depth=len(segments[0])))
     return build_case(model, x, tree, seed, granularity, segments)
+
+
+def examples(n: int) -> int:
+    """``n`` examples, or the active profile's count when it asks for more (``thorough``: 500).
+
+    A property's own ``settings(max_examples=n)`` beats any profile, so each property asks
+    through this function instead of hard-coding its count."""
+    return max(n, settings().max_examples) if settings.get_current_profile_name() == "thorough" else n

@@ -18,6 +18,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import examples
 from torch import nn
 
 from graphsurgeon.errors import GraphSurgeonError
@@ -108,7 +109,7 @@ def test_backend_matches_reference(backend, shared, activation, tasks, dtype):
     check_against_reference(x, weights, biases, activation, backend, dtype)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25), deadline=None)
 @given(
     tasks=st.integers(1, 4),
     rows=st.integers(1, 12),

@@ -19,7 +19,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
-from strategies import GROUP_INITS, NetCase, edit_sequences, make_heads, networks
+from strategies import GROUP_INITS, NetCase, edit_sequences, examples, make_heads, networks
 from torch import nn
 
 import graphsurgeon as gs
@@ -27,7 +27,7 @@ import graphsurgeon.core.checkpoint as checkpoint
 from graphsurgeon import CheckpointError
 from graphsurgeon.core.checkpoint import read_metadata
 
-ROUND_TRIP = settings(max_examples=10, deadline=None)
+ROUND_TRIP = settings(max_examples=examples(10), deadline=None)
 
 
 def eager(net, x) -> dict[str, torch.Tensor]:

@@ -15,13 +15,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import GROUP_INITS, NetCase, build_case, cut, edit_sequences, networks
+from strategies import GROUP_INITS, NetCase, build_case, cut, edit_sequences, examples, networks
 from torch import nn
 
 import graphsurgeon as gs
 from graphsurgeon import ExportError
 
-EXPORT = settings(max_examples=5, deadline=None)
+EXPORT = settings(max_examples=examples(5), deadline=None)
 
 
 def eager(net, x) -> dict[str, torch.Tensor]:
@@ -93,7 +93,7 @@ def test_torch_export_and_its_save_load_equal_eager_on_random_models_and_trees(d
     assert_same_outputs(loaded, want, "torch.export.save/load")
 
 
-@settings(max_examples=3, deadline=None)
+@settings(max_examples=examples(3), deadline=None)
 @given(networks(min_tasks=2, max_tasks=2))
 def test_export_with_a_dynamic_batch_equals_eager_on_other_batch_sizes(case: NetCase) -> None:
     program = gs.to_export(case.net, case.x, dynamic_batch=True)
@@ -103,7 +103,7 @@ def test_export_with_a_dynamic_batch_equals_eager_on_other_batch_sizes(case: Net
     assert_same_outputs(got, eager(case.net, bigger), "torch.export(dynamic_batch=True) at batch 6")
 
 
-@settings(max_examples=3, deadline=None)
+@settings(max_examples=examples(3), deadline=None)
 @given(networks(min_tasks=2, max_tasks=3))
 def test_the_materialised_graph_shares_the_network_parameters(case: NetCase) -> None:
     """materialise() documents that it shares parameters: training the network updates it too."""

@@ -13,13 +13,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from model_zoo_gen import Op, Program, build_model
-from strategies import NetCase, build_case, full_precision, networks, sibling_sets
+from strategies import NetCase, build_case, examples, full_precision, networks, sibling_sets
 from torch import nn
 
 import graphsurgeon as gs
 from graphsurgeon import TaskSpecError
 
-FUSE = settings(max_examples=20, deadline=None)
+FUSE = settings(max_examples=examples(20), deadline=None)
 
 
 def outputs(net, x) -> dict[str, torch.Tensor]:
@@ -143,7 +143,7 @@ def test_copy_takes_the_first_member_as_an_independent_copy(case: NetCase) -> No
         assert torch.equal(after[t], before[t])
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=examples(10), deadline=None)
 @given(networks(min_tasks=2, max_tasks=2, layout="separate"))
 def test_fresh_reinitialises_layers_and_resets_norm_statistics(case: NetCase) -> None:
     a, b = case.net.tree.at_depth(1)

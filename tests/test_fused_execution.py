@@ -20,7 +20,7 @@ import torch
 import torchvision
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import networks
+from strategies import examples, networks
 from torch import nn
 
 import graphsurgeon as gs
@@ -209,7 +209,7 @@ def test_torchscript_and_torch_export_of_a_fused_network_equal_its_outputs() -> 
         assert_same(got, want, "exported output")
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=examples(8), deadline=None)
 @given(case=networks(min_tasks=2, max_tasks=4), train=st.booleans())
 def test_fused_equals_loop_on_random_models_and_trees(case, train: bool) -> None:
     fused, loop = fused_and_loop(case.net)

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from strategies import examples
 
 from graphsurgeon.errors import GraphSurgeonError
 from graphsurgeon.methods.structure.partition import GroupingError, mtsl_partition, set_partitions, tag_groups
 
-PROPERTY = settings(max_examples=30, deadline=None)
+PROPERTY = settings(max_examples=examples(30), deadline=None)
 
 
 @cache

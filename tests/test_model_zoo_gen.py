@@ -14,14 +14,15 @@ import pytest
 import torch
 from hypothesis import HealthCheck, Phase, find, given, settings
 from model_zoo_gen import BATCH, GeneratedNet, Program, ResidualBlock, build_model, programs, random_models
+from strategies import examples
 from torch import Tensor, fx, nn
 
 from graphsurgeon.core.trace import trace
 
-FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=examples(25), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 # `find` stops at the first hit and never shrinks; derandomised so that a diversity check
 # cannot fail on an unlucky seed.
-FIND = settings(max_examples=60, deadline=None, phases=[Phase.generate], derandomize=True, database=None)
+FIND = settings(max_examples=examples(60), deadline=None, phases=[Phase.generate], derandomize=True, database=None)
 
 
 def _max_live_activations(gm: fx.GraphModule) -> int:

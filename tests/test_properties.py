@@ -15,14 +15,14 @@ import torch
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from model_zoo_gen import random_models
-from strategies import GROUP_INITS, Merge, NetCase, build_case, cut, edits, networks, task_lists, trees
+from strategies import GROUP_INITS, Merge, NetCase, build_case, cut, edits, examples, networks, task_lists, trees
 from torch import nn
 
 import graphsurgeon as gs
 from graphsurgeon import InvariantError, TaskSpecError
 
-NETS = settings(max_examples=20, deadline=None)
-TORCHVISION = settings(max_examples=4, deadline=None)
+NETS = settings(max_examples=examples(20), deadline=None)
+TORCHVISION = settings(max_examples=examples(4), deadline=None)
 
 
 def outputs(net, x, tasks=None) -> dict[str, torch.Tensor]:
@@ -115,7 +115,7 @@ def test_random_trees_with_block_segments_satisfy_the_invariants(case: NetCase) 
     assert_network_properties(case, list(case.net.tasks)[::-1])
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=examples(15), deadline=None)
 @given(st.data())
 def test_networks_built_with_any_tree_compute_the_same_outputs_at_the_start(data: st.DataObject) -> None:
     """Every node starts as a copy of the same segment, so the tree cannot matter before training."""
@@ -191,7 +191,7 @@ def test_forward_with_unknown_tasks_raises_task_spec_error() -> None:
         net(x, tasks=["a", "zz"])
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=examples(10), deadline=None)
 @given(random_models(max_ops=4, max_channels=6), st.integers(1, 3))
 def test_every_task_path_computes_the_original_backbone_trunk_exactly(drawn, n_tasks) -> None:
     """Every tree over one backbone computes the backbone's own trunk features for each task."""

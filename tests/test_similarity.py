@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import examples
 
 from graphsurgeon.errors import GraphSurgeonError
 from graphsurgeon.methods.structure.similarity import (
@@ -21,7 +22,7 @@ from graphsurgeon.methods.structure.similarity import (
 )
 
 F64 = torch.float64
-PROPERTY = settings(max_examples=25, deadline=None)
+PROPERTY = settings(max_examples=examples(25), deadline=None)
 
 
 def randn(seed: int, *shape: int) -> torch.Tensor:
@@ -176,7 +177,7 @@ def batch_matrix(features: list[torch.Tensor], measure) -> torch.Tensor:
     return torch.tensor([[measure(a, b) for b in features] for a in features], dtype=F64)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=examples(20), deadline=None)
 @given(st.integers(0, 10_000), st.lists(st.integers(1, 9), min_size=2, max_size=6), st.floats(-50.0, 50.0))
 def test_accumulator_equals_batch_computation_on_concatenated_data(seed, batch_sizes, offset):
     n = sum(batch_sizes)

@@ -12,11 +12,11 @@ import re
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from strategies import Merge, apply_edits, edit_sequences, partitions_of, sibling_sets, task_lists, trees
+from strategies import Merge, apply_edits, edit_sequences, examples, partitions_of, sibling_sets, task_lists, trees
 
 from graphsurgeon import InvariantError, TaskSpecError, TaskTree, TreeEditError
 
-TREES = settings(max_examples=30, deadline=None)
+TREES = settings(max_examples=examples(30), deadline=None)
 
 
 def assert_tree_invariants(tree: TaskTree) -> None:
