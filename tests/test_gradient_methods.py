@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
@@ -71,14 +72,49 @@ def test_per_task_gradients_match_autograd_with_zeros_for_unreached_params():
         torch.testing.assert_close(row, expected)
 
 
-def test_per_task_gradients_frees_graph_unless_retained():
+def test_per_task_gradients_keep_the_graph_for_the_heads_backward():
     *_, losses, params = _tiny_problem()
     per_task_gradients(losses, params, retain_graph=True)
     sum(losses).backward()  # graph still there
-    *_, losses, params = _tiny_problem()
-    per_task_gradients(losses, params)
-    with pytest.raises(RuntimeError):
-        sum(losses).backward()
+
+
+class _NoVmap(torch.autograd.Function):
+    """A custom op whose backward reads a value on the host (``.item()``), which vmap cannot
+    batch: the batched backward cannot run through it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * (2.0 if grad.abs().max().item() >= 0 else 0.0)
+
+
+def _conv_problem(custom_op: bool):
+    torch.manual_seed(0)
+    trunk = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU()).double()
+    heads = [torch.nn.Linear(4, 2).double() for _ in range(3)]
+    x = torch.randn(6, 3, 8, 8, dtype=torch.float64)
+    feats = trunk(x)
+    if custom_op:
+        feats = _NoVmap.apply(feats)
+    feats = feats.mean((2, 3))
+    losses = [(h(feats) ** 2).mean() for h in heads]
+    return losses, list(trunk.parameters())
+
+
+@pytest.mark.parametrize("custom_op", [False, True])
+def test_per_task_gradients_batched_and_fallback_rows_equal_one_backward_per_task(custom_op, caplog):
+    losses, params = _conv_problem(custom_op)
+    expected = torch.stack(
+        [torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, retain_graph=True)]) for loss in losses]
+    )
+    with caplog.at_level(logging.DEBUG, logger="graphsurgeon"):
+        got = per_task_gradients(losses, params)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-10)
+    fell_back = any("one backward per task" in r.getMessage() for r in caplog.records)
+    assert fell_back == custom_op  # the batched backward runs unless an op has no batching rule
 
 
 def test_per_task_gradients_constant_loss_gives_zeros_and_dtype_follows_params():

@@ -34,6 +34,8 @@ itself for every method (weight 1) without consulting the method.
 from __future__ import annotations
 
 import contextlib
+import logging
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 
@@ -43,6 +45,8 @@ from torch import Tensor, nn
 from graphsurgeon.errors import GraphSurgeonError
 
 __all__ = ["Aggregator", "assign_gradient", "gram", "per_task_gradients", "split_parameters"]
+
+_log = logging.getLogger("graphsurgeon")
 
 
 def split_parameters(net: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -71,8 +75,10 @@ def per_task_gradients(
 ) -> Tensor:
     """Gradient of each task loss with respect to the shared parameters, one row per task.
 
-    One ``torch.autograd.grad`` call per task, restricted to ``params`` so that the
-    task-specific heads are not differentiated ``T`` times. Rows are the parameters'
+    One batched backward for all tasks (``torch.autograd.grad(..., is_grads_batched=True)``),
+    falling back to one ``torch.autograd.grad`` call per task, with a DEBUG log line, where an
+    op has no batching rule; either way restricted to ``params`` so that the task-specific
+    heads are not differentiated ``T`` times. Rows are the parameters'
     gradients flattened and concatenated in the order of ``params`` (the layout
     ``assign_gradient`` expects). A parameter a task does not reach, a parameter that does
     not require grad, and a loss that does not depend on any parameter (e.g. a task
@@ -108,16 +114,20 @@ def per_task_gradients(
         dtype = torch.promote_types(dtype, p.dtype)
     device = params[0].device
     live = [i for i, p in enumerate(params) if p.requires_grad]
-    rows = []
-    for t, loss in enumerate(losses):
-        keep = retain_graph or t < len(losses) - 1
-        if loss.requires_grad and live:
-            got = torch.autograd.grad(
-                loss.reshape(()), [params[i] for i in live], retain_graph=keep, allow_unused=True
-            )
+    differentiable = [t for t, loss in enumerate(losses) if loss.requires_grad]
+    by_task: dict[int, Sequence[Tensor | None]] = {}
+    if live and differentiable:
+        targets = [params[i] for i in live]
+        batched = _batched_gradients([losses[t] for t in differentiable], targets)
+        if batched is not None:
+            by_task = {t: [None if g is None else g[row] for g in batched] for row, t in enumerate(differentiable)}
         else:
-            got = [None] * len(live)
-        by_index = dict(zip(live, got))
+            for t in differentiable:
+                keep = retain_graph or t < differentiable[-1]
+                by_task[t] = torch.autograd.grad(losses[t].reshape(()), targets, retain_graph=keep, allow_unused=True)
+    rows = []
+    for t in range(len(losses)):
+        by_index = dict(zip(live, by_task.get(t, [None] * len(live))))
         pieces = []
         for i, p in enumerate(params):
             g = by_index.get(i)
@@ -127,6 +137,24 @@ def per_task_gradients(
                 pieces.append(g.reshape(-1).to(dtype=dtype, device=device))
         rows.append(torch.cat(pieces))
     return torch.stack(rows)
+
+
+def _batched_gradients(losses: Sequence[Tensor], params: Sequence[Tensor]) -> Sequence[Tensor | None] | None:
+    """Every task's gradient in one backward pass (``is_grads_batched``: autograd vmaps the
+    backward over the rows of an identity), or ``None`` where an op of the graph has no batching
+    rule; then the caller runs one backward per task. The graph is always kept (the fallback
+    needs it after a failure); it is released with the losses at the end of the step."""
+    stacked = torch.stack([loss.reshape(()) for loss in losses])
+    eye = torch.eye(len(losses), dtype=stacked.dtype, device=stacked.device)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # vmap's "performance drop" notes for slow fallbacks
+            return torch.autograd.grad(
+                stacked, list(params), grad_outputs=eye, is_grads_batched=True, retain_graph=True, allow_unused=True
+            )
+    except RuntimeError as exc:  # an op without a batching rule in the backward
+        _log.debug("per_task_gradients: one backward per task (no batched backward: %s)", str(exc).splitlines()[0])
+        return None
 
 
 @contextlib.contextmanager
