@@ -232,3 +232,38 @@ def test_branches_benchmark_quick_run_writes_its_tables(tmp_path) -> None:
     assert all(r["ratio"]["fused"] > 0 and r["loop_ms"] > 0 for r in records)
     table = (tmp_path / "branches_cpu.md").read_text()
     assert table.count("\n| resnet18 | small (4) |") == 4 and "fused / loop" in table
+
+
+def test_fused_inference_from_four_threads_gives_the_outputs_of_one():
+    """Served models are called concurrently: functional_call swapped the tensors of one shared
+    module, so 4 threads failed with 'tensor escaped from inside a function being vmapped'."""
+    import threading
+
+    import torchvision
+
+    torch.manual_seed(0)
+    net = gs.multitask(torchvision.models.resnet18(), {t: nn.Linear(512, 3) for t in "abcd"}, sharing="separate")
+    net.fuse_execution(True).eval()
+    inputs = [torch.randn(2, 3, 32, 32) for _ in range(4)]
+    with torch.no_grad():
+        expected = [net(x) for x in inputs]
+    results: dict[int, dict] = {}
+    errors: list[BaseException] = []
+
+    def serve(i: int) -> None:
+        try:
+            with torch.no_grad():
+                for _ in range(3):
+                    results[i] = net(inputs[i])
+        except BaseException as exc:  # reported below, with the thread's own error
+            errors.append(exc)
+
+    threads = [threading.Thread(target=serve, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    for i in range(4):
+        for task in "abcd":
+            assert torch.equal(results[i][task], expected[i][task])

@@ -30,7 +30,10 @@ dispatcher finds it faster), with the heads' own ``weight`` / ``bias`` parameter
 """
 from __future__ import annotations
 
+import copy
+import itertools
 import logging
+import threading
 import weakref
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 
@@ -199,10 +202,37 @@ def gather_inputs(values: Mapping[int, Tensor], parents: Sequence[int]) -> tuple
     return torch.stack([values[p] for p in parents]), 0
 
 
+_THREAD = threading.local()
+
+
+def _skeleton(module: nn.Module) -> nn.Module:
+    """This thread's weightless copy of ``module`` (parameters and buffers on the meta device).
+
+    ``functional_call`` swaps the tensors of the module it calls for the ones it is given and
+    swaps them back afterwards: two threads calling one shared module would see each other's
+    swaps (vmapped tensors escaping into the other thread's call). Each thread therefore calls
+    its own copy; every tensor is supplied by the call, so the copy needs none of its own. The
+    training flags are copied from ``module`` on every call (``net.train()`` flips them)."""
+    cache = getattr(_THREAD, "skeletons", None)
+    if cache is None:
+        cache = _THREAD.skeletons = weakref.WeakKeyDictionary()
+    skeleton = cache.get(module)
+    if skeleton is None:
+        memo: dict[int, object] = {}
+        for t in itertools.chain(module.parameters(), module.buffers()):
+            meta = t.detach().to("meta")
+            memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+        skeleton = cache[module] = copy.deepcopy(module, memo)
+    for own, original in zip(skeleton.modules(), module.modules()):
+        own.training = original.training
+    return skeleton
+
+
 def fused_call(modules: Sequence[nn.Module], x: Tensor, in_dim: int | None) -> Tensor:
     """``torch.stack([m(x_i) for m, x_i in zip(modules, x)])`` as one vmapped call of
-    ``modules[0]`` with the stacked parameters and buffers of all of them."""
-    template = modules[0]
+    ``modules[0]``'s structure with the stacked parameters and buffers of all of them
+    (thread-safe: each thread calls its own weightless copy, see `_skeleton`)."""
+    template = _skeleton(modules[0])
     params = [dict(m.named_parameters()) for m in modules]
     buffers = [dict(m.named_buffers()) for m in modules]
     stacked_params = {n: torch.stack([p[n] for p in params]) for n in params[0]}
