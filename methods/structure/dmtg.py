@@ -48,7 +48,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from graphsurgeon.core.network import MultiTaskNetwork, Task
-from graphsurgeon.core.surgery import derive
+from graphsurgeon.core.surgery import carry_optimizer, derive
 from graphsurgeon.core.tree import TaskTree
 from graphsurgeon.errors import TaskSpecError
 from graphsurgeon.methods.base import Method
@@ -224,10 +224,10 @@ class DMTG(Method):
             return
         c = self.config
         trainer.set_network(Supernet.from_network(trainer.net, c.branches, c.shared_depth, c.init_noise))
-        # the logits in a param group of their own (the fresh optimizer has no state to move)
+        # the logits in a param group of their own (the fresh optimizer has no state to move):
+        # out of the network's group, then back in with their own settings
         logits = trainer.net.group_logits
-        main = trainer.optimizer.param_groups[0]
-        main["params"] = [p for p in main["params"] if p is not logits]
+        carry_optimizer(trainer.optimizer, [logits], [])
         lr = c.logits_lr if c.logits_lr is not None else trainer.config.lr
         # no weight decay: it would pull the assignment towards uniform, which the search must not
         trainer.optimizer.add_param_group({"params": [logits], "lr": lr, "weight_decay": 0.0})
