@@ -248,7 +248,7 @@ def reinitialise(
     unknown_tasks = sorted(set(head_tasks) - set(net.tasks))
     if unknown_tasks:
         raise TreeEditError(f"reinitialise: tasks {unknown_tasks} are not the network's {list(net.tasks)}.")
-    targets = [(net.node_module(i), net.pristine(net.tree.node(i).depth)) for i in ids]
+    targets: list[tuple[nn.Module, nn.Module]] = [(net.node_module(i), net.pristine(net.tree.node(i).depth)) for i in ids]
     targets += [(net.heads[t], net.pristine_head(t)) for t in head_tasks]
     if from_ == "random":
         reinitialise_module(nn.ModuleList([m for m, _ in targets]))
@@ -278,7 +278,8 @@ def fuse(
     every member's output (``distill``) while the members still exist, then the members are
     removed and their children re-parented under it. Returns the composed origin map.
     """
-    tree, origin = net.tree, {n.id: (n.id,) for n in net.tree.nodes}
+    tree = net.tree
+    origin: Origin = {n.id: (n.id,) for n in net.tree.nodes}
     for group in groups:
         tree, step = tree.merge(depth, group)
         origin = compose_origins(origin, step)
@@ -287,10 +288,10 @@ def fuse(
         members = origin[node.id]
         if len(members) > 1:
             member_modules = [net.node_module(m) for m in members]
-            group = init_group(member_modules, init, net.pristine(depth))
+            prepared[node.id] = init_group(member_modules, init, net.pristine(depth))
             if distill is not None:
-                distill(net, depth, node.parent, member_modules, group)
-            prepared[node.id] = group
+                assert node.parent is not None  # every node below the root has a parent
+                distill(net, depth, node.parent, member_modules, prepared[node.id])
     relayout(net, tree, origin, init=init, modules=prepared, optimizer=optimizer)
     return origin
 

@@ -49,7 +49,7 @@ from torch.nn import functional as F
 
 from graphsurgeon.core.network import MultiTaskNetwork, Task
 from graphsurgeon.core.surgery import carry_optimizer, derive
-from graphsurgeon.core.tree import TaskTree
+from graphsurgeon.core.tree import Origin, TaskTree
 from graphsurgeon.errors import TaskSpecError
 from graphsurgeon.methods.base import Method
 from graphsurgeon.training.distributed import broadcast_object
@@ -137,7 +137,8 @@ class Supernet(nn.Module):
         tree = TaskTree.branched(names, net.depth, [[b] for b in names], split_at=shared_depth + 1)
         heads = {b: Task(head=BranchHeads({t: net.heads[t] for t in net.tasks})) for b in names}
         first = {d: net.tree.at_depth(d)[0].id for d in range(1, net.depth + 1)}
-        body, _ = derive(net, tree, {n.id: (first[n.depth],) for n in tree.nodes if n.depth}, heads)
+        origin: Origin = {n.id: (first[n.depth],) for n in tree.nodes if n.depth}
+        body, _ = derive(net, tree, origin, heads)
         return cls(body, net.task_specs, shared_depth, init_noise)
 
     # the trainer's view of a network: tasks, tree (logged and checkpointed), config, fingerprints
@@ -198,7 +199,7 @@ def prune(supernet: Supernet, assignment: Mapping[str, int] | None = None) -> Mu
         t: Task(head=body.heads[branch_name(k)][t], loss=supernet.task_specs[t].loss, metrics=supernet.task_specs[t].metrics)
         for t, k in assignment.items()
     }
-    origin = {n.id: (body.tree.path(branch_name(assignment[n.tasks[0]]))[n.depth].id,) for n in tree.nodes if n.depth}
+    origin: Origin = {n.id: (body.tree.path(branch_name(assignment[n.tasks[0]]))[n.depth].id,) for n in tree.nodes if n.depth}
     return derive(body, tree, origin, specs)[0]
 
 
@@ -223,10 +224,11 @@ class DMTG(Method):
         if self.pruned or isinstance(trainer.net, Supernet):
             return
         c = self.config
-        trainer.set_network(Supernet.from_network(trainer.net, c.branches, c.shared_depth, c.init_noise))
+        supernet = Supernet.from_network(trainer.net, c.branches, c.shared_depth, c.init_noise)
+        trainer.set_network(supernet)
         # the logits in a param group of their own (the fresh optimizer has no state to move):
         # out of the network's group, then back in with their own settings
-        logits = trainer.net.group_logits
+        logits = supernet.group_logits
         carry_optimizer(trainer.optimizer, [logits], [])
         lr = c.logits_lr if c.logits_lr is not None else trainer.config.lr
         # no weight decay: it would pull the assignment towards uniform, which the search must not
