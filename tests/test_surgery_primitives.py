@@ -15,9 +15,12 @@ from test_mtsl import Spec, Toy
 from torch import nn
 
 import graphsurgeon as gs
+from graphsurgeon.apps.experiment import count_flops
 from graphsurgeon.apps.models import small_resnet
 from graphsurgeon.core import eval_mode, surgery
+from graphsurgeon.core.network import init_group
 from graphsurgeon.core.network import reinitialise as reinitialise_module
+from graphsurgeon.methods.structure.amalgamation import Amalgamation, feature_mse
 from graphsurgeon.methods.structure.dmtg import Supernet, prune
 from graphsurgeon.methods.structure.mtsl import MTSL, MTSLConfig
 from graphsurgeon.training.trainer import TrainConfig, Trainer
@@ -246,6 +249,22 @@ def test_a_frozen_batchnorm_stays_frozen_through_an_mtsl_similarity_pass_and_a_f
     surgery.fuse(net, 1, [[a.id, b.id]], init="copy")  # the group takes its first member's modes
     (group,) = [n for n in net.tree.at_depth(1) if len(n.tasks) == 2]
     assert not net.node_module(group).get_submodule(frozen).training
+    assert sum(not m.training for m in net.modules()) == 1
+
+
+def test_a_frozen_batchnorm_stays_frozen_through_amalgamation_feature_mse_and_flop_counting():
+    net = toy("separate")
+    net.train()
+    a = net.tree.at_depth(2)[0]
+    frozen = next(name for name, m in net.node_module(a).named_modules() if isinstance(m, nn.BatchNorm2d))
+    net.node_module(a).get_submodule(frozen).eval()
+    members = [net.node_module(a)]
+    group = init_group(members, "copy")
+    amalgamation = Amalgamation(batches=lambda: [X], epochs=1)
+    amalgamation(net, 2, a.parent, members, group)
+    feature_mse(net, 2, a.parent, members, group, None, [X])
+    count_flops(net, X)
+    assert not net.node_module(a).get_submodule(frozen).training
     assert sum(not m.training for m in net.modules()) == 1
 
 
