@@ -23,6 +23,7 @@ from graphsurgeon.core.network import reinitialise as reinitialise_module
 from graphsurgeon.methods.structure.amalgamation import Amalgamation, feature_mse
 from graphsurgeon.methods.structure.dmtg import Supernet, prune
 from graphsurgeon.methods.structure.mtsl import MTSL, MTSLConfig
+from graphsurgeon.methods.structure.tag import TAG, TAGConfig
 from graphsurgeon.training.trainer import TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,6 +211,26 @@ def test_reinitialise_from_pristine_keeps_parameter_identity_and_drops_their_sta
     assert all((p in opt.state) == (p not in reset) for p in params)
     with pytest.raises(gs.TreeEditError, match=r"nodes \[99\]"):
         surgery.reinitialise(net, [99])
+
+
+@pytest.mark.parametrize("restart_from", ["pristine", "random"])
+def test_tags_restart_reinitialises_through_surgery_and_the_optimizer_forgets_the_old_moments(restart_from):
+    net = toy("shared")
+    built = {k: v.clone() for k, v in net.state_dict().items()}
+    method = TAG(TAGConfig(num_groups=2, every=1, affinity_epochs=1, restart=True, restart_from=restart_from))
+    trainer = Trainer(net, {t: Spec for t in TASKS}, Toy(), None, TrainConfig(epochs=2, batch_size=32, progress=False), method)
+    optimizer = trainer.optimizer
+    trainer.fit(1)  # stage 1, then the grouping and the restart
+    assert method.grouped and trainer.optimizer is optimizer  # the same optimizer, carried
+    assert [p for g in optimizer.param_groups for p in g["params"]] == list(net.parameters())
+    assert not any(p in optimizer.state for p in net.parameters())
+    for n in net.tree.nodes:
+        if n.depth:
+            template = net.pristine(n.depth).state_dict()
+            same = [torch.equal(v, template[k]) for k, v in net.node_module(n).state_dict().items()]
+            assert all(same) if restart_from == "pristine" else not all(same), n
+    for t in TASKS:
+        assert torch.equal(net.heads[t].weight, built[f"heads.{t}.weight"]) == (restart_from == "pristine")
 
 
 # ------------------------------------------------------------------ eval_mode
