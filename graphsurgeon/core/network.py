@@ -214,7 +214,7 @@ class MultiTaskNetwork(nn.Module):
                 elif sources == (n.id,):
                     level[n.name] = old_by_id[n.id]
                 elif not sources:
-                    level[n.name] = created[n.id] = self._placed(copy.deepcopy(self.pristine(d)))
+                    level[n.name] = created[n.id] = self.place(copy.deepcopy(self.pristine(d)))
                 elif len(sources) == 1:
                     level[n.name] = created[n.id] = copy.deepcopy(old_by_id[sources[0]])
                 else:
@@ -256,7 +256,7 @@ class MultiTaskNetwork(nn.Module):
                         f"network's tree (those are {sorted(old_ids)}); a node derives only from old nodes of its depth."
                     )
 
-    def _placed(self, module: nn.Module) -> nn.Module:
+    def place(self, module: nn.Module) -> nn.Module:
         """``module`` on the device and floating dtype of the network's parameters (templates stay
         where they were cut: ``net.to(...)`` does not move them)."""
         reference = next((p for p in self.parameters() if p.is_floating_point()), None)

@@ -202,7 +202,7 @@ def derive(
                 )
             members = [old[s] for s in ids]
             if not members:
-                module = net._placed(copy.deepcopy(net.pristine(d)))
+                module = net.place(copy.deepcopy(net.pristine(d)))
                 module.train(net.training)
             else:
                 module = copy.deepcopy(members[0]) if len(members) == 1 else init_group(members, init, net.pristine(d))
