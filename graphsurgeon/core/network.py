@@ -21,6 +21,7 @@ import torch
 from torch import fx, nn
 
 from graphsurgeon.core.fused import FusedExecutor
+from graphsurgeon.core.modes import copy_modes
 from graphsurgeon.core.segments import Segment
 from graphsurgeon.core.tree import Origin, TaskTree, TreeNode
 from graphsurgeon.errors import HeadMismatchError, TaskSpecError, TreeEditError
@@ -213,19 +214,24 @@ class MultiTaskNetwork(nn.Module):
                     level[n.name] = created[n.id] = modules[n.id]
                 elif sources == (n.id,):
                     level[n.name] = old_by_id[n.id]
-                elif not sources:
-                    level[n.name] = created[n.id] = self.place(copy.deepcopy(self.pristine(d)))
-                elif len(sources) == 1:
-                    level[n.name] = created[n.id] = copy.deepcopy(old_by_id[sources[0]])
                 else:
-                    members = [old_by_id[s] for s in sources]
-                    level[n.name] = created[n.id] = init_group(members, init, self.pristine(d))
+                    level[n.name] = created[n.id] = self.new_node(d, [old_by_id[s] for s in sources], init)
             levels.append(level)
         for d, level in enumerate(levels, start=1):
             setattr(self, f"seg{d}", level)
         self.tree = tree
         self._plan = self._make_plan(tree)
         return created
+
+    def new_node(self, depth: int, members: Sequence[nn.Module], init: GroupInit = "fresh") -> nn.Module:
+        """The module of a new node at ``depth`` made from ``members``: a copy of the one member,
+        a group node of several (`init_group`), or a copy of the pristine segment for none.
+        It runs in the modes its first member runs in (the network's mode without one)."""
+        if not members:
+            return self.place(copy.deepcopy(self.pristine(depth))).train(self.training)
+        module = copy.deepcopy(members[0]) if len(members) == 1 else init_group(members, init, self.pristine(depth))
+        copy_modes(members[0], module)
+        return module
 
     def _check_edit(self, tree: TaskTree, origin: Origin, modules: Mapping[int, nn.Module]) -> None:
         """Raise `TreeEditError` naming the first entry of an edit `rebuild` cannot apply."""

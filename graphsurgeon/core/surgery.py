@@ -144,7 +144,7 @@ def relayout(
     node (``init``, or ``modules[n]`` when given); ``()``: a copy of the pristine segment (a
     checkpoint's layout, whose weights are loaded next). New modules run in the modes their
     first origin ran in (a user-frozen BatchNorm stays frozen; pristine ones in the network's
-    mode). With ``optimizer``, its state is carried by parameter identity (`carry_optimizer`).
+    mode; `MultiTaskNetwork.new_node`). With ``optimizer``, its state is carried by parameter identity (`carry_optimizer`).
     Returns the new modules by node id; a bad origin raises `TreeEditError` and changes nothing.
     """
     old_params = list(net.parameters())
@@ -156,11 +156,12 @@ def relayout(
         if device is not None:
             module.to(device)
         members = [old_modules[s] for s in origin.get(node_id, ())]
-        if members:
-            copy_modes(members[0], module)
-            sources.update(pair_parameters(module, members))
-        else:
-            module.train(net.training)
+        if modules and node_id in modules:  # built by the caller (a distilled group node)
+            if members:
+                copy_modes(members[0], module)
+            else:
+                module.train(net.training)
+        sources.update(pair_parameters(module, members))
     if optimizer is not None:
         carry_optimizer(optimizer, old_params, net.parameters(), sources)
     return created
@@ -201,14 +202,8 @@ def derive(
                     f"(those are {sorted(old)}); a node derives only from nodes of its depth."
                 )
             members = [old[s] for s in ids]
-            if not members:
-                module = net.place(copy.deepcopy(net.pristine(d)))
-                module.train(net.training)
-            else:
-                module = copy.deepcopy(members[0]) if len(members) == 1 else init_group(members, init, net.pristine(d))
-                copy_modes(members[0], module)
-                sources.update(pair_parameters(module, members))
-            modules[n.id] = module
+            modules[n.id] = net.new_node(d, members, init)
+            sources.update(pair_parameters(modules[n.id], members))
     specs = {}
     for t, spec in tasks.items():
         head = copy.deepcopy(spec.head)
