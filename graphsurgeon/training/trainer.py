@@ -33,7 +33,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,7 +126,9 @@ class Trainer:
             groups.append({"params": own, "weight_decay": 0.0})
         return torch.optim.Adam(groups, lr=self.config.lr, weight_decay=self.config.weight_decay)
 
-    def set_network(self, net: MultiTaskNetwork, *, sources: Mapping[torch.nn.Parameter, Any] | None = None) -> None:
+    def set_network(
+        self, net: MultiTaskNetwork, *, sources: Mapping[torch.nn.Parameter, Sequence[torch.nn.Parameter]] | None = None
+    ) -> None:
         """Train ``net`` from now on (a method that replaces the network, e.g. DMTG's pruning).
 
         Without ``sources`` the optimizer starts afresh for its parameters. With them (the
