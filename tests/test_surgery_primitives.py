@@ -20,6 +20,7 @@ from graphsurgeon.apps.models import small_resnet
 from graphsurgeon.core import eval_mode, surgery
 from graphsurgeon.core.network import init_group
 from graphsurgeon.core.network import reinitialise as reinitialise_module
+from graphsurgeon.methods.structure import dmtg
 from graphsurgeon.methods.structure.amalgamation import Amalgamation, feature_mse
 from graphsurgeon.methods.structure.dmtg import Supernet, prune
 from graphsurgeon.methods.structure.mtsl import MTSL, MTSLConfig
@@ -113,23 +114,26 @@ def test_a_method_parameter_stays_in_its_group_with_its_state():
 
 
 # ------------------------------------------------------------------ DMTG through derive
-def test_dmtg_prune_derives_the_pruned_network_and_set_network_carries_the_search_state():
-    sup = Supernet.from_network(toy("shared"), branches=2)
+def test_dmtg_prune_derives_the_pruned_network_and_set_network_carries_the_search_state(monkeypatch):
+    plain = toy("shared")
+    sup = Supernet.from_network(plain, branches=2)
     for module in sup.branches.level(2).values():  # make the branches differ
         reinitialise_module(module)
     trainer = Trainer(sup.branches, {t: Spec for t in sup.branches.tasks}, Toy(), None, TrainConfig(progress=False))
     body = sup.branches
-    x = X
-    sum(o.square().mean() for heads in body(x).values() for o in heads.values()).backward()
+    sum(o.square().mean() for heads in body(X).values() for o in heads.values()).backward()
     trainer.optimizer.step()
-    assignment = {"a": 1, "twin": 1, "other": 0}
-    pruned = prune(sup, assignment)
+    calls = []
+    monkeypatch.setattr(dmtg, "derive", lambda *a, **k: calls.append(a[2]) or surgery.derive(*a, **k))
+    pruned = prune(sup, {"a": 1, "twin": 1, "other": 0})
     gs.check(pruned)
-    assert pruned.segments is not body.segments and all(
-        torch.equal(p, q)
-        for s, t in zip(pruned.segments, body.segments)
-        for p, q in zip(s.module.state_dict().values(), t.module.state_dict().values())
-    )
+    # through derive, each node from its branch's node; the templates stay the backbone's as cut
+    assert len(calls) == 1 and all(len(v) == 1 for v in calls[0].values())
+    for s, t in zip(pruned.segments, plain.segments):
+        assert s.module is not t.module
+        for k, v in s.module.state_dict().items():
+            assert torch.equal(v, t.module.state_dict()[k]), k
+    assert not {id(p) for p in pruned.parameters()} & {id(p) for p in body.parameters()}
     # set_network with the pairing derive returns keeps the search's Adam moments
     first = {d: body.tree.path("branch1")[d].id for d in range(1, body.depth + 1)}
     tree = gs.TaskTree.shared(["branch1"], body.depth)
