@@ -19,6 +19,7 @@ from torch import nn
 
 from graphsurgeon.apps.models import make_head, small_resnet
 from graphsurgeon.core.build import multitask
+from graphsurgeon.core.modes import eval_mode
 from graphsurgeon.core.network import MultiTaskNetwork
 from graphsurgeon.errors import TaskSpecError
 from graphsurgeon.training.trainer import TrainConfig, Trainer, seed_everything
@@ -93,11 +94,9 @@ def build_network(cfg: ExperimentConfig, task_info: Mapping[str, Any], example: 
     net = multitask(backbone, heads, trunk=cfg.trunk, sharing=sharing, granularity=cfg.granularity, example_input=example)
     if cfg.method == "mtsl" and cfg.mtsl.get("independent_init", True):
         # from-scratch backbones: each task's copy gets its own random init, as separate networks would
-        from graphsurgeon.core.network import reinitialise
+        from graphsurgeon.core.surgery import reinitialise
 
-        for d in range(1, net.depth + 1):
-            for module in list(net.level(d).values())[1:]:
-                reinitialise(module)
+        reinitialise(net, [n.id for d in range(1, net.depth + 1) for n in net.tree.at_depth(d)[1:]], from_="random")
     return net
 
 
@@ -176,12 +175,9 @@ def count_flops(net: nn.Module, example: torch.Tensor) -> int:
     """Forward FLOPs for one sample (torch's flop counter)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    was = net.training
-    net.eval()
     counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
+    with eval_mode(net), counter, torch.no_grad():
         net(example[:1])
-    net.train(was)
     return int(counter.get_total_flops())
 
 

@@ -6,6 +6,7 @@ from graphsurgeon.core.build import multitask
 from graphsurgeon.core.checkpoint import load, save
 from graphsurgeon.core.export import ExportError, materialise, materialize, to_export, to_onnx, to_torchscript
 from graphsurgeon.core.invariants import check, count_parameters
+from graphsurgeon.core.modes import eval_mode
 from graphsurgeon.core.network import MultiTaskNetwork, Task
 from graphsurgeon.core.segments import Segment, segment
 from graphsurgeon.core.trace import get_graph_node_names, trace
@@ -20,6 +21,7 @@ __all__ = [
     "TreeNode",
     "check",
     "count_parameters",
+    "eval_mode",
     "get_graph_node_names",
     "load",
     "materialise",

@@ -7,6 +7,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from graphsurgeon.core.modes import eval_mode
 from graphsurgeon.core.network import MultiTaskNetwork, Task
 from graphsurgeon.core.segments import Granularity, segment
 from graphsurgeon.core.trace import LeafSpec, trace
@@ -84,16 +85,10 @@ def _call_factory(name: str, factory: HeadFactory, trunk_shape: tuple[int, ...] 
 @torch.no_grad()
 def _trunk_shape(segments, example_input: torch.Tensor) -> tuple[int, ...]:
     """Per-sample shape of the trunk output, without touching BatchNorm statistics."""
-    modes = {m: m.training for s in segments for m in s.module.modules()}
-    try:
-        for s in segments:
-            s.module.eval()
-        z = example_input
+    z = example_input
+    with eval_mode(*(s.module for s in segments)):
         for s in segments:
             z = s.module(z)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
     return tuple(z.shape[1:])
 
 
@@ -144,11 +139,13 @@ def multitask(
         raise TaskSpecError(f"sharing must be 'separate', 'shared' or a TaskTree, got {sharing!r}.")
     config = {"trunk": segments[-1].output_name, "granularity": granularity, "backbone": type(model).__name__}
     net = MultiTaskNetwork(segments, tree, specs, trunk_name=segments[-1].output_name, config=config)
+    # the network runs in the model's mode; a head already in that mode keeps the submodules the
+    # user put in eval (a frozen BatchNorm)
+    frozen = [m for h in net.heads.values() if h.training == model.training for m in h.modules() if not m.training]
     net.train(model.training)
-    if example_input is not None:
-        was_training = net.training
-        net.eval()
-        with torch.no_grad():
+    for m in frozen:
+        m.eval()
+    if example_input is not None:  # every head runs once, so a head that does not fit fails here
+        with eval_mode(net), torch.no_grad():
             net(example_input)
-        net.train(was_training)
     return net

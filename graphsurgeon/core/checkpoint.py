@@ -21,10 +21,11 @@ from torch import nn
 
 from graphsurgeon.core.build import TaskSpec, multitask
 from graphsurgeon.core.network import MultiTaskNetwork
+from graphsurgeon.core.surgery import relayout
 from graphsurgeon.core.tree import TaskTree
 from graphsurgeon.errors import CheckpointError, GraphSurgeonError, TrunkError
 
-__all__ = ["load", "read_metadata", "save"]
+__all__ = ["lay_out", "load", "load_weights", "read_metadata", "save"]
 
 FORMAT = "graphsurgeon-checkpoint/1"
 
@@ -82,6 +83,18 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         }
     except (KeyError, json.JSONDecodeError, GraphSurgeonError) as exc:
         raise CheckpointError(f"checkpoint {str(path)!r} has corrupt metadata ({exc}). Re-save it.") from exc
+
+
+def lay_out(net: MultiTaskNetwork, tree: TaskTree, path: str | os.PathLike) -> None:
+    """Lay ``net`` out as the tree of the checkpoint at ``path``: every node a copy of its
+    pristine segment, which the checkpoint's weights overwrite next (`load_weights`)."""
+    if set(tree.tasks) != set(net.tasks) or tree.depth != net.depth:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} holds a network of tasks {list(tree.tasks)} over {tree.depth} segments, not "
+            f"this network's {list(net.tasks)} over {net.depth}. Load it into a network of those tasks and backbone "
+            "(or restart the run)."
+        )
+    relayout(net, tree, {n.id: () for n in tree.nodes if n.depth})
 
 
 def load_weights(net: MultiTaskNetwork, path: str | os.PathLike, fingerprints: Sequence[str] | None = None) -> None:
@@ -147,7 +160,7 @@ def load(
             tasks,
             trunk=multitask_kwargs.pop("trunk", cfg.get("trunk")),
             granularity=multitask_kwargs.pop("granularity", cfg.get("granularity", "block")),
-            sharing="separate",
+            sharing="shared",
             **multitask_kwargs,
         )
     except TrunkError as exc:
@@ -166,10 +179,6 @@ def load(
             f"checkpoint {str(path)!r} has {meta['tree'].depth} segments; this backbone gives {net.depth}. "
             "Load it with the same model, trunk= and granularity=."
         )
-    # lay the network out as the saved tree: every node starts as a copy of its segment,
-    # then the saved weights overwrite them
-    saved = meta["tree"]
-    first = {d: net.tree.at_depth(d)[0].id for d in range(1, net.depth + 1)}
-    net.rebuild(saved, {n.id: (first[n.depth],) if n.depth else (n.id,) for n in saved.nodes})
+    lay_out(net, meta["tree"], path)
     load_weights(net, path, meta["fingerprints"])
     return net

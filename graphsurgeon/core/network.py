@@ -1,13 +1,18 @@
 """The multi-task network: segment copies arranged by a task tree, plus one head per task.
 
 Only this module executes the tree; methods decide edits and `graphsurgeon.core.surgery` applies
-them through `MultiTaskNetwork.rebuild`. Parameter names are stable and readable:
+them through `MultiTaskNetwork.rebuild`. The network also keeps the *pristine templates*: the
+segments as cut from the backbone (its possibly pretrained weights) and the heads as given,
+held as plain attributes, so they are neither parameters nor in the state dict nor seen by an
+optimizer; surgery copies them where a node or head must start over from the backbone
+(``init="pristine"``, a checkpoint's layout, a restart). Parameter names are stable and readable:
 ``seg3.n7.layer2.0.conv1.weight`` is segment 3's copy held by tree node 7, and
 ``heads.depth.0.weight`` belongs to the head of task ``depth``.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -16,13 +21,14 @@ import torch
 from torch import fx, nn
 
 from graphsurgeon.core.fused import FusedExecutor
+from graphsurgeon.core.modes import copy_modes
 from graphsurgeon.core.segments import Segment
 from graphsurgeon.core.tree import Origin, TaskTree, TreeNode
-from graphsurgeon.errors import HeadMismatchError, TaskSpecError
+from graphsurgeon.errors import HeadMismatchError, TaskSpecError, TreeEditError
 
 __all__ = ["GroupInit", "MultiTaskNetwork", "Task"]
 
-GroupInit = Literal["fresh", "mean", "copy"] | Callable[[Sequence[nn.Module]], nn.Module]
+GroupInit = Literal["fresh", "pristine", "mean", "copy"] | Callable[[Sequence[nn.Module]], nn.Module]
 
 
 @dataclass
@@ -56,16 +62,27 @@ def reinitialise(module: nn.Module) -> nn.Module:
     return module
 
 
-def init_group(members: Sequence[nn.Module], init: GroupInit) -> nn.Module:
+def init_group(members: Sequence[nn.Module], init: GroupInit, pristine: nn.Module | None = None) -> nn.Module:
     """A new group node's segment copy, built from the copies it replaces.
 
-    ``fresh`` re-initialises (as the official MTSL code does, so the group is learned by
-    distillation rather than inherited from one task); ``mean`` averages the members'
-    parameters and keeps the first member's buffers (averaging BatchNorm statistics of
-    different feature distributions is meaningless); ``copy`` takes the first member as is.
+    ``fresh`` re-initialises randomly, so the group is learned by distillation rather than
+    inherited from one task; ``pristine`` starts from the segment as cut from the backbone
+    (``pristine``, the network's template: the pretrained weights, as the official MTSL code
+    reloads them); ``mean`` averages the members' parameters and keeps the first member's
+    buffers (averaging BatchNorm statistics of different feature distributions is
+    meaningless); ``copy`` takes the first member as is.
     """
     if callable(init):
         return init(members)
+    if init == "pristine":
+        if pristine is None:
+            raise TaskSpecError(
+                "group init 'pristine' needs the segment's template; build the group through "
+                "MultiTaskNetwork.rebuild or graphsurgeon.core.surgery.fuse, which pass it."
+            )
+        reference = next(iter(members[0].parameters()), None)
+        group = copy.deepcopy(pristine)
+        return group if reference is None else group.to(reference.device, reference.dtype)
     group = copy.deepcopy(members[0])
     if init == "copy":
         return group
@@ -79,11 +96,17 @@ def init_group(members: Sequence[nn.Module], init: GroupInit) -> nn.Module:
                 first = named[0][name].detach()
                 p.copy_(first + torch.stack([n[name].detach() - first for n in named]).mean(0))
         return group
-    raise TaskSpecError(f"unknown group init {init!r}; use 'fresh', 'mean', 'copy' or a callable(members) -> module.")
+    raise TaskSpecError(
+        f"unknown group init {init!r}; use 'fresh', 'pristine', 'mean', 'copy' or a callable(members) -> module."
+    )
 
 
 class MultiTaskNetwork(nn.Module):
-    """Segment copies keyed by tree node, executed along the tree, and one head per task."""
+    """Segment copies keyed by tree node, executed along the tree, and one head per task.
+
+    Every node starts as a copy of its segment, unless ``modules`` gives its module by node id
+    (a network derived from another one's nodes: `graphsurgeon.core.surgery.derive`).
+    """
 
     def __init__(
         self,
@@ -93,6 +116,7 @@ class MultiTaskNetwork(nn.Module):
         *,
         trunk_name: str = "",
         config: Mapping[str, Any] | None = None,
+        modules: Mapping[int, nn.Module] | None = None,
     ) -> None:
         super().__init__()
         if tree.depth != len(segments):
@@ -107,8 +131,14 @@ class MultiTaskNetwork(nn.Module):
         self.config = dict(config or {})
         self.task_specs = dict(tasks)
         self.fingerprints = tuple(s.fingerprint for s in segments)
-        for d, seg in enumerate(segments, start=1):
-            setattr(self, f"seg{d}", nn.ModuleDict({n.name: copy.deepcopy(seg.module) for n in tree.at_depth(d)}))
+        # the templates: private copies (the caller's segments may share tensors with a model it
+        # goes on training), in a tuple and a dict so that nn.Module does not register them
+        self._segments = tuple(dataclasses.replace(s, module=copy.deepcopy(s.module)) for s in segments)
+        self._head_templates = {t: copy.deepcopy(tasks[t].head) for t in tree.tasks}
+        modules = modules or {}
+        for d, seg in enumerate(self._segments, start=1):
+            level = {n.name: modules[n.id] if n.id in modules else copy.deepcopy(seg.module) for n in tree.at_depth(d)}
+            setattr(self, f"seg{d}", nn.ModuleDict(level))
         self.heads = nn.ModuleDict({t: tasks[t].head for t in tree.tasks})
         self._plan = self._make_plan(tree)
         self._fusion: FusedExecutor | None = None
@@ -125,6 +155,19 @@ class MultiTaskNetwork(nn.Module):
     def level(self, depth: int) -> nn.ModuleDict:
         """The segment copies at ``depth`` (1..L), keyed by node name."""
         return getattr(self, f"seg{depth}")
+
+    @property
+    def segments(self) -> tuple[Segment, ...]:
+        """The pristine segment templates, 1..L, as cut from the backbone (never trained: copy them)."""
+        return self._segments
+
+    def pristine(self, depth: int) -> nn.Module:
+        """The template of segment ``depth`` (1..L); read-only, copy it."""
+        return self._segments[depth - 1].module
+
+    def pristine_head(self, task: str) -> nn.Module:
+        """``task``'s head as the network was built with it; read-only, copy it."""
+        return self._head_templates[task]
 
     def node_module(self, node: TreeNode | int) -> fx.GraphModule:
         node = self.tree.node(node) if isinstance(node, int) else node
@@ -143,34 +186,87 @@ class MultiTaskNetwork(nn.Module):
         init: GroupInit = "fresh",
         modules: Mapping[int, nn.Module] | None = None,
     ) -> dict[int, nn.Module]:
-        """Re-arrange the segment copies for an edited tree.
+        """Re-arrange the segment copies for an edited tree; the engine's one slot writer.
 
-        A node whose id survives keeps its module (and so its parameters and optimizer
+        ``origin`` maps each node of ``tree`` to the old nodes it derives from. A node whose id
+        survives (``origin[n] == (n,)``) keeps its module (and so its parameters and optimizer
         state); a node derived from one old node gets a copy of it; a node derived from several
-        (a group node) is built by `init_group`, unless ``modules`` already holds one for it
-        (a group node trained by distillation). Returns the modules that are new.
+        (a group node) is built by `init_group`, unless ``modules`` already holds one for it (a
+        group node trained by distillation); a node derived from none (``()``) starts as a copy
+        of its segment's pristine template. Returns the modules that are new, by node id.
+
+        Transactional: the whole edit is validated and built before any slot changes, so a bad
+        entry raises `TreeEditError` (or an unknown ``init`` `TaskSpecError`) and leaves the
+        network exactly as it was.
         """
         modules = dict(modules or {})
+        self._check_edit(tree, origin, modules)
         old_tree = self.tree
         created: dict[int, nn.Module] = {}
+        levels: list[nn.ModuleDict] = []
         for d in range(1, tree.depth + 1):
             old_level = self.level(d)
             old_by_id = {n.id: old_level[n.name] for n in old_tree.at_depth(d)}
             level = nn.ModuleDict()
             for n in tree.at_depth(d):
-                sources = origin[n.id]
+                sources = tuple(origin[n.id]) if n.id in origin else ()
                 if n.id in modules:
                     level[n.name] = created[n.id] = modules[n.id]
-                elif len(sources) == 1 and sources[0] == n.id:
+                elif sources == (n.id,):
                     level[n.name] = old_by_id[n.id]
-                elif len(sources) == 1:
-                    level[n.name] = created[n.id] = copy.deepcopy(old_by_id[sources[0]])
                 else:
-                    level[n.name] = created[n.id] = init_group([old_by_id[s] for s in sources], init)
+                    level[n.name] = created[n.id] = self.new_node(d, [old_by_id[s] for s in sources], init)
+            levels.append(level)
+        for d, level in enumerate(levels, start=1):
             setattr(self, f"seg{d}", level)
         self.tree = tree
         self._plan = self._make_plan(tree)
         return created
+
+    def new_node(self, depth: int, members: Sequence[nn.Module], init: GroupInit = "fresh") -> nn.Module:
+        """The module of a new node at ``depth`` made from ``members``: a copy of the one member,
+        a group node of several (`init_group`), or a copy of the pristine segment for none.
+        It runs in the modes its first member runs in (the network's mode without one)."""
+        if not members:
+            return self.place(copy.deepcopy(self.pristine(depth))).train(self.training)
+        module = copy.deepcopy(members[0]) if len(members) == 1 else init_group(members, init, self.pristine(depth))
+        copy_modes(members[0], module)
+        return module
+
+    def _check_edit(self, tree: TaskTree, origin: Origin, modules: Mapping[int, nn.Module]) -> None:
+        """Raise `TreeEditError` naming the first entry of an edit `rebuild` cannot apply."""
+        if tree.depth != self.depth:
+            raise TreeEditError(
+                f"the new tree has depth {tree.depth} but the network has {self.depth} segments; "
+                f"build the tree with depth={self.depth}."
+            )
+        if set(tree.tasks) != set(self.tasks):
+            raise TreeEditError(
+                f"the new tree's tasks {list(tree.tasks)} differ from the network's {list(self.tasks)}; "
+                "an edit keeps the tasks (graphsurgeon.core.surgery.derive builds a network for other tasks)."
+            )
+        for d in range(1, tree.depth + 1):
+            old_ids = {n.id for n in self.tree.at_depth(d)}
+            for n in tree.at_depth(d):
+                if n.id in modules:
+                    continue
+                if n.id not in origin:
+                    raise TreeEditError(
+                        f"origin has no entry for node {n.id} (depth {d}, tasks {list(n.tasks)}); give it the old "
+                        "nodes it derives from, or () to start it from the pristine segment."
+                    )
+                bad = [s for s in origin[n.id] if s not in old_ids]
+                if bad:
+                    raise TreeEditError(
+                        f"origin[{n.id}] = {tuple(origin[n.id])} names {bad}, which are not nodes at depth {d} of the "
+                        f"network's tree (those are {sorted(old_ids)}); a node derives only from old nodes of its depth."
+                    )
+
+    def place(self, module: nn.Module) -> nn.Module:
+        """``module`` on the device and floating dtype of the network's parameters (templates stay
+        where they were cut: ``net.to(...)`` does not move them)."""
+        reference = next((p for p in self.parameters() if p.is_floating_point()), None)
+        return module if reference is None else module.to(reference.device, reference.dtype)
 
     # ------------------------------------------------------------------ execution
     def fuse_execution(self, enabled: bool = True) -> MultiTaskNetwork:

@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 from torch import fx, nn
 
+from graphsurgeon.core.modes import eval_mode
 from graphsurgeon.core.trace import graph_signature
 from graphsurgeon.errors import TraceError, TrunkError
 
@@ -446,14 +447,8 @@ def segment(
         from torch.fx.passes.shape_prop import ShapeProp
 
         # eval mode and no grad: shape propagation must not move the user's BatchNorm statistics
-        modes = {m: m.training for m in gm.modules()}
-        gm.eval()
-        try:
-            with torch.no_grad():
-                ShapeProp(gm).propagate(example_input)
-        finally:
-            for m, mode in modes.items():
-                m.training = mode
+        with eval_mode(gm), torch.no_grad():
+            ShapeProp(gm).propagate(example_input)
     trunk_node = find_trunk(gm, trunk)
     order, dep = _prune_to(gm, trunk_node)
     other_mode = gm.meta.get("graphsurgeon_other_mode")

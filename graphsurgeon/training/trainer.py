@@ -33,7 +33,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,8 +43,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, Subset
 
-from graphsurgeon.core.checkpoint import read_metadata, save
+from graphsurgeon.core.checkpoint import lay_out, load_weights, read_metadata, save
 from graphsurgeon.core.network import MultiTaskNetwork
+from graphsurgeon.core.surgery import carry_optimizer
 from graphsurgeon.training import distributed
 from graphsurgeon.training.distributed import ShardedSampler
 
@@ -125,11 +126,22 @@ class Trainer:
             groups.append({"params": own, "weight_decay": 0.0})
         return torch.optim.Adam(groups, lr=self.config.lr, weight_decay=self.config.weight_decay)
 
-    def set_network(self, net: MultiTaskNetwork) -> None:
-        """Train ``net`` from now on (a method that replaces the network, e.g. DMTG's pruning);
-        the optimizer starts afresh for its parameters."""
+    def set_network(
+        self, net: MultiTaskNetwork, *, sources: Mapping[torch.nn.Parameter, Sequence[torch.nn.Parameter]] | None = None
+    ) -> None:
+        """Train ``net`` from now on (a method that replaces the network, e.g. DMTG's pruning).
+
+        Without ``sources`` the optimizer starts afresh for its parameters. With them (the
+        pairing `graphsurgeon.core.surgery.derive` returns), the optimizer is kept and carries
+        its state over by parameter identity (`graphsurgeon.core.surgery.carry_optimizer`):
+        ``net``'s parameters that were the old network's keep their state, the others take
+        their sources'."""
+        old = list(self.net.parameters())
         self.net = net.to(self.device)
-        self.optimizer = self.make_optimizer()
+        if sources is None:
+            self.optimizer = self.make_optimizer()
+        else:
+            carry_optimizer(self.optimizer, old, self.net.parameters(), sources)
         self.structure_changed()
 
     def structure_changed(self) -> None:
@@ -356,15 +368,10 @@ class Trainer:
         path = folder / "model.safetensors"
         if not path.is_file():
             return False
-        from graphsurgeon.core.checkpoint import load_weights
-
         meta = read_metadata(path)
         state = json.loads(meta["extra"]["trainer"])
         if not meta["tree"].same_structure(self.net.tree) or meta["tree"] != self.net.tree:
-            first = {d: self.net.tree.at_depth(d)[0].id for d in range(1, self.net.depth + 1)}
-            saved = meta["tree"]
-            self.net.rebuild(saved, {n.id: (first[n.depth],) if n.depth else (n.id,) for n in saved.nodes})
-            self.net.to(self.device)
+            lay_out(self.net, meta["tree"], path)
         load_weights(self.net, path)
         self.optimizer = self.make_optimizer()
         opt = torch.load(folder / "optimizer.pt", weights_only=False)

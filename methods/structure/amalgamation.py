@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from graphsurgeon.core.modes import eval_mode
 from graphsurgeon.core.network import MultiTaskNetwork
 from graphsurgeon.methods.structure.similarity import global_avg_pool
 from graphsurgeon.training import distributed
@@ -51,10 +52,7 @@ def feature_mse(
 ) -> list[float]:
     """Per-member MSE between the member's features and the (gated) group features, no grad."""
     totals, count = [0.0] * len(members), 0
-    modes = [m.training for m in (*members, group)]
-    for m in (*members, group):
-        m.eval()
-    with torch.no_grad():
+    with eval_mode(net, *members, group), torch.no_grad():
         for x in batches:
             inp = net.features(x, depth=depth - 1)[parent]
             fg = group(inp)
@@ -62,8 +60,6 @@ def feature_mse(
                 pred = gates[i](fg) if gates is not None else fg
                 totals[i] += F.mse_loss(pred, m(inp), reduction="sum").item()
             count += fg.numel()
-    for m, mode in zip((*members, group), modes):
-        m.train(mode)
     return [t / max(count, 1) for t in totals]
 
 
@@ -90,22 +86,30 @@ class Amalgamation:
     def __call__(
         self, net: MultiTaskNetwork, depth: int, parent: int, members: Sequence[nn.Module], group: nn.Module
     ) -> dict:
+        # the network and the members (the targets) in eval: their BatchNorm statistics stay as
+        # they are; the group node in train mode, as MTSL distils (surgery gives it its first
+        # member's modes when it takes its place)
+        with eval_mode(net, *members):
+            group.train()
+            curve, gates = self._distil(net, depth, parent, members, group)
+        self.gates = gates
+        record = {"depth": depth, "parent": parent, "members": len(members), "loss_curve": curve}
+        self.history.append(record)
+        return record
+
+    def _distil(
+        self, net: MultiTaskNetwork, depth: int, parent: int, members: Sequence[nn.Module], group: nn.Module
+    ) -> tuple[list[float], list[ChannelGate] | None]:
         device = next(group.parameters()).device
         gates: list[ChannelGate] | None = None
         opt: torch.optim.Optimizer | None = None
         curve: list[float] = []
-        member_modes = [m.training for m in members]
-        for m in members:
-            m.eval()  # targets: their BatchNorm statistics stay as they are
-        group.train()  # BatchNorm in train mode, as MTSL distils
-        net_mode = net.training
         for _ in range(self.epochs):
             batches = self.batches()
             if self.progress is not None:
                 batches = self.progress(batches)
             for x in batches:
                 with torch.no_grad():
-                    net.eval()
                     inp = net.features(x, depth=depth - 1)[parent]
                     targets = [m(inp) for m in members]
                 fg = group(inp)
@@ -122,10 +126,4 @@ class Amalgamation:
                 distributed.all_reduce_gradients(params)
                 opt.step()
                 curve.append(float(loss.detach()))
-        net.train(net_mode)
-        for m, mode in zip(members, member_modes):
-            m.train(mode)
-        self.gates = gates
-        record = {"depth": depth, "parent": parent, "members": len(members), "loss_curve": curve}
-        self.history.append(record)
-        return record
+        return curve, gates

@@ -39,7 +39,6 @@ lay out on the plain network (it raises `CheckpointError`): restart such a run.
 """
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -49,8 +48,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from graphsurgeon.core.network import MultiTaskNetwork, Task
-from graphsurgeon.core.segments import Segment
-from graphsurgeon.core.tree import TaskTree
+from graphsurgeon.core.surgery import carry_optimizer, derive
+from graphsurgeon.core.tree import Origin, TaskTree
 from graphsurgeon.errors import TaskSpecError
 from graphsurgeon.methods.base import Method
 from graphsurgeon.training.distributed import broadcast_object
@@ -109,15 +108,6 @@ class BranchHeads(nn.ModuleDict):
         return {t: head(z) for t, head in self.items()}
 
 
-def _segments(net: MultiTaskNetwork) -> list[Segment]:
-    """One `Segment` per depth holding the network's first copy (all a network needs of it:
-    the module to copy and its fingerprint)."""
-    return [
-        Segment(d, net.level(d)[net.tree.at_depth(d)[0].name], "", net.trunk_name if d == net.depth else "", ())
-        for d in range(1, net.depth + 1)
-    ]
-
-
 class Supernet(nn.Module):
     """K branches × N heads and the N×K assignment logits.
 
@@ -145,9 +135,10 @@ class Supernet(nn.Module):
             )
         names = [branch_name(k) for k in range(branches)]
         tree = TaskTree.branched(names, net.depth, [[b] for b in names], split_at=shared_depth + 1)
-        heads = {b: Task(head=BranchHeads({t: copy.deepcopy(net.heads[t]) for t in net.tasks})) for b in names}
-        body = MultiTaskNetwork(_segments(net), tree, heads, trunk_name=net.trunk_name, config=net.config)
-        body.train(net.training)
+        heads = {b: Task(head=BranchHeads({t: net.heads[t] for t in net.tasks})) for b in names}
+        first = {d: net.tree.at_depth(d)[0].id for d in range(1, net.depth + 1)}
+        origin: Origin = {n.id: (first[n.depth],) for n in tree.nodes if n.depth}
+        body, _ = derive(net, tree, origin, heads)
         return cls(body, net.task_specs, shared_depth, init_noise)
 
     # the trainer's view of a network: tasks, tree (logged and checkpointed), config, fingerprints
@@ -205,17 +196,11 @@ def prune(supernet: Supernet, assignment: Mapping[str, int] | None = None) -> Mu
     depth, shared = body.depth, supernet.shared_depth
     tree = TaskTree.from_partitions(tasks, [[list(tasks)]] * shared + [groups] * (depth - shared))
     specs = {
-        t: Task(head=copy.deepcopy(body.heads[branch_name(k)][t]), loss=supernet.task_specs[t].loss,
-                metrics=supernet.task_specs[t].metrics)
+        t: Task(head=body.heads[branch_name(k)][t], loss=supernet.task_specs[t].loss, metrics=supernet.task_specs[t].metrics)
         for t, k in assignment.items()
     }
-    pruned = MultiTaskNetwork(_segments(body), tree, specs, trunk_name=body.trunk_name, config=body.config)
-    for d in range(1, depth + 1):
-        for node in tree.at_depth(d):
-            source = branch_name(assignment[node.tasks[0]])
-            pruned.level(d)[node.name] = copy.deepcopy(body.level(d)[body.tree.path(source)[d].name])
-    pruned.train(supernet.training)
-    return pruned
+    origin: Origin = {n.id: (body.tree.path(branch_name(assignment[n.tasks[0]]))[n.depth].id,) for n in tree.nodes if n.depth}
+    return derive(body, tree, origin, specs)[0]
 
 
 @dataclass
@@ -239,11 +224,12 @@ class DMTG(Method):
         if self.pruned or isinstance(trainer.net, Supernet):
             return
         c = self.config
-        trainer.set_network(Supernet.from_network(trainer.net, c.branches, c.shared_depth, c.init_noise))
-        # the logits in a param group of their own (the fresh optimizer has no state to move)
-        logits = trainer.net.group_logits
-        main = trainer.optimizer.param_groups[0]
-        main["params"] = [p for p in main["params"] if p is not logits]
+        supernet = Supernet.from_network(trainer.net, c.branches, c.shared_depth, c.init_noise)
+        trainer.set_network(supernet)
+        # the logits in a param group of their own (the fresh optimizer has no state to move):
+        # out of the network's group, then back in with their own settings
+        logits = supernet.group_logits
+        carry_optimizer(trainer.optimizer, [logits], [])
         lr = c.logits_lr if c.logits_lr is not None else trainer.config.lr
         # no weight decay: it would pull the assignment towards uniform, which the search must not
         trainer.optimizer.add_param_group({"params": [logits], "lr": lr, "weight_decay": 0.0})

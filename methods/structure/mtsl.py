@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from graphsurgeon.core.modes import eval_mode
 from graphsurgeon.core.surgery import fuse
 from graphsurgeon.methods.base import Method
 from graphsurgeon.methods.structure.amalgamation import Amalgamation
@@ -51,7 +52,7 @@ class MTSLConfig:
     threshold: float = 0.8
     align_weight: float = 0.2
     similarity_samples: int = 800
-    group_init: str = "fresh"  # or "mean" of the members, or "copy" of the most central member
+    group_init: str = "fresh"  # or "pristine" (the backbone's segment, as the official code reloads it), "mean" of the members, or "copy" of the most central member
     distill_lr: float | None = None
     exhaustive_limit: int = 10
 
@@ -98,10 +99,10 @@ class MTSL(Method):
         self._hooks, self._captured = [], {}
         if self.config.align_weight <= 0:
             return
-        depth, sets = self.frontier(trainer.net.tree)
+        _, sets = self.frontier(trainer.net.tree)
         for _, ids in sets:
             for node_id in ids:
-                module = trainer.net.level(depth)[f"n{node_id}"]
+                module = trainer.net.node_module(node_id)
                 self._hooks.append(module.register_forward_hook(self._capture(node_id)))
 
     def _capture(self, node_id: int):
@@ -143,8 +144,6 @@ class MTSL(Method):
         """Debiased linear CKA between the nodes' GAP'd outputs on a fixed training sample
         (each rank takes its share of the sample; the statistics are summed over ranks)."""
         net = trainer.net
-        was_training = net.training
-        net.eval()
         acc = CKAAccumulator(debiased=True)
         data = trainer.train_data
         g = torch.Generator().manual_seed(trainer.config.seed + 7919)
@@ -155,11 +154,11 @@ class MTSL(Method):
                 "raise similarity_samples (or use the data set's size) to at least the number of ranks."
             )
         subset = torch.utils.data.Subset(data, distributed.shard(order))
-        for batch in trainer.loader(subset, shuffle=False, batch_size=trainer.config.eval_batch_size):
-            x, _ = trainer.to_device(batch)
-            values = net.features(x, depth=depth)
-            acc.update({i: global_avg_pool(values[i]) for i in ids})
-        net.train(was_training)
+        with eval_mode(net):
+            for batch in trainer.loader(subset, shuffle=False, batch_size=trainer.config.eval_batch_size):
+                x, _ = trainer.to_device(batch)
+                values = net.features(x, depth=depth)
+                acc.update({i: global_avg_pool(values[i]) for i in ids})
         return acc.all_reduce().matrix().cpu()
 
     def structural_phase(self, trainer: Trainer) -> list[dict]:

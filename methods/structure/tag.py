@@ -29,12 +29,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from graphsurgeon.core.network import reinitialise
-from graphsurgeon.core.surgery import split
+from graphsurgeon.core.surgery import reinitialise, split
 from graphsurgeon.errors import GraphSurgeonError
 from graphsurgeon.methods.aggregation.base import per_task_gradients, split_parameters
 from graphsurgeon.methods.structure.lookahead import LookaheadMethod, affinity, lookahead_losses
@@ -60,6 +59,9 @@ class TAGConfig:
     """Depths 1..split_depth stay shared; from split_depth + 1 on each group has its own branch."""
     restart: bool = True
     """Re-initialise the grouped network and its optimizer (TAG trains its groupings from scratch)."""
+    restart_from: Literal["random", "pristine"] = "random"
+    """What a restart starts from: random weights (TAG's from-scratch networks) or the network as
+    it was built (the backbone's pretrained weights and the heads as given)."""
     lookahead_lr: float | None = None
     """SGD step of the lookahead; ``None``: the optimizer's learning rate."""
     exact_limit: int = 12
@@ -161,14 +163,14 @@ class TAG(LookaheadMethod):
             return [kept for g in groups if (kept := [t for t in g if t in node.tasks])]
 
         while node := next((n for n in net.tree.at_depth(depth) if len(pieces(n)) > 1), None):
-            split(net, node.id, pieces(node), optimizer=None if c.restart else trainer.optimizer)
+            split(net, node.id, pieces(node), optimizer=trainer.optimizer)
         if c.restart:
-            # seeded, so that every rank of a distributed run starts stage 2 from the same weights
+            # seeded, so that every rank of a distributed run starts stage 2 from the same weights;
+            # the optimizer forgets the moments of the discarded weights
             devices = sorted({str(p.device) for p in net.parameters() if p.device.type == "cuda"})
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(trainer.config.seed + trainer.epoch)
-                reinitialise(net)
-            trainer.optimizer = trainer.make_optimizer()
+                reinitialise(net, heads=True, from_=c.restart_from, optimizer=trainer.optimizer)
         trainer.structure_changed()  # re-wraps the network for DDP (rank 0's weights); no-op in one process
         self.grouped = True
         event = {
