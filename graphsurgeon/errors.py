@@ -35,3 +35,7 @@ class InvariantError(GraphSurgeonError):
 
 class CheckpointError(GraphSurgeonError):
     """A checkpoint is corrupt or does not match the network it is loaded into."""
+
+
+class ConfigError(GraphSurgeonError):
+    """A training setting (`graphsurgeon.training.TrainConfig` field, CLI flag) has an invalid value."""

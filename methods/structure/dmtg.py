@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -205,8 +205,7 @@ def prune(supernet: Supernet, assignment: Mapping[str, int] | None = None) -> Mu
     depth, shared = body.depth, supernet.shared_depth
     tree = TaskTree.from_partitions(tasks, [[list(tasks)]] * shared + [groups] * (depth - shared))
     specs = {
-        t: Task(head=copy.deepcopy(body.heads[branch_name(k)][t]), loss=supernet.task_specs[t].loss,
-                metrics=supernet.task_specs[t].metrics)
+        t: replace(supernet.task_specs[t], head=copy.deepcopy(body.heads[branch_name(k)][t]))
         for t, k in assignment.items()
     }
     pruned = MultiTaskNetwork(_segments(body), tree, specs, trunk_name=body.trunk_name, config=body.config)
