@@ -22,15 +22,15 @@ __all__ = ["flatten", "log_epoch", "tensorboard_writer", "write_csv"]
 logger = logging.getLogger("graphsurgeon")
 
 
-def flatten(record: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+def flatten(record: Mapping[str, Any], prefix: str = "") -> dict[str, int | float]:
     """The numeric leaves of ``record``, keyed by their ``/``-joined path."""
-    out: dict[str, float] = {}
+    out: dict[str, int | float] = {}
     for key, value in record.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
             out.update(flatten(value, f"{name}/"))
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[name] = float(value)
+            out[name] = value
     return out
 
 
