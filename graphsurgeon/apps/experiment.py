@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torchvision
@@ -26,13 +26,8 @@ from graphsurgeon.errors import TaskSpecError
 from graphsurgeon.methods.base import Method
 from graphsurgeon.training.trainer import TrainConfig, Trainer, seed_everything
 
-__all__ = ["DATASETS", "METHODS", "ExperimentConfig", "build_network", "count_flops", "delta_m", "run"]
+__all__ = ["DATASETS", "METHODS", "METHOD_REGISTRY", "ExperimentConfig", "MethodEntry", "build_network", "count_flops", "delta_m", "run"]
 
-# where each method starts: one network per task, or one shared network (TAG measures its
-# affinities on the shared network; DMTG builds its branches from the first copy)
-START_SHARED = {"hps", "tag", "itmtl", "dmtg"}
-# the methods a gradient method (--grad, --sam, --rep-grad) can replace the plain sum of
-GRADIENT_BASES = ("hps", "single", "separate")
 
 
 @dataclass
@@ -89,15 +84,15 @@ def make_backbone(name: str, in_channels: int, image_size: int) -> nn.Module:
 def build_network(cfg: ExperimentConfig, task_info: Mapping[str, TaskInfo], example: torch.Tensor) -> MultiTaskNetwork:
     """The network ``cfg`` starts from; its task specs carry the datasets' losses and metrics,
     which is where the trainer reads them."""
-    sharing = "shared" if cfg.method in START_SHARED else "separate"
+    entry = _entry(cfg)
     image_size = tuple(example.shape[-2:])
     heads = {
         t: info.task(lambda shape, info=info: make_head(info.kind, shape, info.num_outputs, image_size))
         for t, info in task_info.items()
     }
     backbone = make_backbone(cfg.backbone, example.shape[1], example.shape[-1])
-    net = multitask(backbone, heads, trunk=cfg.trunk, sharing=sharing, granularity=cfg.granularity, example_input=example)
-    if cfg.method == "mtsl" and cfg.mtsl.get("independent_init", True):
+    net = multitask(backbone, heads, trunk=cfg.trunk, sharing=entry.sharing, granularity=cfg.granularity, example_input=example)
+    if entry.independent_init(cfg):
         # from-scratch backbones: each task's copy gets its own random init, as separate networks would
         from graphsurgeon.core.network import reinitialise
 
@@ -159,29 +154,48 @@ def _dmtg(cfg: ExperimentConfig, tasks: Sequence[str]) -> Method:
     return DMTG(_options(DMTGConfig, cfg.dmtg, "dmtg"))
 
 
-# method name -> builder(cfg, task names); the CLI offers exactly these
-METHOD_BUILDERS: dict[str, Callable[[ExperimentConfig, Sequence[str]], Method]] = {
-    "single": _hard_sharing,
-    "separate": _hard_sharing,
-    "hps": _hard_sharing,
-    "mtsl": _mtsl,
-    "tag": _tag,
-    "itmtl": _itmtl,
-    "dmtg": _dmtg,
+@dataclass(frozen=True)
+class MethodEntry:
+    """How the wiring runs a method: its builder, the network it starts from (one network per
+    task, or one shared network: TAG measures its affinities on it, DMTG builds its branches
+    from it), whether a gradient method may replace its plain sum of losses, and whether the
+    separate copies get their own random init (as separate from-scratch networks would)."""
+
+    build: Callable[[ExperimentConfig, Sequence[str]], Method]
+    sharing: Literal["separate", "shared"]
+    gradient: bool = False
+    independent_init: Callable[[ExperimentConfig], bool] = lambda cfg: False
+
+
+# method name -> entry; the CLI offers exactly these
+METHOD_REGISTRY: dict[str, MethodEntry] = {
+    "hps": MethodEntry(_hard_sharing, "shared", gradient=True),
+    "single": MethodEntry(_hard_sharing, "separate", gradient=True),
+    "separate": MethodEntry(_hard_sharing, "separate", gradient=True),
+    "mtsl": MethodEntry(_mtsl, "separate", independent_init=lambda cfg: bool(cfg.mtsl.get("independent_init", True))),
+    "tag": MethodEntry(_tag, "shared"),
+    "itmtl": MethodEntry(_itmtl, "shared"),
+    "dmtg": MethodEntry(_dmtg, "shared"),
 }
-METHODS = tuple(METHOD_BUILDERS)
+METHODS = tuple(METHOD_REGISTRY)
+
+
+def _entry(cfg: ExperimentConfig) -> MethodEntry:
+    if cfg.method not in METHOD_REGISTRY:
+        raise TaskSpecError(f"unknown method {cfg.method!r}; use one of {list(METHODS)}.")
+    return METHOD_REGISTRY[cfg.method]
 
 
 def make_method(cfg: ExperimentConfig, tasks: Sequence[str]) -> Method:
     """The training strategy ``cfg`` names, for a network over ``tasks``."""
-    if cfg.method not in METHOD_BUILDERS:
-        raise TaskSpecError(f"unknown method {cfg.method!r}; use one of {list(METHODS)}.")
-    if (cfg.grad is not None or cfg.sam or cfg.rep_grad) and cfg.method not in GRADIENT_BASES:
+    entry = _entry(cfg)
+    if (cfg.grad is not None or cfg.sam or cfg.rep_grad) and not entry.gradient:
+        bases = [name for name, e in METHOD_REGISTRY.items() if e.gradient]
         raise TaskSpecError(
-            f"--grad/--sam/--rep-grad apply to hps, single and separate, not to {cfg.method!r} "
-            "(which balances its tasks its own way); drop them or use --method hps."
+            f"--grad/--sam/--rep-grad apply to {', '.join(bases[:-1])} and {bases[-1]}, not to {cfg.method!r} "
+            f"(which balances its tasks its own way); drop them or use --method hps."
         )
-    return METHOD_BUILDERS[cfg.method](cfg, tasks)
+    return entry.build(cfg, tasks)
 
 
 def delta_m(results: Mapping[str, Mapping[str, float]], baseline: Mapping[str, Mapping[str, float]], task_info) -> float:
