@@ -116,14 +116,15 @@ class Trainer:
     train_data: Dataset
     val_data: Dataset | None
     config: TrainConfig = field(default_factory=TrainConfig)
-    method: Method | None = None  # None: plain training (`Method`)
+    method: Method = field(default_factory=Method)  # plain training; None is taken for it too
     history: list[dict] = field(default_factory=list)
     epoch: int = 0
     step: int = 0
 
     def __post_init__(self) -> None:
         self.config.validate()
-        self.method = self.method or Method()
+        if self.method is None:
+            self.method = Method()
         self.tasks = self._resolve_tasks(self.tasks)
         self._check_selection()
         self.device = torch.device(self.config.device)
@@ -325,7 +326,7 @@ class Trainer:
                 sums[t] = sums.get(t, 0.0) + float(v.detach())
             if extra is not None:
                 sums["_extra"] = sums.get("_extra", 0.0) + float(extra.detach())
-            if hasattr(bar, "set_postfix") and self._epoch_batches % 10 == 0:
+            if bar is not loader and self._epoch_batches % 10 == 0:  # a progress bar
                 bar.set_postfix(loss=f"{sum(float(v) for v in losses.values()):.3f}")
             if self._check_stop():
                 break
