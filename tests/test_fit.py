@@ -243,3 +243,27 @@ def test_tasks_without_a_loss_and_a_missing_tensorboard_are_explained(tmp_path):
     else:
         gs.fit(network("shared"), Quadrants(16, 0), epochs=1, progress=False, tensorboard=True, checkpoint_dir=str(tmp_path))
         assert any((tmp_path / "tensorboard").iterdir())
+
+
+def test_grad_clip_bounds_every_step_and_multistep_decays_at_its_milestones():
+    def moved(**settings) -> float:
+        net = network("shared")
+        before = torch.cat([p.detach().flatten().clone() for p in net.parameters()])
+        trainer = gs.fit(net, Quadrants(32, 0), epochs=3, batch_size=16, progress=False, optimizer="sgd", momentum=0.0,
+                         lr=1.0, schedule="multistep", milestones=(1, 2), gamma=0.5, **settings)
+        assert [r["lr"] for r in trainer.history] == [1.0, 0.5, 0.25]
+        return float((torch.cat([p.detach().flatten() for p in net.parameters()]) - before).norm())
+
+    # SGD without momentum moves by lr * (clipped gradient) per step: 2 steps at each lr
+    assert moved(grad_clip=1e-3) <= 2 * (1.0 + 0.5 + 0.25) * 1e-3 * (1 + 1e-4)
+    assert moved() > 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 loss scaling runs on CUDA")
+def test_fp16_on_cuda_scales_the_loss_for_plain_training_and_refuses_own_gradients():
+    trainer = gs.fit(network("shared"), Quadrants(32, 0), Quadrants(16, 1), epochs=1, progress=False, device="cuda",
+                     autocast="fp16")
+    assert trainer._scaler is not None and torch.isfinite(torch.tensor(trainer.history[-1]["val_loss"]))
+    with pytest.raises(gs.ConfigError, match="autocast='fp16' on CUDA scales the losses"):
+        gs.fit(network("shared"), Quadrants(32, 0), progress=False, device="cuda", autocast="fp16",
+               method=GradientMethod("pcgrad", ("top", "left")))
