@@ -214,6 +214,7 @@ def test_sgd_callable_factories_and_one_log_line_per_epoch(caplog):
         ("tensorboard", True, r"TrainConfig.tensorboard=True is not valid; use False, or set checkpoint_dir"),
         ("restore_best", True, r"restore_best=True needs validation data"),
         ("steps", 3, r"fit\(\) got unknown setting\(s\) \['steps'\]"),
+        ("resume", True, r"fit\(resume=True\) needs checkpoint_dir"),
     ],
 )
 def test_bad_settings_name_the_field_and_a_valid_value(field, value, message):

@@ -92,7 +92,10 @@ def fit(
     unknown = sorted(set(config) - set(TrainConfig.__dataclass_fields__))
     if unknown:
         raise ConfigError(f"fit() got unknown setting(s) {unknown}; valid ones are TrainConfig's: {sorted(TrainConfig.__dataclass_fields__)}.")
-    trainer = Trainer(net, tasks, _dataset(train), None if val is None else _dataset(val), TrainConfig(**config), method)
+    if resume and not config.get("checkpoint_dir"):
+        raise ConfigError("fit(resume=True) needs checkpoint_dir=<the folder of the run to continue>.")
+    settings = TrainConfig(**config)
+    trainer = Trainer(net, tasks, _dataset(train), None if val is None else _dataset(val), settings, method or Method())
     if resume:
         trainer.resume()
     trainer.fit()
@@ -436,7 +439,8 @@ class Trainer:
         if self._stopping:
             # the caller must stop too (the demo would otherwise go on to the next method)
             raise KeyboardInterrupt(
-                f"stopped at epoch {self.epoch}; checkpoint in {self.config.checkpoint_dir}: rerun with --resume"
+                f"stopped at epoch {self.epoch}; checkpoint in {self.config.checkpoint_dir}: "
+                "rerun with --resume (or fit(..., resume=True))"
             )
         if self.config.restore_best:
             self.restore_best()
