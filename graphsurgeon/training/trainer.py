@@ -215,6 +215,9 @@ class Trainer:
         if self._scheduled is self.optimizer:
             return
         self._scheduled = self.optimizer
+        if fast_forward:  # replay from the start: a group that was scheduled before restarts from its base
+            for group in self.optimizer.param_groups:
+                group["lr"] = group.get("initial_lr", group["lr"])
         self.scheduler = self.config.make_scheduler(self.optimizer)
         if self.scheduler is not None and fast_forward:
             with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
