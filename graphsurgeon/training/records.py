@@ -17,7 +17,7 @@ from typing import Any
 
 from graphsurgeon.errors import ConfigError
 
-__all__ = ["flatten", "log_epoch", "tensorboard_writer", "write_csv"]
+__all__ = ["flatten", "log_epoch", "tensorboard_writer_class", "write_csv"]
 
 logger = logging.getLogger("graphsurgeon")
 
@@ -49,7 +49,7 @@ def write_csv(history: Iterable[Mapping[str, Any]], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def tensorboard_writer(required: bool) -> type | None:
+def tensorboard_writer_class(required: bool) -> type | None:
     """TensorBoard's ``SummaryWriter`` class, or ``None`` when the package is missing and was not
     asked for (the one place the optional dependency is imported)."""
     try:

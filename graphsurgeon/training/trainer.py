@@ -58,7 +58,7 @@ from graphsurgeon.methods.base import Method, Step
 from graphsurgeon.training import distributed
 from graphsurgeon.training.config import AUTOCAST, TrainConfig
 from graphsurgeon.training.distributed import ShardedSampler
-from graphsurgeon.training.records import flatten, log_epoch, tensorboard_writer, write_csv
+from graphsurgeon.training.records import flatten, log_epoch, tensorboard_writer_class, write_csv
 
 __all__ = ["TrainConfig", "Trainer", "fit"]
 
@@ -194,7 +194,7 @@ class Trainer:
     def _make_tensorboard(self) -> Any | None:
         if self.config.tensorboard is False or not self.config.checkpoint_dir:
             return None
-        writer = tensorboard_writer(required=bool(self.config.tensorboard))  # every rank checks
+        writer = tensorboard_writer_class(required=bool(self.config.tensorboard))  # every rank checks
         return writer(log_dir=str(Path(self.config.checkpoint_dir) / "tensorboard")) if writer and distributed.is_main() else None
 
     # ------------------------------------------------------------------ pieces
@@ -381,7 +381,9 @@ class Trainer:
             b = x.shape[0]
             n += b
             for t, pred in outputs.items():
-                spec, pred = self.tasks[t], pred.float()
+                spec = self.tasks[t]
+                if self.config.autocast is not None:  # metrics in full precision
+                    pred = pred.float()
                 sums[t]["loss"] = sums[t].get("loss", 0.0) + float(spec.loss(pred, targets[t])) * b
                 for name, metric in spec.metrics.items():
                     sums[t][name] = sums[t].get(name, 0.0) + float(metric(pred, targets[t])) * b
