@@ -269,3 +269,32 @@ def test_fp16_on_cuda_scales_the_loss_for_plain_training_and_refuses_own_gradien
     with pytest.raises(gs.ConfigError, match="autocast='fp16' on CUDA scales the losses"):
         gs.fit(network("shared"), Quadrants(32, 0), progress=False, device="cuda", autocast="fp16",
                method=GradientMethod("pcgrad", ("top", "left")))
+
+
+def test_tensorboard_scalars_when_the_package_is_there(tmp_path, monkeypatch):
+    """The optional dependency is imported in one place; a stand-in module shows what is written."""
+    import sys
+    import types
+
+    written: list[tuple[str, float, int]] = []
+
+    class SummaryWriter:
+        def __init__(self, log_dir: str) -> None:
+            self.log_dir = log_dir
+
+        def add_scalar(self, key: str, value: float, step: int) -> None:
+            written.append((key, value, step))
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=SummaryWriter))
+    trainer = gs.fit(network("shared"), Quadrants(32, 0), Quadrants(16, 1), epochs=2, progress=False,
+                     checkpoint_dir=str(tmp_path))  # tensorboard=None: written because it is installed
+    assert trainer._tensorboard.log_dir == str(tmp_path / "tensorboard")
+    for record in trainer.history:
+        scalars = {k: v for k, v, step in written if step == record["epoch"]}
+        assert scalars["val/top/accuracy"] == record["val"]["top"]["accuracy"] and scalars["lr"] == record["lr"]
+    off = gs.fit(network("shared"), Quadrants(32, 0), epochs=1, progress=False, checkpoint_dir=str(tmp_path / "off"),
+                 tensorboard=False)
+    assert off._tensorboard is None and len(written) == 2 * len(scalars)
