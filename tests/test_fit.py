@@ -211,6 +211,8 @@ def test_sgd_callable_factories_and_one_log_line_per_epoch(caplog):
         ("monitor", "accuracy", r"TrainConfig.monitor='accuracy' is not valid; use 'val_loss' or 'task/metric'"),
         ("monitor", "top/f1", r"TrainConfig.monitor='top/f1' is not valid; use one of \['val_loss', 'top/loss', 'top/accuracy'"),
         ("callbacks", [print], r"TrainConfig.callbacks=<built-in function print> is not valid; use instances of graphsurgeon.training.Callback"),
+        ("callbacks", gs.Callback(), r"TrainConfig.callbacks=<.*> is not valid; use a list of graphsurgeon.training.Callback"),
+        ("restore_best", "yes", r"TrainConfig.restore_best='yes' is not valid; use True or False"),
         ("tensorboard", "yes", r"TrainConfig.tensorboard='yes' is not valid"),
         ("tensorboard", True, r"TrainConfig.tensorboard=True is not valid; use False, or set checkpoint_dir"),
         ("restore_best", True, r"restore_best=True needs validation data"),

@@ -104,6 +104,10 @@ class TrainConfig:
             _number("grad_clip", self.grad_clip, minimum=0.0, strict=True, example="1.0 (or None: no clipping)")
         if not isinstance(self.monitor, str) or not (self.monitor == "val_loss" or self.monitor.count("/") == 1):
             _fail("monitor", self.monitor, "'val_loss' or 'task/metric', e.g. 'left/accuracy'")
+        if not isinstance(self.restore_best, bool):
+            _fail("restore_best", self.restore_best, "True or False")
+        if isinstance(self.callbacks, Callback) or not isinstance(self.callbacks, (list, tuple)):
+            _fail("callbacks", self.callbacks, "a list of graphsurgeon.training.Callback instances, e.g. callbacks=[MyCallback()]")
         for callback in self.callbacks:
             if not isinstance(callback, Callback):
                 _fail("callbacks", callback, "instances of graphsurgeon.training.Callback (subclass it and override on_epoch_end/on_fit_end)")
