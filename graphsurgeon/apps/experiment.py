@@ -316,6 +316,8 @@ def run(cfg: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
         "tree": str(net.tree),
         "tree_partitions": net.tree.partitions(),
         "history": trainer.history,
+        # the best epoch on cfg.train.monitor (its weights: checkpoint/best.safetensors)
+        "best_epoch": None if trainer.best_record is None else trainer.best_record["epoch"],
         "decisions": trainer.method.decisions,
     }
     if out is not None and distributed.is_main():
