@@ -35,6 +35,7 @@ from graphsurgeon.core import (
 from graphsurgeon.core.export import ExportError
 from graphsurgeon.errors import (
     CheckpointError,
+    ConfigError,
     GraphSurgeonError,
     HeadMismatchError,
     InvariantError,
@@ -44,12 +45,14 @@ from graphsurgeon.errors import (
     TreeEditError,
     TrunkError,
 )
-from graphsurgeon.training import TrainConfig, Trainer
+from graphsurgeon.training import Callback, TrainConfig, Trainer, fit
 
 __version__ = "0.2.0"
 
 __all__ = [
+    "Callback",
     "CheckpointError",
+    "ConfigError",
     "ExportError",
     "GraphSurgeonError",
     "HeadMismatchError",
@@ -69,6 +72,7 @@ __all__ = [
     "__version__",
     "check",
     "count_parameters",
+    "fit",
     "get_graph_node_names",
     "load",
     "materialise",

@@ -39,3 +39,7 @@ class CheckpointError(GraphSurgeonError):
 
 class MissingDependencyError(GraphSurgeonError, ImportError):
     """A feature needs an optional package (an extra) that is not installed."""
+
+
+class ConfigError(GraphSurgeonError):
+    """A training setting (`graphsurgeon.training.TrainConfig` field, CLI flag) has an invalid value."""

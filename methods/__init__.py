@@ -20,7 +20,7 @@ from graphsurgeon.methods.aggregation import (
     PCGrad,
     make_aggregator,
 )
-from graphsurgeon.methods.base import Method
+from graphsurgeon.methods.base import Method, Step
 from graphsurgeon.methods.gradient_method import GradientMethod
 from graphsurgeon.methods.sam import SharpnessAware
 from graphsurgeon.methods.structure import DMTG, ITMTL, MTSL, TAG, DMTGConfig, MTSLConfig, TAGConfig
@@ -46,6 +46,7 @@ __all__ = [
     "NashMTL",
     "PCGrad",
     "SharpnessAware",
+    "Step",
     "TAGConfig",
     "make_aggregator",
 ]

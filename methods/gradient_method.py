@@ -41,7 +41,7 @@ from graphsurgeon.errors import GraphSurgeonError
 from graphsurgeon.methods.aggregation.base import Aggregator, assign_gradient, per_task_gradients, split_parameters
 from graphsurgeon.methods.aggregation.registry import make_aggregator
 from graphsurgeon.methods.aggregation.weighting import EpochLossMean
-from graphsurgeon.methods.base import Method
+from graphsurgeon.methods.base import Method, Step
 from graphsurgeon.training import distributed
 
 if TYPE_CHECKING:
@@ -100,6 +100,7 @@ class GradientMethod(Method):
             raise GraphSurgeonError(
                 f"GradientMethod needs the network's distinct task names, got {tasks!r}; pass net.tasks."
             )
+        super().__init__()
         self.tasks = tuple(tasks)
         self.aggregator_name = str(aggregator).lower()
         self.aggregator: Aggregator = make_aggregator(aggregator, len(self.tasks), **options)
@@ -124,13 +125,13 @@ class GradientMethod(Method):
         if self.rep_grad:
             self._attach(trainer.net)
 
-    def backward(self, trainer: Trainer, losses: Mapping[str, Tensor], extra: Tensor | None) -> None:
-        values = self._ordered(losses)
+    def backward(self, trainer: Trainer, step: Step) -> None:
+        values = self._ordered(step.losses)
         loss_vec = self._loss_vector(values)
         if self.rep_grad:
-            self._backward_representation(trainer.net, values, loss_vec, extra)
+            self._backward_representation(trainer.net, values, loss_vec, step.extra)
         else:
-            self._backward_parameters(trainer.net, values, loss_vec, extra)
+            self._backward_parameters(trainer.net, values, loss_vec, step.extra)
         distributed.all_reduce_gradients(self.parameters())
 
     def after_epoch(self, trainer: Trainer) -> dict[str, Any] | None:

@@ -28,7 +28,7 @@ see `graphsurgeon.methods.aggregation.cagrad`).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -36,6 +36,7 @@ from torch import Tensor
 
 from graphsurgeon.errors import GraphSurgeonError
 from graphsurgeon.methods.aggregation.base import assign_gradient, per_task_gradients, restoring, split_parameters
+from graphsurgeon.methods.base import Step
 from graphsurgeon.methods.gradient_method import GradientMethod
 from graphsurgeon.training import distributed
 
@@ -69,7 +70,7 @@ class SharpnessAware(GradientMethod):
             at the price of the extra passes.
 
     Each step costs one extra forward and backward per task (on that task's path only). The
-    perturbed passes re-evaluate the step's batch, ``trainer.batch``. A learnable aggregator (UW, GradNorm) learns from the loss part only:
+    perturbed passes re-evaluate the step's batch (`Step.inputs`, under the loop's autocast). A learnable aggregator (UW, GradNorm) learns from the loss part only:
     its objective looks at the losses, which the flatness part does not change. Under DDP each
     rank perturbs along its own gradients (as SAM does per device) and the loss and flatness parts
     are averaged across ranks before they are aggregated.
@@ -88,23 +89,16 @@ class SharpnessAware(GradientMethod):
         super().__init__(aggregator, tasks, **options)
         self.rho = float(rho)
 
-    def backward(self, trainer: Trainer, losses: Mapping[str, Tensor], extra: Tensor | None) -> None:
-        batch = getattr(trainer, "batch", (None, None))
-        if batch[0] is None or batch[1] is None:
-            raise GraphSurgeonError(
-                "SharpnessAware.backward has no batch to re-evaluate at the perturbed point; "
-                "set trainer.batch = (x, targets) and compute that batch's losses, i.e. call both before backward, "
-                "as the Trainer's step does."
-            )
-        net = trainer.net
-        values = self._ordered(losses)
+    def backward(self, trainer: Trainer, step: Step) -> None:
+        net, extra = trainer.net, step.extra
+        values = self._ordered(step.losses)
         loss_vec = self._loss_vector(values)
         shared, specific = split_parameters(net)
         params = shared + specific
         num_shared = sum(p.numel() for p in shared)
         rows = per_task_gradients(values + ([extra] if extra is not None else []), params)
         plain = rows[: len(values)]
-        perturbed = self._perturbed_gradients(trainer, batch, params, plain, num_shared)
+        perturbed = self._perturbed_gradients(trainer, step, params, plain, num_shared)
 
         if shared:
             loss_part, flat_part = plain[:, :num_shared], perturbed[:, :num_shared] - plain[:, :num_shared]
@@ -124,16 +118,16 @@ class SharpnessAware(GradientMethod):
 
     # ------------------------------------------------------------------ pieces
     def _perturbed_gradients(
-        self, trainer: Trainer, batch: tuple[Tensor, Mapping[str, Any]], params: list[Tensor], plain: Tensor, num_shared: int
+        self, trainer: Trainer, step: Step, params: list[Tensor], plain: Tensor, num_shared: int
     ) -> Tensor:
         """Row ``i``: task ``i``'s gradient at its own perturbed point; everything restored after."""
         net = trainer.net
-        x, targets = batch
         rows = []
         with restoring([*params, *net.buffers()]) as restore:  # also on an exception
             for task, grad in zip(self.tasks, plain):
                 _add_(params, torch.cat([_ascent(grad[:num_shared], self.rho), _ascent(grad[num_shared:], self.rho)]))
-                loss = super().task_losses(trainer, net(x, tasks=[task]), targets)[task]
+                with trainer.autocast():  # the precision of the step's own forward
+                    loss = super().task_losses(trainer, net(step.inputs, tasks=[task]), step.targets)[task]
                 rows.append(per_task_gradients([loss], params)[0])
                 restore()
         return torch.stack(rows)

@@ -69,7 +69,8 @@ class NormalisedSum(Method):
     name = "normalised-sum"
     reduces_gradients = True
 
-    def backward(self, trainer, losses, extra):
+    def backward(self, trainer, step):
+        losses = step.losses
         shared, specific = split_parameters(trainer.net)
         rows = distributed.all_reduce_mean(per_task_gradients(list(losses.values()), shared, retain_graph=True))
         assign_gradient(shared, (rows / rows.norm(dim=1, keepdim=True)).sum(0))

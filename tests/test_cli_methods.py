@@ -13,8 +13,10 @@ from graphsurgeon.__main__ import main
 from graphsurgeon.apps.experiment import ExperimentConfig, make_method
 from graphsurgeon.errors import TaskSpecError
 
-TINY = ["--tasks", "left,right,left_parity", "--train-size", "96", "--epochs", "2", "--batch-size", "32",
-        "--schedule-scale", "0.1", "--no-progress"]
+# small validation and test splits (and one corruption): evaluation, not training, would
+# otherwise dominate these runs (1,000 validation samples per epoch, 2,000 test samples x 10)
+TINY = ["--tasks", "left,right,left_parity", "--train-size", "96", "--val-size", "32", "--test-size", "32",
+        "--corruptions", "contrast", "--epochs", "2", "--batch-size", "32", "--schedule-scale", "0.1", "--no-progress"]
 
 
 @pytest.mark.parametrize(
@@ -26,6 +28,8 @@ TINY = ["--tasks", "left,right,left_parity", "--train-size", "96", "--epochs", "
         ["--method", "hps", "--grad", "cagrad", "--grad-option", "c=0.4"],
         ["--method", "hps", "--grad", "mgda", "--rep-grad"],
         ["--method", "hps", "--grad", "pcgrad", "--sam", "0.05"],
+        ["--method", "hps", "--grad", "pcgrad", "--optimizer", "adamw", "--weight-decay", "1e-4", "--schedule", "cosine",
+         "--autocast", "bf16", "--grad-clip", "1", "--monitor", "left/accuracy"],
         ["--method", "mtsl"],
         ["--method", "tag", "--search-epochs", "1"],
         ["--method", "itmtl"],
@@ -42,6 +46,26 @@ def test_every_method_trains_from_the_command_line(tmp_path, args):
     assert len(partitions) == 5 and all(sorted(t for b in p for t in b) == ["left", "left_parity", "right"] for p in partitions)
     assert (tmp_path / "model.pt2").is_file()
     assert (tmp_path / "tree.txt").read_text().strip() == results["tree"].strip()
+    assert set(results["corrupted"]) == {"contrast@1", "contrast@3", "contrast@5"}
+    assert (tmp_path / "checkpoint" / "best.safetensors").is_file() and results["best_epoch"] in (1, 2)
+    assert len((tmp_path / "checkpoint" / "metrics.csv").read_text().splitlines()) == 1 + 2  # header, 2 epochs
+    train = results["config"]["train"]
+    for flag, key in [("--optimizer", "optimizer"), ("--schedule", "schedule"), ("--autocast", "autocast"), ("--monitor", "monitor")]:
+        if flag in args:
+            assert train[key] == args[args.index(flag) + 1]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--monitor", "left/f1"], "TrainConfig.monitor='left/f1' is not valid; use one of ['val_loss', 'left/loss', 'left/accuracy'"),
+        (["--schedule", "step"], "TrainConfig.step_size=None is not valid; use a positive int"),
+        (["--grad-clip", "-1"], "TrainConfig.grad_clip=-1.0 is not valid"),
+    ],
+)
+def test_bad_training_settings_are_explained(capsys, args, message):
+    assert main(["train", "--method", "hps", *args, *TINY]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_gradient_options_belong_to_the_methods_that_use_them(capsys):

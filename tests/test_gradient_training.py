@@ -13,7 +13,7 @@ from graphsurgeon.core.tree import TaskTree
 from graphsurgeon.errors import GraphSurgeonError
 from graphsurgeon.methods.aggregation.base import split_parameters
 from graphsurgeon.methods.aggregation.registry import AGGREGATORS
-from graphsurgeon.methods.base import Method
+from graphsurgeon.methods.base import Method, Step
 from graphsurgeon.methods.gradient_method import GradientMethod
 from graphsurgeon.training.trainer import TrainConfig, Trainer
 
@@ -42,11 +42,10 @@ def one_backward(trainer):
     """The loop body of `Trainer.train_epoch` up to the optimizer step, on a fixed batch."""
     x, targets = trainer.to_device(next(iter(trainer.loader(trainer.train_data, shuffle=False))))
     outputs = trainer.net(x)
-    trainer.batch = (x, targets)  # as the loop does
     losses = trainer.method.task_losses(trainer, outputs, targets)
     extra = trainer.method.extra_loss(trainer, x, outputs)
     trainer.optimizer.zero_grad(set_to_none=True)
-    trainer.method.backward(trainer, losses, extra)
+    trainer.method.backward(trainer, Step(x, targets, outputs, losses, extra))
     return x, targets
 
 

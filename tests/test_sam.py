@@ -12,6 +12,7 @@ import graphsurgeon as gs
 from graphsurgeon.errors import GraphSurgeonError
 from graphsurgeon.methods.aggregation.base import per_task_gradients, split_parameters
 from graphsurgeon.methods.aggregation.registry import AGGREGATORS
+from graphsurgeon.methods.base import Step
 from graphsurgeon.methods.gradient_method import GradientMethod
 from graphsurgeon.methods.sam import SharpnessAware
 from graphsurgeon.training.trainer import TrainConfig, Trainer
@@ -156,13 +157,12 @@ def test_perturbed_passes_leave_parameters_and_batchnorm_statistics_untouched():
     net = trainer.net
     x, targets = trainer.to_device(next(iter(trainer.loader(trainer.train_data, shuffle=False))))
     outputs = net(x)  # the step's own forward pass updates the running statistics once
-    trainer.batch = (x, targets)  # as the loop does
     losses = method.task_losses(trainer, outputs, targets)
     extra = method.extra_loss(trainer, x, outputs)
     params = [p.detach().clone() for p in net.parameters()]
     buffers = {name: b.clone() for name, b in net.named_buffers()}
     assert any("running_mean" in name for name in buffers)
-    method.backward(trainer, losses, extra)
+    method.backward(trainer, Step(x, targets, outputs, losses, extra))
     assert all(torch.equal(p, q) for p, q in zip(net.parameters(), params))
     assert all(torch.equal(b, buffers[name]) for name, b in net.named_buffers())
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
@@ -199,6 +199,3 @@ def test_bad_settings_are_explained():
             SharpnessAware("ew", TASKS, rho=rho)
     with pytest.raises(GraphSurgeonError, match="unknown aggregator"):
         SharpnessAware("adam", TASKS, rho=0.05)
-    method = SharpnessAware("ew", TASKS, rho=0.05)
-    with pytest.raises(GraphSurgeonError, match="call both before backward"):
-        method.backward(None, {}, None)

@@ -12,7 +12,7 @@ import graphsurgeon as gs
 from graphsurgeon.apps.models import small_resnet
 from graphsurgeon.methods.aggregation.base import split_parameters
 from graphsurgeon.methods.aggregation.pcgrad import PCGrad
-from graphsurgeon.methods.base import Method
+from graphsurgeon.methods.base import Method, Step
 from graphsurgeon.methods.structure.itmtl import ITMTL
 from graphsurgeon.methods.structure.lookahead import affinity, lookahead_losses
 from graphsurgeon.methods.structure.partition import tag_groups
@@ -65,11 +65,10 @@ def one_step(trainer, batch):
     """The loop's step, stopping before optimizer.step() so that the gradients can be read."""
     x, targets = trainer.to_device(batch)
     outputs = trainer.net(x)
-    trainer.batch = (x, targets)  # as the loop does
     losses = trainer.method.task_losses(trainer, outputs, targets)
     extra = trainer.method.extra_loss(trainer, x, outputs)
     trainer.optimizer.zero_grad(set_to_none=True)
-    trainer.method.backward(trainer, losses, extra)
+    trainer.method.backward(trainer, Step(x, targets, outputs, losses, extra))
     return x, targets, losses
 
 

@@ -11,8 +11,10 @@ __all__ = ["main"]
 
 def _train_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one method on one dataset")
-    from graphsurgeon.apps.experiment import METHODS
+    from graphsurgeon.apps.experiment import DATASETS, METHODS
+    from graphsurgeon.data.corruptions import CORRUPTIONS
     from graphsurgeon.methods.aggregation.registry import AGGREGATORS
+    from graphsurgeon.training.config import AUTOCAST, OPTIMIZERS, SCHEDULES
 
     p.add_argument("--method", default="mtsl", choices=list(METHODS),
                    help="mtsl (learn the tree), tag / itmtl (lookahead affinity), dmtg (differentiable grouping), "
@@ -27,7 +29,7 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--branches", type=int, default=2, help="DMTG: number of branches K")
     p.add_argument("--search-epochs", type=int, default=None, help="TAG affinity / DMTG search epochs (default: about half)")
     p.add_argument("--backbone", default="small_resnet", help="small_resnet or a torchvision model name")
-    p.add_argument("--data", default="multimnist", choices=["multimnist", "nyuv2", "cityscapes", "celeba"])
+    p.add_argument("--data", default="multimnist", choices=list(DATASETS))
     p.add_argument("--data-root", default=None, help="folder of a downloaded dataset (not needed for multimnist)")
     p.add_argument("--tasks", default=None, help="comma-separated task names (default: all of the dataset's)")
     p.add_argument("--trunk", default=None, help="node where the backbone ends (default: the classifier's input)")
@@ -36,7 +38,24 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="per process under torchrun")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--train-size", type=int, default=None)
+    p.add_argument("--train-size", type=int, default=None, help="training samples (default: the dataset's)")
+    p.add_argument("--val-size", type=int, default=None, help="validation samples, evaluated every epoch")
+    p.add_argument("--test-size", type=int, default=None, help="test samples, evaluated clean and per corruption")
+    p.add_argument("--corruptions", default="gaussian_noise,gaussian_blur,contrast", type=_names,
+                   help=f"comma-separated corruptions of the test split at severities 1, 3, 5, or 'none'; "
+                   f"any of {', '.join(sorted(CORRUPTIONS))}")
+    train = p.add_argument_group("training", "the settings of graphsurgeon.TrainConfig")
+    train.add_argument("--optimizer", default="adam", choices=list(OPTIMIZERS))
+    train.add_argument("--weight-decay", type=float, default=0.0)
+    train.add_argument("--momentum", type=float, default=0.9, help="SGD's momentum")
+    train.add_argument("--schedule", default="none", choices=list(SCHEDULES), help="learning-rate schedule, stepped per epoch")
+    train.add_argument("--step-size", type=int, default=None, help="--schedule step: epochs between decays")
+    train.add_argument("--milestones", default=(), type=_epochs, help="--schedule multistep: comma-separated epochs, e.g. 30,60")
+    train.add_argument("--gamma", type=float, default=0.1, help="decay factor of step and multistep")
+    train.add_argument("--autocast", default=None, choices=list(AUTOCAST), help="mixed precision (default: off)")
+    train.add_argument("--grad-clip", type=float, default=None, metavar="NORM", help="clip the global gradient norm")
+    train.add_argument("--monitor", default="val_loss",
+                       help="selects the best epoch (written as checkpoint/best.safetensors): val_loss or TASK/METRIC")
     p.add_argument("--schedule-scale", type=float, default=1.0, help="MTSL: scale the phase lengths")
     p.add_argument("--threshold", type=float, default=0.8, help="MTSL: CKA threshold for merging")
     p.add_argument("--align-weight", type=float, default=0.2, help="MTSL: weight of the alignment loss")
@@ -62,10 +81,15 @@ def _config(args):
         tasks=args.tasks.split(",") if args.tasks else None,
         trunk=args.trunk,
         train_size=args.train_size,
+        val_size=args.val_size,
+        test_size=args.test_size,
+        corruptions=args.corruptions,
         epochs=epochs,
         train=TrainConfig(
             epochs=epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed, device=args.device,
-            progress=not args.no_progress,
+            progress=not args.no_progress, optimizer=args.optimizer, weight_decay=args.weight_decay,
+            momentum=args.momentum, schedule=args.schedule, step_size=args.step_size, milestones=args.milestones,
+            gamma=args.gamma, autocast=args.autocast, grad_clip=args.grad_clip, monitor=args.monitor,
         ),
         mtsl={"schedule_scale": args.schedule_scale, "threshold": args.threshold, "align_weight": args.align_weight},
         tag={"num_groups": args.groups, "affinity_epochs": search},
@@ -76,6 +100,25 @@ def _config(args):
         sam=args.sam,
         out_dir=args.out or f"runs/{args.method}-{args.data}-{args.seed}",
     )
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """``a,b`` as ``("a", "b")``; ``none`` (or nothing) as ``()``."""
+    from graphsurgeon.data.corruptions import CORRUPTIONS
+
+    names = tuple(n.strip() for n in text.split(",") if n.strip() and n.strip().lower() != "none")
+    unknown = [n for n in names if n not in CORRUPTIONS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown corruption(s) {unknown}; use any of {sorted(CORRUPTIONS)} or 'none'")
+    return names
+
+
+def _epochs(text: str) -> tuple[int, ...]:
+    """``30,60`` as ``(30, 60)``."""
+    try:
+        return tuple(int(e) for e in text.split(",") if e.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"milestones are comma-separated epochs, e.g. 30,60; got {text!r}") from None
 
 
 def _option(text: str) -> tuple[str, object]:

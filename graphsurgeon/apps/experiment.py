@@ -8,28 +8,27 @@ from __future__ import annotations
 import inspect
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torchvision
 from torch import nn
+from torch.utils.data import Dataset, Subset
 
 from graphsurgeon.apps.models import make_head, small_resnet
 from graphsurgeon.core.build import multitask
 from graphsurgeon.core.modes import eval_mode
 from graphsurgeon.core.network import MultiTaskNetwork
+from graphsurgeon.data.tasks import TaskInfo
 from graphsurgeon.errors import TaskSpecError
+from graphsurgeon.methods.base import Method
 from graphsurgeon.training.trainer import TrainConfig, Trainer, seed_everything
 
-__all__ = ["METHODS", "ExperimentConfig", "build_network", "count_flops", "delta_m", "run"]
+__all__ = ["DATASETS", "METHODS", "METHOD_REGISTRY", "ExperimentConfig", "MethodEntry", "build_network", "count_flops", "delta_m", "run"]
 
-METHODS = ("single", "separate", "hps", "mtsl", "tag", "itmtl", "dmtg")
-# where each method starts: one network per task, or one shared network (TAG measures its
-# affinities on the shared network; DMTG builds its branches from the first copy)
-START_SHARED = {"hps", "tag", "itmtl", "dmtg"}
 
 
 @dataclass
@@ -54,7 +53,7 @@ class ExperimentConfig:
     grad_options: dict[str, Any] = field(default_factory=dict)
     rep_grad: bool = False
     sam: float = 0.0  # sharpness-aware radius rho; 0 = off
-    corruptions: Sequence[str] = ("gaussian_noise", "gaussian_blur", "contrast")
+    corruptions: Sequence[str] = ("gaussian_noise", "gaussian_blur", "contrast")  # () evaluates clean only
     severities: Sequence[int] = (1, 3, 5)
     out_dir: str | None = None
     export: bool = True
@@ -83,16 +82,18 @@ def make_backbone(name: str, in_channels: int, image_size: int) -> nn.Module:
     return GreyToRGB(model) if in_channels == 1 else model
 
 
-def build_network(cfg: ExperimentConfig, task_info: Mapping[str, Any], example: torch.Tensor) -> MultiTaskNetwork:
-    sharing = "shared" if cfg.method in START_SHARED else "separate"
+def build_network(cfg: ExperimentConfig, task_info: Mapping[str, TaskInfo], example: torch.Tensor) -> MultiTaskNetwork:
+    """The network ``cfg`` starts from; its task specs carry the datasets' losses and metrics,
+    which is where the trainer reads them."""
+    entry = _entry(cfg)
     image_size = tuple(example.shape[-2:])
     heads = {
-        t: (lambda shape, info=info: make_head(info.kind, shape, info.num_outputs, image_size))
+        t: info.task(lambda shape, info=info: make_head(info.kind, shape, info.num_outputs, image_size))
         for t, info in task_info.items()
     }
     backbone = make_backbone(cfg.backbone, example.shape[1], example.shape[-1])
-    net = multitask(backbone, heads, trunk=cfg.trunk, sharing=sharing, granularity=cfg.granularity, example_input=example)
-    if cfg.method == "mtsl" and cfg.mtsl.get("independent_init", True):
+    net = multitask(backbone, heads, trunk=cfg.trunk, sharing=entry.sharing, granularity=cfg.granularity, example_input=example)
+    if entry.independent_init(cfg):
         # from-scratch backbones: each task's copy gets its own random init, as separate networks would
         from graphsurgeon.core.surgery import reinitialise
 
@@ -109,49 +110,91 @@ def _options(factory, options: Mapping[str, Any], method: str, *args: Any):
     return factory(*args, **options)
 
 
-def make_method(cfg: ExperimentConfig, tasks: Sequence[str]):
-    """The training strategy ``cfg`` names, for a network over ``tasks``.
+def _hard_sharing(cfg: ExperimentConfig, tasks: Sequence[str]) -> Method:
+    """The summed losses, or the gradient method ``--grad``/``--sam``/``--rep-grad`` ask for.
 
     ``single`` and ``separate`` are the same training: with no parameter shared, the summed
     loss gives every task's network exactly its own gradient (and Adam is per parameter), so
     one joint run equals T single-task runs on the same batches at a fraction of the overhead.
     """
-    if cfg.method not in METHODS:
-        raise TaskSpecError(f"unknown method {cfg.method!r}; use one of {list(METHODS)}.")
-    wants_grad = cfg.grad is not None or cfg.sam or cfg.rep_grad
-    if wants_grad and cfg.method not in ("hps", "single", "separate"):
-        raise TaskSpecError(
-            f"--grad/--sam/--rep-grad apply to hps, single and separate, not to {cfg.method!r} "
-            "(which balances its tasks its own way); drop them or use --method hps."
-        )
-    if wants_grad:
-        from graphsurgeon.methods.gradient_method import GradientMethod
-        from graphsurgeon.methods.sam import SharpnessAware
-
-        grad = cfg.grad or "ew"
-        if cfg.sam:
-            return SharpnessAware(grad, tasks, rho=cfg.sam, rep_grad=cfg.rep_grad, **cfg.grad_options)
-        return GradientMethod(grad, tasks, rep_grad=cfg.rep_grad, **cfg.grad_options)
-    if cfg.method in ("single", "separate", "hps"):
-        from graphsurgeon.methods.base import Method
-
+    if not (cfg.grad is not None or cfg.sam or cfg.rep_grad):
         return Method()
-    if cfg.method == "mtsl":
-        from graphsurgeon.methods.structure.mtsl import MTSL, MTSLConfig
+    from graphsurgeon.methods.gradient_method import GradientMethod
+    from graphsurgeon.methods.sam import SharpnessAware
 
-        options = {k: v for k, v in cfg.mtsl.items() if k != "independent_init"}  # read by build_network
-        return MTSL(_options(MTSLConfig, options, "mtsl"))
-    if cfg.method == "tag":
-        from graphsurgeon.methods.structure.tag import TAG, TAGConfig
+    grad = cfg.grad or "ew"
+    if cfg.sam:
+        return SharpnessAware(grad, tasks, rho=cfg.sam, rep_grad=cfg.rep_grad, **cfg.grad_options)
+    return GradientMethod(grad, tasks, rep_grad=cfg.rep_grad, **cfg.grad_options)
 
-        return TAG(_options(TAGConfig, cfg.tag, "tag"))
-    if cfg.method == "itmtl":
-        from graphsurgeon.methods.structure.itmtl import ITMTL
 
-        return _options(ITMTL, cfg.itmtl, "itmtl", len(tasks))
+def _mtsl(cfg: ExperimentConfig, tasks: Sequence[str]) -> Method:
+    from graphsurgeon.methods.structure.mtsl import MTSL, MTSLConfig
+
+    options = {k: v for k, v in cfg.mtsl.items() if k != "independent_init"}  # read by build_network
+    return MTSL(_options(MTSLConfig, options, "mtsl"))
+
+
+def _tag(cfg: ExperimentConfig, tasks: Sequence[str]) -> Method:
+    from graphsurgeon.methods.structure.tag import TAG, TAGConfig
+
+    return TAG(_options(TAGConfig, cfg.tag, "tag"))
+
+
+def _itmtl(cfg: ExperimentConfig, tasks: Sequence[str]) -> Method:
+    from graphsurgeon.methods.structure.itmtl import ITMTL
+
+    return _options(ITMTL, cfg.itmtl, "itmtl", len(tasks))
+
+
+def _dmtg(cfg: ExperimentConfig, tasks: Sequence[str]) -> Method:
     from graphsurgeon.methods.structure.dmtg import DMTG, DMTGConfig
 
     return DMTG(_options(DMTGConfig, cfg.dmtg, "dmtg"))
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """How the wiring runs a method: its builder, the network it starts from (one network per
+    task, or one shared network: TAG measures its affinities on it, DMTG builds its branches
+    from it), whether a gradient method may replace its plain sum of losses, and whether the
+    separate copies get their own random init (as separate from-scratch networks would)."""
+
+    build: Callable[[ExperimentConfig, Sequence[str]], Method]
+    sharing: Literal["separate", "shared"]
+    gradient: bool = False
+    independent_init: Callable[[ExperimentConfig], bool] = lambda cfg: False
+
+
+# method name -> entry; the CLI offers exactly these
+METHOD_REGISTRY: dict[str, MethodEntry] = {
+    "hps": MethodEntry(_hard_sharing, "shared", gradient=True),
+    "single": MethodEntry(_hard_sharing, "separate", gradient=True),
+    "separate": MethodEntry(_hard_sharing, "separate", gradient=True),
+    "mtsl": MethodEntry(_mtsl, "separate", independent_init=lambda cfg: bool(cfg.mtsl.get("independent_init", True))),
+    "tag": MethodEntry(_tag, "shared"),
+    "itmtl": MethodEntry(_itmtl, "shared"),
+    "dmtg": MethodEntry(_dmtg, "shared"),
+}
+METHODS = tuple(METHOD_REGISTRY)
+
+
+def _entry(cfg: ExperimentConfig) -> MethodEntry:
+    if cfg.method not in METHOD_REGISTRY:
+        raise TaskSpecError(f"unknown method {cfg.method!r}; use one of {list(METHODS)}.")
+    return METHOD_REGISTRY[cfg.method]
+
+
+def make_method(cfg: ExperimentConfig, tasks: Sequence[str]) -> Method:
+    """The training strategy ``cfg`` names, for a network over ``tasks``."""
+    entry = _entry(cfg)
+    if (cfg.grad is not None or cfg.sam or cfg.rep_grad) and not entry.gradient:
+        bases = [name for name, e in METHOD_REGISTRY.items() if e.gradient]
+        raise TaskSpecError(
+            f"--grad/--sam/--rep-grad apply to {', '.join(bases[:-1])} and {bases[-1]}, not to {cfg.method!r} "
+            f"(which balances its tasks its own way); drop them or use --method hps."
+        )
+    return entry.build(cfg, tasks)
 
 
 def delta_m(results: Mapping[str, Mapping[str, float]], baseline: Mapping[str, Mapping[str, float]], task_info) -> float:
@@ -181,19 +224,45 @@ def count_flops(net: nn.Module, example: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
-def _datasets(cfg: ExperimentConfig):
+def _multimnist(cfg: ExperimentConfig, split: str, size: int | None) -> Dataset:
+    """Generated at the requested size, from the run's seed."""
     from graphsurgeon.data import get_dataset
 
-    kw = {"tasks": cfg.tasks} if cfg.tasks else {}
+    return get_dataset("multimnist", split, tasks=cfg.tasks, size=size, seed=cfg.train.seed)
+
+
+def _released(test_split: str) -> Callable[[ExperimentConfig, str, int | None], Dataset]:
+    """A downloaded dataset, whose test split is ``test_split`` (the preprocessed NYUv2 and
+    Cityscapes releases have train and val only; papers report on val); ``size`` keeps the
+    first samples."""
+
+    def build(cfg: ExperimentConfig, split: str, size: int | None) -> Dataset:
+        from graphsurgeon.data import get_dataset
+
+        kw = {"tasks": cfg.tasks} if cfg.tasks else {}
+        data = get_dataset(cfg.data, test_split if split == "test" else split, cfg.data_root, **kw)
+        return data if size is None else Subset(data, range(min(size, len(data))))
+
+    return build
+
+
+# dataset name -> builder(cfg, split, size); each returns a Dataset of (image, {task: target})
+DATASETS: dict[str, Callable[[ExperimentConfig, str, int | None], Dataset]] = {
+    "multimnist": _multimnist,
+    "nyuv2": _released("val"),
+    "cityscapes": _released("val"),
+    "celeba": _released("test"),
+}
+
+
+def _datasets(cfg: ExperimentConfig) -> tuple[dict[str, Dataset], dict[str, TaskInfo]]:
+    """The train, val and test splits at the configured sizes, and the tasks' descriptions."""
+    if cfg.data not in DATASETS:
+        raise TaskSpecError(f"unknown dataset {cfg.data!r}; use one of {sorted(DATASETS)}.")
     sizes = {"train": cfg.train_size, "val": cfg.val_size, "test": cfg.test_size}
-    out = {}
-    for split, size in sizes.items():
-        extra = {"size": size} if size and cfg.data == "multimnist" else {}
-        seed = {"seed": cfg.train.seed} if cfg.data == "multimnist" else {}
-        # the preprocessed NYUv2/Cityscapes releases have train and val only; papers report on val
-        source = "val" if split == "test" and cfg.data in ("nyuv2", "cityscapes") else split
-        out[split] = get_dataset(cfg.data, source, cfg.data_root, **kw, **extra, **seed)
-    return out
+    splits = {split: DATASETS[cfg.data](cfg, split, size) for split, size in sizes.items()}
+    full = splits["train"].dataset if isinstance(splits["train"], Subset) else splits["train"]
+    return splits, full.task_info
 
 
 def run(cfg: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
@@ -205,8 +274,7 @@ def run(cfg: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
     from graphsurgeon.training import distributed
 
     seed_everything(cfg.train.seed)
-    data = _datasets(cfg)
-    task_info = data["train"].task_info
+    data, task_info = _datasets(cfg)
     example = data["train"][0][0][None]
     net = build_network(cfg, task_info, example)
     out = Path(cfg.out_dir) if cfg.out_dir else None
@@ -215,7 +283,7 @@ def run(cfg: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
         train_cfg.checkpoint_dir = str(out / "checkpoint")
     if cfg.epochs:
         train_cfg.epochs = cfg.epochs
-    trainer = Trainer(net, task_info, data["train"], data["val"], train_cfg, make_method(cfg, net.tasks))
+    trainer = Trainer(net, None, data["train"], data["val"], train_cfg, make_method(cfg, net.tasks))
     if resume and out is not None:
         trainer.resume()
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -244,7 +312,9 @@ def run(cfg: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
         "tree": str(net.tree),
         "tree_partitions": net.tree.partitions(),
         "history": trainer.history,
-        "decisions": getattr(trainer.method, "decisions", []),
+        # the best epoch on cfg.train.monitor (its weights: checkpoint/best.safetensors)
+        "best_epoch": None if trainer.best_record is None else trainer.best_record["epoch"],
+        "decisions": trainer.method.decisions,
     }
     if out is not None and distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """`multitask`: from a backbone and task heads to a `MultiTaskNetwork` in one call."""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -66,7 +67,7 @@ def normalise_tasks(
             seen[id(head)] = name
         task = spec if isinstance(spec, Task) else Task(head=spec)
         if not isinstance(task.head, nn.Module):
-            task = Task(head=_call_factory(name, task.head, trunk_shape), loss=task.loss, metrics=task.metrics)
+            task = dataclasses.replace(task, head=_call_factory(name, task.head, trunk_shape))
         out[name] = task
     return out
 

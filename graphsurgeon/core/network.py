@@ -33,14 +33,18 @@ GroupInit = Literal["fresh", "pristine", "mean", "copy"] | Callable[[Sequence[nn
 
 @dataclass
 class Task:
-    """A task: its head, and optionally the loss and metrics training uses.
+    """A task: its head, and what training needs of it (the one task type of the library).
 
-    ``loss(pred, target) -> scalar``; ``metrics`` maps a name to ``f(pred, target) -> float``.
+    ``multitask`` builds the head (``head`` may be a factory ``f(trunk_shape) -> nn.Module``
+    until then); the `Trainer` reads ``loss(pred, target) -> scalar``, ``metrics`` (a name to
+    ``f(pred, target) -> float``) and ``higher_is_better`` (a metric name to its direction, for
+    selecting the best epoch on a metric) from ``net.task_specs``, so a task is declared once.
     """
 
-    head: nn.Module
+    head: nn.Module | Callable[[tuple[int, ...]], nn.Module]
     loss: Callable[[torch.Tensor, Any], torch.Tensor] | None = None
     metrics: Mapping[str, Callable[[torch.Tensor, Any], float]] = field(default_factory=dict)
+    higher_is_better: Mapping[str, bool] = field(default_factory=dict)
 
 
 def reinitialise(module: nn.Module) -> nn.Module:

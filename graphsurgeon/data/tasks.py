@@ -27,8 +27,9 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
+from graphsurgeon.core.network import Task
 from graphsurgeon.errors import TaskSpecError
 
 TaskKind = Literal["classification", "segmentation", "dense_regression"]
@@ -72,6 +73,11 @@ class TaskInfo:
         # Freeze the mappings too, so a shared TaskInfo cannot be edited by one user.
         object.__setattr__(self, "metrics", MappingProxyType(dict(self.metrics)))
         object.__setattr__(self, "higher_is_better", MappingProxyType(dict(self.higher_is_better)))
+
+    def task(self, head: nn.Module | Callable[[tuple[int, ...]], nn.Module]) -> Task:
+        """This task with ``head``, as `graphsurgeon.multitask` and the `Trainer` take it: the one
+        place a dataset's description becomes the library's `Task`."""
+        return Task(head=head, loss=self.loss, metrics=dict(self.metrics), higher_is_better=dict(self.higher_is_better))
 
     def __reduce__(self) -> tuple:
         # Read-only mapping proxies cannot be pickled; rebuild from plain dicts, so that

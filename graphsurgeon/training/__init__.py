@@ -1,4 +1,5 @@
-"""The one training loop every method runs on (`Trainer`), and its multi-process support."""
-from graphsurgeon.training.trainer import TrainConfig, Trainer, seed_everything
+"""The one training loop every method runs on (`Trainer`, `fit`), its settings and multi-process support."""
+from graphsurgeon.training.config import Callback, TrainConfig
+from graphsurgeon.training.trainer import Trainer, fit, seed_everything
 
-__all__ = ["TrainConfig", "Trainer", "seed_everything"]
+__all__ = ["Callback", "TrainConfig", "Trainer", "fit", "seed_everything"]

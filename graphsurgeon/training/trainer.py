@@ -22,6 +22,13 @@ attribute ``reduces_gradients = True``: the loop then runs its forward and backw
 (the aggregation is nonlinear) and `graphsurgeon.training.distributed.all_reduce_gradients` on the
 task-specific and its own parameters. Other methods' own parameters (outside the network) are
 averaged by the loop.
+
+The loop hands a method everything it uses of a step in a `graphsurgeon.methods.base.Step`
+(batch, outputs, losses); what it may use of a method is declared by
+`graphsurgeon.methods.base.Method`. Tasks (loss, metrics, direction of each metric) are the
+network's `graphsurgeon.core.network.Task` specs unless ``tasks`` overrides them. Settings are a
+`graphsurgeon.training.config.TrainConfig`, checked once when the trainer is made; `fit` is the
+one-call entry point.
 """
 from __future__ import annotations
 
@@ -33,8 +40,9 @@ import os
 import random
 import signal
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,33 +52,16 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, Subset
 
 from graphsurgeon.core.checkpoint import lay_out, load_weights, read_metadata, save
-from graphsurgeon.core.network import MultiTaskNetwork
+from graphsurgeon.core.network import MultiTaskNetwork, Task
 from graphsurgeon.core.surgery import carry_optimizer
+from graphsurgeon.errors import ConfigError
+from graphsurgeon.methods.base import Method, Step
 from graphsurgeon.training import distributed
+from graphsurgeon.training.config import AUTOCAST, TrainConfig
 from graphsurgeon.training.distributed import ShardedSampler
+from graphsurgeon.training.records import flatten, log_epoch, tensorboard_writer_class, write_csv
 
-__all__ = ["TaskLossSpec", "TrainConfig", "Trainer"]
-
-
-class TaskLossSpec:
-    """What the loop needs of a task: ``loss(pred, target)``, ``metrics``, ``higher_is_better``."""
-
-    loss: Callable[[torch.Tensor, Any], torch.Tensor]
-    metrics: Mapping[str, Callable[[torch.Tensor, Any], float]]
-    higher_is_better: Mapping[str, bool]
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 10
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 64  # per rank under torchrun: the global batch is world_size times larger
-    seed: int = 0
-    device: str = "cpu"
-    progress: bool = True
-    checkpoint_dir: str | None = None
-    eval_batch_size: int = 256
+__all__ = ["TrainConfig", "Trainer", "fit"]
 
 
 def seed_everything(seed: int) -> None:
@@ -79,30 +70,76 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def fit(
+    net: MultiTaskNetwork,
+    train: Dataset | DataLoader,
+    val: Dataset | DataLoader | None = None,
+    *,
+    method: Method | None = None,
+    tasks: Mapping[str, Task] | None = None,
+    resume: bool = False,
+    **config: Any,
+) -> Trainer:
+    """Train ``net`` on ``train`` (and select on ``val``) with ``method``; the trained `Trainer`.
+
+    ``train`` and ``val`` yield ``(input, {task: target})``: a ``Dataset``, or a ``DataLoader``
+    whose dataset is used (the trainer batches, shuffles and shards it itself, so that a run can
+    be resumed exactly). The tasks' losses and metrics are ``net.task_specs`` (give
+    ``gs.Task(head, loss, metrics, higher_is_better)`` to `graphsurgeon.multitask`) unless
+    ``tasks`` overrides them. ``**config`` are `TrainConfig` fields, e.g. ``epochs=10,
+    optimizer="adamw", schedule="cosine", autocast="bf16"``. ``resume=True`` continues from the
+    checkpoint in ``checkpoint_dir`` when there is one.
+    """
+    unknown = sorted(set(config) - set(TrainConfig.__dataclass_fields__))
+    if unknown:
+        raise ConfigError(f"fit() got unknown setting(s) {unknown}; valid ones are TrainConfig's: {sorted(TrainConfig.__dataclass_fields__)}.")
+    if resume and not config.get("checkpoint_dir"):
+        raise ConfigError("fit(resume=True) needs checkpoint_dir=<the folder of the run to continue>.")
+    settings = TrainConfig(**config)
+    trainer = Trainer(net, tasks, _dataset(train), None if val is None else _dataset(val), settings, method or Method())
+    if resume:
+        trainer.resume()
+    trainer.fit()
+    return trainer
+
+
+def _dataset(data: Dataset | DataLoader) -> Dataset:
+    return data.dataset if isinstance(data, DataLoader) else data
+
+
 @dataclass
 class Trainer:
     """Trains ``net`` on ``train_data`` with ``method``; evaluates on ``val_data`` every epoch.
 
-    Datasets yield ``(input, {task: target})``. ``tasks`` gives each task's loss and metrics.
+    Datasets yield ``(input, {task: target})``. ``tasks`` (default: ``net.task_specs``) gives
+    each task's loss, metrics and their directions (`Task`, or any object with those attributes).
     """
 
     net: MultiTaskNetwork
-    tasks: Mapping[str, TaskLossSpec]
+    tasks: Mapping[str, Task] | None
     train_data: Dataset
     val_data: Dataset | None
     config: TrainConfig = field(default_factory=TrainConfig)
-    method: Any = None
+    method: Method = field(default_factory=Method)  # plain training; None is taken for it too
     history: list[dict] = field(default_factory=list)
     epoch: int = 0
     step: int = 0
 
     def __post_init__(self) -> None:
-        from graphsurgeon.methods.base import Method
-
-        self.method = self.method or Method()
+        self.config.validate()
+        if self.method is None:
+            self.method = Method()
+        self.tasks = self._resolve_tasks(self.tasks)
+        self._check_selection()
         self.device = torch.device(self.config.device)
+        self._scaler = self._make_scaler()
         self.net.to(self.device)
         self.optimizer = self.make_optimizer()
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self._scheduled: torch.optim.Optimizer | None = None  # the optimizer `scheduler` drives
+        self._sync_scheduler(fast_forward=False)
+        self._best_weights: dict[str, torch.Tensor] | None = None  # without a checkpoint folder
+        self._tensorboard = self._make_tensorboard()
         # one data order for every rank: same seed, same draws (rank r takes its share of it)
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self._stop_requested = False  # a signal reached this rank
@@ -115,16 +152,100 @@ class Trainer:
         self.ddp: DistributedDataParallel | None = None
         self.structure_changed()
 
+    # ------------------------------------------------------------------ setup
+    def _resolve_tasks(self, tasks: Mapping[str, Task] | None) -> dict[str, Task]:
+        """``tasks`` or the network's specs; every task of the network needs a loss."""
+        resolved = dict(tasks if tasks is not None else self.net.task_specs)
+        for t in self.net.tasks:
+            if t not in resolved or resolved[t].loss is None:
+                raise ConfigError(
+                    f"task {t!r} has no loss; give it one where the network is built "
+                    f"(graphsurgeon.Task(head, loss=..., metrics=...)) or pass tasks={{{t!r}: Task(...)}} to the trainer."
+                )
+        return resolved
+
+    def _check_selection(self) -> None:
+        """``monitor`` names a task and metric with a known direction; ``restore_best`` has data."""
+        monitor = self.config.monitor
+        if monitor != "val_loss":
+            task, metric = monitor.split("/")
+            spec = self.tasks.get(task)
+            known = ["loss", *spec.higher_is_better] if spec is not None else []
+            if spec is None or metric not in known:
+                options = ["val_loss", *(f"{t}/{m}" for t in self.net.tasks for m in ["loss", *self.tasks[t].higher_is_better])]
+                raise ConfigError(
+                    f"TrainConfig.monitor={monitor!r} is not valid; use one of {options} "
+                    "(a metric needs its direction in the task's higher_is_better)."
+                )
+        if self.config.restore_best and self.val_data is None:
+            raise ConfigError("TrainConfig.restore_best=True needs validation data; pass val (val_data) or restore_best=False.")
+
+    def _make_scaler(self) -> torch.amp.GradScaler | None:
+        """fp16 on CUDA needs loss scaling (bf16 and CPU do not). The scaled losses reach the
+        method's backward, which only the plain sum of the losses is indifferent to."""
+        if self.config.autocast != "fp16" or self.device.type != "cuda":
+            return None
+        if self.method.reduces_gradients:
+            raise ConfigError(
+                f"TrainConfig.autocast='fp16' on CUDA scales the losses, which {type(self.method).__name__} "
+                "(it computes its own gradients) does not support; use autocast='bf16'."
+            )
+        return torch.amp.GradScaler(self.device.type)
+
+    def _make_tensorboard(self) -> Any | None:
+        if self.config.tensorboard is False or not self.config.checkpoint_dir:
+            return None
+        writer = tensorboard_writer_class(required=bool(self.config.tensorboard))  # every rank checks
+        return writer(log_dir=str(Path(self.config.checkpoint_dir) / "tensorboard")) if writer and distributed.is_main() else None
+
     # ------------------------------------------------------------------ pieces
     def make_optimizer(self) -> torch.optim.Optimizer:
-        """Adam over the network (group 0) and the method's own parameters (group 1, when it has
-        any: UW's log-variances, GradNorm's weights), which take no weight decay — decay would
-        pull loss weights towards a fixed point the method never asked for."""
+        """The configured optimizer over the network (group 0) and the method's own parameters
+        (group 1, when it has any: UW's log-variances, GradNorm's weights), which take no weight
+        decay — decay would pull loss weights towards a fixed point the method never asked for."""
         groups: list[dict[str, Any]] = [{"params": list(self.net.parameters())}]
         own = list(self.method_parameters())
         if own:
             groups.append({"params": own, "weight_decay": 0.0})
-        return torch.optim.Adam(groups, lr=self.config.lr, weight_decay=self.config.weight_decay)
+        return self.config.make_optimizer(groups)
+
+    def _sync_scheduler(self, fast_forward: bool = True) -> None:
+        """Point the schedule at the current optimizer. A method that replaced the optimizer
+        (`set_network`: DMTG's pruning) gets a new schedule advanced to the current epoch, so the
+        learning rate follows one curve over the whole fit."""
+        if self._scheduled is self.optimizer:
+            return
+        self._scheduled = self.optimizer
+        if fast_forward:  # replay from the start: a group that was scheduled before restarts from its base
+            for group in self.optimizer.param_groups:
+                group["lr"] = group.get("initial_lr", group["lr"])
+        self.scheduler = self.config.make_scheduler(self.optimizer)
+        if self.scheduler is not None and fast_forward:
+            with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
+                warnings.simplefilter("ignore", UserWarning)
+                for _ in range(self.epoch):
+                    self.scheduler.step()
+
+    def _load_schedule(self, states: Mapping[str, Any]) -> None:
+        """The schedule's and the loss scaler's state from a checkpoint (`resume`)."""
+        self._scheduled = None
+        self._sync_scheduler(fast_forward="scheduler" not in states)
+        if self.scheduler is not None and "scheduler" in states:
+            self.scheduler.load_state_dict(states["scheduler"])
+        if self._scaler is not None and "scaler" in states:
+            self._scaler.load_state_dict(states["scaler"])
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The configured mixed precision (``TrainConfig.autocast``) for forward and loss; methods
+        that re-evaluate the step (SAM, lookaheads) run their passes under it too."""
+        if self.config.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=AUTOCAST[self.config.autocast])
+
+    def request_stop(self) -> None:
+        """End `fit` after the current step, with a checkpoint to resume from, as SIGINT does
+        (`fit` then raises ``KeyboardInterrupt``); e.g. from a `Callback`."""
+        self._stop_requested = True
 
     def set_network(
         self, net: MultiTaskNetwork, *, sources: Mapping[torch.nn.Parameter, Sequence[torch.nn.Parameter]] | None = None
@@ -156,7 +277,7 @@ class Trainer:
         self.ddp = DistributedDataParallel(self.net, device_ids=device_ids)
 
     def method_parameters(self) -> Iterator[torch.nn.Parameter]:
-        return iter(getattr(self.method, "parameters", lambda: [])())
+        return iter(self.method.parameters())
 
     def loader(self, data: Dataset, shuffle: bool, batch_size: int | None = None, skip: int = 0) -> DataLoader:
         """Batches of ``data``. Shuffled loaders draw their order from the trainer's generator
@@ -196,28 +317,34 @@ class Trainer:
         sums = self._epoch_sums
         loader = self.loader(self.train_data, shuffle=True, skip=self._epoch_batches)
         bar = self.progress(loader, desc=f"epoch {self.epoch + 1}")
-        own_gradients = getattr(self.method, "reduces_gradients", False)
+        own_gradients = self.method.reduces_gradients
         model = self.ddp or self.net
+        scaler = self._scaler
         for batch in bar:
             x, targets = self.to_device(batch)
-            self.batch = (x, targets)  # methods that re-evaluate the step (SAM, lookahead) read it
             sync = self.ddp.no_sync() if self.ddp is not None and own_gradients else contextlib.nullcontext()
             with sync:
-                outputs = model(x)
-                losses = self.method.task_losses(self, outputs, targets)
-                extra = self.method.extra_loss(self, x, outputs)
+                with self.autocast():
+                    outputs = model(x)
+                    losses = self.method.task_losses(self, outputs, targets)
+                    extra = self.method.extra_loss(self, x, outputs)
                 self.optimizer.zero_grad(set_to_none=True)
-                self.method.backward(self, losses, extra)
+                if scaler is None:
+                    step = Step(x, targets, outputs, losses, extra)
+                else:
+                    scaled = {t: scaler.scale(v) for t, v in losses.items()}
+                    step = Step(x, targets, outputs, scaled, None if extra is None else scaler.scale(extra))
+                self.method.backward(self, step)
             if not own_gradients:
                 distributed.all_reduce_gradients(list(self.method_parameters()))
-            self.optimizer.step()
+            self._optimizer_step()
             self.step += 1
             self._epoch_batches += 1
             for t, v in losses.items():
                 sums[t] = sums.get(t, 0.0) + float(v.detach())
             if extra is not None:
                 sums["_extra"] = sums.get("_extra", 0.0) + float(extra.detach())
-            if hasattr(bar, "set_postfix") and self._epoch_batches % 10 == 0:
+            if bar is not loader and self._epoch_batches % 10 == 0:  # a progress bar
                 bar.set_postfix(loss=f"{sum(float(v) for v in losses.values()):.3f}")
             if self._check_stop():
                 break
@@ -229,6 +356,20 @@ class Trainer:
             mean = distributed.all_reduce_mean(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device))
             sums.update(zip(keys, mean.tolist()))
         return {t: v / max(self._epoch_batches, 1) for t, v in sums.items()}
+
+    def _optimizer_step(self) -> None:
+        """Unscale (fp16), clip to ``grad_clip`` (the global norm over everything optimized:
+        the gradients are already averaged across ranks, so every rank clips alike), step."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if self._scaler is not None:
+            self._scaler.unscale_(self.optimizer)
+        if self.config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        if self._scaler is None:
+            self.optimizer.step()
+        else:
+            self._scaler.step(self.optimizer)
+            self._scaler.update()
 
     @torch.no_grad()
     def evaluate(self, data: Dataset, transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
@@ -247,11 +388,14 @@ class Trainer:
             x, targets = self.to_device(batch)
             if transform is not None:
                 x = transform(x)
-            outputs = self.net(x)
+            with self.autocast():
+                outputs = self.net(x)
             b = x.shape[0]
             n += b
             for t, pred in outputs.items():
                 spec = self.tasks[t]
+                if self.config.autocast is not None:  # metrics in full precision
+                    pred = pred.float()
                 sums[t]["loss"] = sums[t].get("loss", 0.0) + float(spec.loss(pred, targets[t])) * b
                 for name, metric in spec.metrics.items():
                     sums[t][name] = sums[t].get(name, 0.0) + float(metric(pred, targets[t])) * b
@@ -265,31 +409,46 @@ class Trainer:
         return {t: {k: v / max(n, 1) for k, v in m.items()} for t, m in sums.items()}
 
     def fit(self, epochs: int | None = None) -> list[dict]:
-        """Train until ``epochs`` (default: the config's); resumable, interrupt-safe."""
+        """Train until ``epochs`` (default: the config's); resumable, interrupt-safe.
+
+        Each epoch: train, step the schedule, the method's structural work, validate (and keep
+        the best weights), checkpoint, write the metrics, log, run the callbacks."""
         total = epochs or self.config.epochs
         previous = self._install_signal_handlers()
         try:
             self.method.on_start(self)
             while self.epoch < total and not self._check_stop():
                 start = time.perf_counter()
+                self._sync_scheduler()
+                lr = float(self.optimizer.param_groups[0]["lr"])
                 train_losses = self.train_epoch()
                 if self._stopping:
                     break
                 self.epoch += 1
                 self._epoch_batches = 0
+                if self.scheduler is not None:
+                    self.scheduler.step()
                 events = self.method.after_epoch(self) or {}
                 record = {
                     "epoch": self.epoch,
                     "train_loss": train_losses,
+                    "lr": lr,
                     "seconds": time.perf_counter() - start,
                     "parameters": sum(p.numel() for p in self.net.parameters()),
                     "tree": self.net.tree.partitions(),
                     **events,
                 }
                 if self.val_data is not None:
-                    record["val"] = self.evaluate(self.val_data)
+                    val = record["val"] = self.evaluate(self.val_data)
+                    record["val_loss"] = sum(m["loss"] for m in val.values()) / max(len(val), 1)
+                    record["monitor"] = self._monitored(record)
                 self.history.append(record)
+                if self.best_record is record:
+                    self._save_best()
                 self.save_checkpoint()
+                self._write_metrics(total, record)
+                for callback in self.config.callbacks:
+                    callback.on_epoch_end(self, record)
         finally:
             if self._stopping and self._last_saved != self._position():
                 self.save_checkpoint()
@@ -297,9 +456,75 @@ class Trainer:
         if self._stopping:
             # the caller must stop too (the demo would otherwise go on to the next method)
             raise KeyboardInterrupt(
-                f"stopped at epoch {self.epoch}; checkpoint in {self.config.checkpoint_dir}: rerun with --resume"
+                f"stopped at epoch {self.epoch}; checkpoint in {self.config.checkpoint_dir}: "
+                "rerun with --resume (or fit(..., resume=True))"
             )
+        if self.config.restore_best:
+            self.restore_best()
+        for callback in self.config.callbacks:
+            callback.on_fit_end(self)
         return self.history
+
+    # ------------------------------------------------------------------ selection and records
+    def _monitored(self, record: Mapping[str, Any]) -> float:
+        if self.config.monitor == "val_loss":
+            return record["val_loss"]
+        task, metric = self.config.monitor.split("/")
+        return record["val"][task][metric]
+
+    def _higher_is_better(self) -> bool:
+        if self.config.monitor == "val_loss":
+            return False
+        task, metric = self.config.monitor.split("/")
+        return metric != "loss" and bool(self.tasks[task].higher_is_better[metric])
+
+    @property
+    def best_record(self) -> dict[str, Any] | None:
+        """The record of the best epoch on ``monitor`` since the network last changed structure
+        (earlier weights belong to another network, e.g. DMTG's supernet or MTSL's unmerged
+        copies, and could not be restored into this one); ``None`` before any validation."""
+        if not self.history:
+            return None
+        tree = json.dumps(self.history[-1]["tree"])  # tuples now, lists after a resume: compare as JSON
+        run = list(itertools.takewhile(lambda r: json.dumps(r["tree"]) == tree, reversed(self.history)))
+        scored = [r for r in reversed(run) if isinstance(r.get("monitor"), float) and not math.isnan(r["monitor"])]
+        if not scored:
+            return None
+        pick = max if self._higher_is_better() else min
+        return pick(scored, key=lambda r: r["monitor"])  # the first of equal values
+
+    @property
+    def best_path(self) -> Path | None:
+        """Where the best epoch's weights are written (``best.safetensors`` in ``checkpoint_dir``)."""
+        return Path(self.config.checkpoint_dir) / "best.safetensors" if self.config.checkpoint_dir else None
+
+    def _save_best(self) -> None:
+        """Keep this epoch's weights as the best: in the checkpoint folder (rank 0; the
+        checkpoint's barrier follows), or in memory without one."""
+        if self.best_path is None:
+            self._best_weights = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        elif distributed.is_main():
+            save(self.net, self.best_path, extra={"epoch": self.epoch, "monitor": self.config.monitor})
+
+    def restore_best(self) -> None:
+        """Load the best epoch's weights (`best_record`) into the network."""
+        if self.best_record is None:
+            raise ConfigError("restore_best: no epoch was validated yet; pass validation data and train first.")
+        if self.best_path is None:
+            assert self._best_weights is not None  # written when best_record was appended
+            self.net.load_state_dict(self._best_weights)
+        else:
+            load_weights(self.net, self.best_path)
+
+    def _write_metrics(self, total: int, record: Mapping[str, Any]) -> None:
+        """``metrics.csv`` and TensorBoard scalars (rank 0, with a checkpoint folder); the log line (every rank)."""
+        if self.config.checkpoint_dir and distributed.is_main():
+            write_csv(self.history, Path(self.config.checkpoint_dir) / "metrics.csv")
+            if self._tensorboard is not None:
+                for key, value in flatten(record).items():
+                    self._tensorboard.add_scalar(key, value, self.epoch)
+                self._tensorboard.flush()
+        log_epoch(distributed.rank(), total, record)
 
     # ------------------------------------------------------------------ checkpoints
     def _check_stop(self) -> bool:
@@ -342,6 +567,7 @@ class Trainer:
             return None
         folder = Path(self.config.checkpoint_dir)
         self._last_saved = self._position()
+        self._sync_scheduler()  # the method may have replaced the optimizer after this epoch's step
         if distributed.is_main():
             folder.mkdir(parents=True, exist_ok=True)
             state = {
@@ -350,13 +576,16 @@ class Trainer:
                 "epoch_batches": self._epoch_batches,
                 "epoch_sums": self._epoch_sums if self._epoch_batches else {},
                 "history": self.history,
-                "method": self.method.state_dict() if hasattr(self.method, "state_dict") else {},
-                "config": asdict(self.config),
+                "method": self.method.state_dict(),
+                "config": self.config.to_dict(),
             }
             save(self.net, folder / "model.safetensors", extra={"trainer": json.dumps(state, default=_jsonable)})
             tmp = folder / ".optimizer.pt.tmp"
             generator = self._epoch_generator if self._epoch_batches else self.generator.get_state()
-            torch.save({"optimizer": self.optimizer.state_dict(), "generator": generator, **_rng_states(self.device)}, tmp)
+            schedule = {"scheduler": self.scheduler.state_dict()} if self.scheduler is not None else {}
+            if self._scaler is not None:
+                schedule["scaler"] = self._scaler.state_dict()
+            torch.save({"optimizer": self.optimizer.state_dict(), "generator": generator, **schedule, **_rng_states(self.device)}, tmp)
             os.replace(tmp, folder / "optimizer.pt")
         distributed.barrier()
         return folder
@@ -382,8 +611,8 @@ class Trainer:
         self._epoch_batches = state.get("epoch_batches", 0)
         self._epoch_sums = dict(state.get("epoch_sums", {}))
         self._epoch_generator = opt["generator"] if self._epoch_batches else None
-        if hasattr(self.method, "load_state_dict"):
-            self.method.load_state_dict(state["method"])
+        self._load_schedule(opt)
+        self.method.load_state_dict(state["method"])
         self.structure_changed()
         return True
 

@@ -236,6 +236,10 @@ class Aggregator(nn.Module, ABC):
         self.num_tasks = num_tasks
         self.last_weights = None
 
+    def epoch_end(self, mean_losses: Tensor | list[float]) -> None:
+        """The mean training loss of each task over the epoch that just ended; only aggregators
+        that weight by the losses' history (DWA) use it."""
+
     def aggregate(self, grads: Tensor, losses: Tensor) -> Tensor:
         """Update direction for the shared parameters.
 

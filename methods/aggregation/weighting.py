@@ -229,12 +229,11 @@ class EpochLossMean:
         self.batches += 1
 
     def close(self, aggregators: Iterable[Aggregator]) -> None:
-        """Hand the epoch's mean to every aggregator with an ``epoch_end`` (DWA) and start anew."""
+        """Hand the epoch's mean to every aggregator's ``epoch_end`` (DWA uses it) and start anew."""
         if self.batches:
             mean = self.sum.cpu() / self.batches
             for aggregator in aggregators:
-                if hasattr(aggregator, "epoch_end"):
-                    aggregator.epoch_end(mean)
+                aggregator.epoch_end(mean)
         self.sum.zero_()
         self.batches = 0
 

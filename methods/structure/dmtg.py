@@ -40,7 +40,7 @@ lay out on the plain network (it raises `CheckpointError`): restart such a run.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -196,7 +196,7 @@ def prune(supernet: Supernet, assignment: Mapping[str, int] | None = None) -> Mu
     depth, shared = body.depth, supernet.shared_depth
     tree = TaskTree.from_partitions(tasks, [[list(tasks)]] * shared + [groups] * (depth - shared))
     specs = {
-        t: Task(head=body.heads[branch_name(k)][t], loss=supernet.task_specs[t].loss, metrics=supernet.task_specs[t].metrics)
+        t: replace(supernet.task_specs[t], head=body.heads[branch_name(k)][t])  # derive copies the heads
         for t, k in assignment.items()
     }
     origin: Origin = {n.id: (body.tree.path(branch_name(assignment[n.tasks[0]]))[n.depth].id,) for n in tree.nodes if n.depth}

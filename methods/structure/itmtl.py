@@ -24,6 +24,7 @@ from graphsurgeon.errors import GraphSurgeonError
 from graphsurgeon.methods.aggregation.base import assign_gradient, per_task_gradients, split_parameters
 from graphsurgeon.methods.aggregation.registry import make_aggregator
 from graphsurgeon.methods.aggregation.weighting import EpochLossMean
+from graphsurgeon.methods.base import Step
 from graphsurgeon.methods.structure.lookahead import LookaheadMethod, lookahead_losses
 from graphsurgeon.training.distributed import all_reduce_gradients, all_reduce_mean
 
@@ -76,6 +77,7 @@ class ITMTL(LookaheadMethod):
         unknown = sorted(set(options) - set(candidates))
         if unknown:
             raise GraphSurgeonError(f"IT-MTL options name {unknown}, which are not candidates {candidates}; drop them.")
+        super().__init__()
         self.candidates = tuple(candidates)
         self.aggregators = nn.ModuleDict({c: make_aggregator(c, num_tasks, **options.get(c, {})) for c in candidates})
         self.every = every
@@ -87,21 +89,21 @@ class ITMTL(LookaheadMethod):
         self.chosen = {c: 0 for c in candidates}
         self.epoch_chosen = {c: 0 for c in candidates}
         self.last_lookahead: list[float] | None = None
-        self.decisions: list[dict] = []
         self.epoch_losses = EpochLossMean(num_tasks)  # for a DWA candidate
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """The learnable state of the candidate aggregators (UW, GradNorm), for the optimizer."""
         return self.aggregators.parameters()
 
-    def backward(self, trainer: Trainer, losses: Mapping[str, torch.Tensor], extra: torch.Tensor | None) -> None:
-        if extra is not None:
+    def backward(self, trainer: Trainer, step: Step) -> None:
+        losses = step.losses
+        if step.extra is not None:
             raise GraphSurgeonError("IT-MTL does not combine with an extra loss term; use a method without one.")
         order = list(trainer.net.tasks)
         values = [losses[t] for t in order]
         shared, specific = split_parameters(trainer.net)
         if not shared:  # nothing is shared, so there is nothing to combine
-            return super().backward(trainer, losses, extra)
+            return super().backward(trainer, step)
         grads = all_reduce_mean(per_task_gradients(values, shared, retain_graph=bool(specific)))
         if specific:
             torch.autograd.backward(sum(values), inputs=specific)
@@ -111,7 +113,7 @@ class ITMTL(LookaheadMethod):
         if len(self.candidates) > 1 and trainer.step % self.every == 0:
             directions = torch.stack([self.aggregators[c].aggregate(grads, loss_values) for c in self.candidates])
             lr = self.step_size(trainer, self.lookahead_lr)
-            after = all_reduce_mean(lookahead_losses(trainer.net, shared, directions, lr, self.batch_losses(trainer, order)))
+            after = all_reduce_mean(lookahead_losses(trainer.net, shared, directions, lr, self.batch_losses(trainer, step, order)))
             totals = after.double().sum(dim=1)
             lowest = totals.min()
             self.choice = int(torch.nonzero(totals <= lowest + self.tolerance * lowest.abs())[0])

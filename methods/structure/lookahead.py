@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from graphsurgeon.errors import GraphSurgeonError
 from graphsurgeon.methods.aggregation.base import restoring
-from graphsurgeon.methods.base import Method
+from graphsurgeon.methods.base import Method, Step
 
 if TYPE_CHECKING:
     from graphsurgeon.training.trainer import Trainer
@@ -101,20 +101,16 @@ def affinity(before: Tensor, after: Tensor) -> Tensor:
 class LookaheadMethod(Method):
     """A method that re-evaluates the step's batch after hypothetical steps (TAG, IT-MTL).
 
-    The step's batch is the loop's ``trainer.batch``.
+    The step's batch is the `Step` the loop hands to ``backward``.
     """
 
-    def batch_losses(self, trainer: Trainer, order: Sequence[str]) -> Callable[[], Tensor]:
-        """``evaluate`` for `lookahead_losses`: the task losses, in ``order``, on this step's batch."""
-        x, targets = getattr(trainer, "batch", (None, None))
-        if x is None or targets is None:
-            raise LookaheadError(
-                f"{type(self).__name__} has no batch; it must run inside Trainer's step, "
-                "which sets trainer.batch = (x, targets)."
-            )
+    def batch_losses(self, trainer: Trainer, step: Step, order: Sequence[str]) -> Callable[[], Tensor]:
+        """``evaluate`` for `lookahead_losses`: the task losses, in ``order``, on the step's batch
+        (under the loop's autocast, the precision of the step's own forward)."""
 
         def evaluate() -> Tensor:
-            losses = trainer.task_losses(trainer.net(x), targets)
+            with trainer.autocast():
+                losses = trainer.task_losses(trainer.net(step.inputs), step.targets)
             return torch.stack([losses[t].detach().reshape(()) for t in order])
 
         return evaluate

@@ -66,6 +66,9 @@ class MTSL(Method):
     decisions: list[dict] = field(default_factory=list)
     phase: int = 0
     decided: set[int] = field(default_factory=set)
+    # the alignment's forward hooks and what they captured in the current step
+    _hooks: list = field(default_factory=list, init=False, repr=False)
+    _captured: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
 
     name = "mtsl"
 
@@ -88,13 +91,11 @@ class MTSL(Method):
 
     # ------------------------------------------------------------------ task learning
     def on_start(self, trainer: Trainer) -> None:
-        self._hooks: list = []
-        self._captured: dict[int, torch.Tensor] = {}
         self._install_hooks(trainer)
 
     def _install_hooks(self, trainer: Trainer) -> None:
         """Capture the frontier siblings' outputs during the normal forward (no second pass)."""
-        for h in getattr(self, "_hooks", []):
+        for h in self._hooks:
             h.remove()
         self._hooks, self._captured = [], {}
         if self.config.align_weight <= 0:

@@ -36,6 +36,7 @@ import torch
 from graphsurgeon.core.surgery import reinitialise, split
 from graphsurgeon.errors import GraphSurgeonError
 from graphsurgeon.methods.aggregation.base import per_task_gradients, split_parameters
+from graphsurgeon.methods.base import Step
 from graphsurgeon.methods.structure.lookahead import LookaheadMethod, affinity, lookahead_losses
 from graphsurgeon.methods.structure.partition import tag_groups
 from graphsurgeon.training.distributed import all_reduce_mean, broadcast_object
@@ -112,22 +113,22 @@ class TAG(LookaheadMethod):
             return self.config.affinity_epochs
         return max(1, math.ceil(trainer.config.epochs / 4))
 
-    def backward(self, trainer: Trainer, losses: Mapping[str, torch.Tensor], extra: torch.Tensor | None) -> None:
+    def backward(self, trainer: Trainer, step: Step) -> None:
         """The plain step; on measuring steps, also the per-task lookahead (after the backward,
         as the lookahead edits the parameters in place)."""
         if self.grouped or trainer.step % self.config.every:
-            return super().backward(trainer, losses, extra)
+            return super().backward(trainer, step)
         order = list(trainer.net.tasks)
         shared, _ = split_parameters(trainer.net)
-        values = [losses[t] for t in order]
+        values = [step.losses[t] for t in order]
         grads = all_reduce_mean(per_task_gradients(values, shared, retain_graph=True))
-        super().backward(trainer, losses, extra)
+        super().backward(trainer, step)
         lr = self.step_size(trainer, self.config.lookahead_lr)
         # "before" is a lookahead along the zero direction rather than the training forward's
         # losses: every row then runs under the same forked RNG state, so a network with
         # dropout compares the same masks before and after (one extra forward per measurement)
         directions = torch.cat([grads.new_zeros(1, grads.shape[1]), grads])
-        rows = all_reduce_mean(lookahead_losses(trainer.net, shared, directions, lr, self.batch_losses(trainer, order)))
+        rows = all_reduce_mean(lookahead_losses(trainer.net, shared, directions, lr, self.batch_losses(trainer, step, order)))
         self.affinity_sum += affinity(rows[0], rows[1:]).double().cpu()
         self.measurements += 1
 
