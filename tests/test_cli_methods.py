@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from graphsurgeon.__main__ import main
 from graphsurgeon.apps.experiment import ExperimentConfig, make_method
@@ -58,14 +59,66 @@ def test_every_method_trains_from_the_command_line(tmp_path, args):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--monitor", "left/f1"], "TrainConfig.monitor='left/f1' is not valid; use one of ['val_loss', 'left/loss', 'left/accuracy'"),
-        (["--schedule", "step"], "TrainConfig.step_size=None is not valid; use a positive int"),
-        (["--grad-clip", "-1"], "TrainConfig.grad_clip=-1.0 is not valid"),
+        (["--monitor", "left/f1"], "--monitor 'left/f1' is not valid; use one of ['val_loss', 'left/loss', 'left/accuracy'"),
+        (["--schedule", "step"], "--step-size None is not valid; use a positive int"),
+        (["--grad-clip", "-1"], "--grad-clip -1.0 is not valid"),
+        (["--batch-size", "0"], "--batch-size 0 is not valid; use a positive int"),
+        (["--batch-size", "-4"], "--batch-size -4 is not valid"),
+        (["--lr", "-1"], "--lr -1.0 is not valid; use a finite number > 0"),
+        (["--lr", "nan"], "--lr nan is not valid"),
+        (["--seed", "-1"], "--seed -1 is not valid; use an int in [0, 2**32)"),
+        (["--seed", str(2**40)], f"--seed {2**40} is not valid"),
+        (["--device", "bogus"], "--device 'bogus' is not valid; use 'cpu', 'cuda' or 'cuda:N'"),
+        (["--schedule-scale", "nan"], "--schedule-scale nan is not valid; use a finite number > 0"),
+        (["--epochs", "-1"], "--epochs -1 is not valid; use a positive int"),
+        (["--epochs", "0"], "--epochs 0 is not valid"),  # 0 silently meant the default of 50
+        (["--train-size", "0"], "--train-size 0 is not valid"),
     ],
 )
-def test_bad_training_settings_are_explained(capsys, args, message):
-    assert main(["train", "--method", "hps", *args, *TINY]) == 2
-    assert message in capsys.readouterr().err
+def test_bad_training_settings_are_explained(capsys, tmp_path, args, message):
+    out = tmp_path / "run"
+    assert main(["train", "--method", "hps", *TINY, *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() or not any(out.iterdir())  # nothing written
+
+
+def test_cuda_without_a_gpu_is_refused_before_anything_runs(capsys, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["train", "--method", "hps", *TINY, "--device", "cuda", "--out", str(tmp_path / "run")]) == 2
+    assert "--device 'cuda' is not valid; use 'cpu': torch finds no CUDA device" in capsys.readouterr().err
+
+
+def test_the_run_folder_is_checked_first(capsys, tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    assert main(["train", "--method", "hps", *TINY, "--out", str(a_file)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert main(["train", "--method", "hps", *TINY, "--out", str(other), "--overwrite"]) == 2
+    assert "holds files that are not a graphsurgeon run" in capsys.readouterr().err
+    assert (other / "notes.txt").read_text() == "mine"
+    run = tmp_path / "run"
+    assert main(["train", "--method", "hps", *TINY, "--epochs", "1", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--method", "hps", *TINY, "--epochs", "1", "--out", str(run)]) == 2
+    assert "already holds a run; pass --resume to continue it, --overwrite to replace it" in capsys.readouterr().err
+    assert main(["train", "--method", "hps", *TINY, "--epochs", "1", "--out", str(run), "--overwrite"]) == 0
+
+
+def test_resume_on_a_saved_network_says_what_it_is(capsys, tmp_path):
+    import graphsurgeon as gs
+
+    run = tmp_path / "run"
+    assert main(["train", "--method", "hps", *TINY, "--epochs", "1", "--out", str(run)]) == 0
+    capsys.readouterr()
+    net = gs.multitask(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)), {"a": torch.nn.Identity()})
+    gs.save(net, run / "checkpoint" / "model.safetensors")  # a network, not a training checkpoint
+    assert main(["train", "--method", "hps", *TINY, "--epochs", "1", "--out", str(run), "--resume"]) == 2
+    assert "saved with gs.save, not a training checkpoint" in capsys.readouterr().err
 
 
 def test_gradient_options_belong_to_the_methods_that_use_them(capsys):

@@ -3,14 +3,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import shutil
 import sys
+import tempfile
+import types
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
 
 def _train_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one method on one dataset")
+    p.error = types.MethodType(_Parser.error, p)  # type: ignore[method-assign]  # one-line errors here too
     from graphsurgeon.apps.experiment import DATASETS, METHODS
     from graphsurgeon.data.corruptions import CORRUPTIONS
     from graphsurgeon.methods.aggregation.registry import AGGREGATORS
@@ -61,6 +67,7 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--align-weight", type=float, default=0.2, help="MTSL: weight of the alignment loss")
     p.add_argument("--out", default=None, help="run folder (default runs/<method>-<data>-<seed>)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a run that --out already holds")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -71,7 +78,7 @@ def _config(args):
     from graphsurgeon.training.trainer import TrainConfig
 
     mtsl = MTSLConfig(schedule_scale=args.schedule_scale, threshold=args.threshold, align_weight=args.align_weight)
-    epochs = args.epochs or (sum(mtsl.scaled(mtsl.task_phases)) + 2)
+    epochs = args.epochs if args.epochs is not None else sum(mtsl.scaled(mtsl.task_phases)) + 2
     search = args.search_epochs or max(1, epochs // 2)
     return ExperimentConfig(
         method=args.method,
@@ -134,10 +141,86 @@ def _option(text: str) -> tuple[str, object]:
     return key, {"true": True, "false": False}.get(value.lower(), value)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad argument reported in one line (no usage block) and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+# TrainConfig fields and the flags that set them: a field's error is reported as its flag's
+_FLAG_OF = {
+    "epochs": "--epochs", "lr": "--lr", "weight_decay": "--weight-decay", "batch_size": "--batch-size",
+    "seed": "--seed", "device": "--device", "optimizer": "--optimizer", "momentum": "--momentum",
+    "schedule": "--schedule", "step_size": "--step-size", "milestones": "--milestones", "gamma": "--gamma",
+    "autocast": "--autocast", "grad_clip": "--grad-clip", "monitor": "--monitor",
+}
+
+
+def _as_flags(message: str) -> str:
+    """A `TrainConfig` error as the command line's user needs it: ``--lr nan``, not ``lr=nan``."""
+    for field_name, flag in _FLAG_OF.items():
+        message = message.replace(f"TrainConfig.{field_name}=", f"{flag} ").replace(f" {field_name}=", f" {flag} ")
+    return message
+
+
+def _check_args(args: argparse.Namespace, cfg: Any) -> None:
+    """Every flag checked once, before any data, network or file is made: a `ConfigError` whose
+    message names the flag and a valid value. The TrainConfig fields go through
+    `TrainConfig.validate` (the one set of rules the Python API uses too)."""
+    from graphsurgeon.errors import ConfigError
+
+    cfg.train.validate()  # its messages name fields; main() reports them as flags (`_as_flags`)
+    counts = {"--train-size": args.train_size, "--val-size": args.val_size, "--test-size": args.test_size,
+              "--groups": args.groups, "--branches": args.branches, "--search-epochs": args.search_epochs}
+    for flag, value in counts.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} {value} is not valid; use a positive int.")
+    numbers = {"--schedule-scale": (args.schedule_scale, True), "--sam": (args.sam, False),
+               "--align-weight": (args.align_weight, False)}
+    for flag, (value, strict) in numbers.items():
+        if not math.isfinite(value) or value < 0 or (strict and value == 0):
+            raise ConfigError(f"{flag} {value} is not valid; use a finite number {'>' if strict else '>='} 0.")
+    if not math.isfinite(args.threshold):
+        raise ConfigError(f"--threshold {args.threshold} is not valid; use a finite number, e.g. 0.8.")
+    _check_out(Path(cfg.out_dir), resume=args.resume, overwrite=args.overwrite)
+
+
+# what a run folder holds (apps.experiment.run): its checkpoint folder or its results
+_RUN_MARKERS = ("checkpoint", "results.json")
+
+
+def _check_out(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """The run folder: writable, and not a finished or half-finished run that would be
+    overwritten by accident (``--resume`` continues it, ``--overwrite`` replaces it)."""
+    from graphsurgeon.errors import ConfigError
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder; name a folder for the run.")
+    if out.is_dir() and any(out.iterdir()):
+        if not any((out / marker).exists() for marker in _RUN_MARKERS):
+            raise ConfigError(f"--out {out} holds files that are not a graphsurgeon run; name an empty or new folder.")
+        if not (resume or overwrite):
+            raise ConfigError(
+                f"--out {out} already holds a run; pass --resume to continue it, --overwrite to replace it, "
+                "or name another folder."
+            )
+        if overwrite and not resume:
+            shutil.rmtree(out)
+    if resume and not (out / "checkpoint").is_dir():
+        raise ConfigError(f"--resume: {out} holds no checkpoint folder to resume; drop --resume to start a run there.")
+    try:  # the last check before the run starts: the folder it will write to, and a file in it
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        raise ConfigError(f"--out {out} cannot be written ({error.strerror}); name a folder you can write to.") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     from graphsurgeon.errors import GraphSurgeonError
 
-    parser = argparse.ArgumentParser(prog="graphsurgeon", description=__doc__)
+    parser = _Parser(prog="graphsurgeon", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="MTSL vs single-task vs hard sharing on the embedded MultiMNIST")
     demo.add_argument("--out", default="runs/demo")
@@ -149,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except GraphSurgeonError as error:  # bad input: the message says what to fix; no traceback
-        print(f"[graphsurgeon] error: {error}", file=sys.stderr)
+        print(f"[graphsurgeon] error: {_as_flags(str(error))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:
         print(f"\n[graphsurgeon] interrupted: {stop or 'no checkpoint directory was set'}", file=sys.stderr)
@@ -166,6 +249,7 @@ def _dispatch(args) -> int:
     from graphsurgeon.training import distributed
 
     cfg = _config(args)
+    _check_args(args, cfg)
     # under torchrun (WORLD_SIZE > 1) join the process group; a plain run is left alone
     cfg.train.device = distributed.setup(cfg.train.device)
     try:

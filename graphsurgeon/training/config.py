@@ -84,6 +84,9 @@ class TrainConfig:
         """Raise `ConfigError` on the first field with an invalid value (checked once, by `Trainer`)."""
         for name in ("epochs", "batch_size", "eval_batch_size"):
             _positive_int(name, getattr(self, name), example=10)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            _fail("seed", self.seed, "an int in [0, 2**32), e.g. seed=0 (numpy's generators take no more)")
+        _check_device(self.device)
         _number("lr", self.lr, minimum=0.0, strict=True, example="1e-3")
         _number("weight_decay", self.weight_decay, minimum=0.0, example="1e-4")
         if not callable(self.optimizer) and self.optimizer not in OPTIMIZERS:
@@ -141,6 +144,19 @@ class TrainConfig:
         if self.schedule == "cosine":
             return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.epochs)
         return None
+
+
+def _check_device(device: Any) -> None:
+    """A device torch knows, and one this machine has (a CUDA device without a GPU fails on the
+    first tensor moved, after the data and the network were built)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        _fail("device", device, "'cpu', 'cuda' or 'cuda:N' (a torch.device string)")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        _fail("device", device, "'cpu': torch finds no CUDA device on this machine")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        _fail("device", device, f"a CUDA device index below {torch.cuda.device_count()}")
 
 
 def _fail(name: str, value: Any, valid: str) -> None:

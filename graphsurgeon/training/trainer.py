@@ -54,7 +54,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from graphsurgeon.core.checkpoint import lay_out, load_weights, read_metadata, save
 from graphsurgeon.core.network import MultiTaskNetwork, Task
 from graphsurgeon.core.surgery import carry_optimizer
-from graphsurgeon.errors import ConfigError
+from graphsurgeon.errors import CheckpointError, ConfigError
 from graphsurgeon.methods.base import Method, Step
 from graphsurgeon.training import distributed
 from graphsurgeon.training.config import AUTOCAST, TrainConfig
@@ -598,6 +598,11 @@ class Trainer:
         if not path.is_file():
             return False
         meta = read_metadata(path)
+        if "trainer" not in meta["extra"]:
+            raise CheckpointError(
+                f"{path} is a network saved with gs.save, not a training checkpoint (it holds no trainer state); "
+                "load it with gs.load, or resume from the checkpoint folder a Trainer wrote."
+            )
         state = json.loads(meta["extra"]["trainer"])
         if not meta["tree"].same_structure(self.net.tree) or meta["tree"] != self.net.tree:
             lay_out(self.net, meta["tree"], path)
