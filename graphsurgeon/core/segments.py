@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from torch import fx, nn
 
-from graphsurgeon.core.trace import graph_signature
+from graphsurgeon.core.trace import MODULE_OUTPUTS, get_graph_node_names, graph_signature, qualified_name, resolve_node
 from graphsurgeon.errors import TraceError, TrunkError
 
 __all__ = ["Segment", "cut_points", "find_trunk", "fingerprint", "segment"]
@@ -76,27 +76,34 @@ def _value_nodes(node: fx.Node) -> list[fx.Node]:
 
 
 def _describe_nodes(gm: fx.GraphModule) -> str:
-    names = [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    names = get_graph_node_names(gm)
     return ", ".join(names[-8:])
 
 
 def find_trunk(gm: fx.GraphModule, trunk: str | None) -> fx.Node:
     """The node whose value the task heads consume.
 
+    ``trunk`` is a qualified node name (``"layer4.1.relu_1"``, see
+    `graphsurgeon.get_graph_node_names`), a module path (``"layer4"``: that module's output), or
+    an fx node name (``"layer4_1_relu_1"``, as older code and checkpoints name nodes).
+
     ``None`` picks the input of the final classifier: the last parametrised module on the way
     to the output (``fc`` in ResNet, ``heads.head`` in ViT), so that the default trunk is what
-    the backbone's own classifier saw.
+    the backbone's own classifier saw. A model whose final module call is an ``nn.Identity``
+    has had its classifier removed (timm's ``num_classes=0``, ``model.fc = nn.Identity()``):
+    its own output is already the pooled features, and is the default trunk.
     """
-    nodes = {n.name: n for n in gm.graph.nodes}
     if trunk is not None:
-        if trunk not in nodes or nodes[trunk].op in ("output",):
-            close = difflib.get_close_matches(trunk, list(nodes), n=5, cutoff=0.5)
+        node = resolve_node(gm, trunk)
+        if node is None or node.op == "output":
+            names = get_graph_node_names(gm)
+            modules = sorted(gm.meta.get(MODULE_OUTPUTS, {}))
+            close = difflib.get_close_matches(trunk, list(dict.fromkeys(names + modules)), n=5, cutoff=0.5)
             hint = f" Close matches: {close}." if close else f" Last nodes: {_describe_nodes(gm)}."
             raise TrunkError(
-                f"trunk={trunk!r} is not a node of the traced {type(gm).__name__} graph.{hint} "
+                f"trunk={trunk!r} is neither a node nor a module of the traced {type(gm).__name__} graph.{hint} "
                 "Use graphsurgeon.get_graph_node_names(model) to list the valid names."
             )
-        node = nodes[trunk]
         if node.op == "placeholder":
             raise TrunkError(
                 f"trunk={trunk!r} is the model input, which leaves no backbone to share. "
@@ -107,22 +114,17 @@ def find_trunk(gm: fx.GraphModule, trunk: str | None) -> fx.Node:
     leaves = _value_nodes(output)
     if not leaves:
         raise TrunkError(f"{type(gm).__name__} returns no tensor; pass trunk=<node name> explicitly.")
-    ancestors: set[fx.Node] = set()
-    stack = [leaves[0]]
-    while stack:
-        n = stack.pop()
-        if n in ancestors:
-            continue
-        ancestors.add(n)
-        stack.extend(n.all_input_nodes)
-    for node in reversed(gm.graph.nodes):
-        if node in ancestors and node.op == "call_module":
-            mod = gm.get_submodule(node.target)
-            if any(True for _ in mod.parameters()) and node.all_input_nodes:
-                trunk_node = node.all_input_nodes[0]
-                if trunk_node.op == "placeholder":
-                    break
-                return trunk_node
+    ancestors = _ancestors([leaves[0]], set())
+    calls = [n for n in gm.graph.nodes if n in ancestors and n.op == "call_module"]
+    if calls and isinstance(gm.get_submodule(calls[-1].target), nn.Identity) and leaves[0].op != "placeholder":
+        return leaves[0]
+    for node in reversed(calls):
+        mod = gm.get_submodule(node.target)
+        if any(True for _ in mod.parameters()) and node.all_input_nodes:
+            trunk_node = node.all_input_nodes[0]
+            if trunk_node.op == "placeholder":
+                break
+            return trunk_node
     raise TrunkError(
         f"cannot find a final classifier in {type(gm).__name__} to end the trunk at. "
         "Pass trunk=<node name> (see graphsurgeon.get_graph_node_names(model))."
@@ -249,7 +251,7 @@ def _check_same_in_both_modes(
 ) -> None:
     """Refuse a trunk whose graph differs between train and eval mode (see `graphsurgeon.core.trace`):
     the segments would run the traced mode's path in both modes."""
-    if trunk is not None and trunk not in {n.name for n in other.graph.nodes}:
+    if trunk is not None and resolve_node(other, trunk) is None:
         raise TraceError(
             f"trunk={trunk!r} exists only when the model is traced in "
             f"{'train' if gm.training else 'eval'} mode: the backbone computes differently in the two modes. "
@@ -271,9 +273,9 @@ def _check_same_in_both_modes(
     )
     before = order.index(node) - 1 if node in order else -1
     if before >= 0:
-        fix += f", or end the trunk before it (trunk={order[before].name!r})"
+        fix += f", or end the trunk before it (trunk={qualified_name(order[before])!r})"
     raise TraceError(
-        f"{type(gm).__name__} computes its trunk differently in train and eval mode, from node {node.name!r} "
+        f"{type(gm).__name__} computes its trunk differently in train and eval mode, from node {qualified_name(node)!r} "
         f"in {where} on (it branches on self.training, or calls a function with training=self.training); "
         f"a traced graph would keep one mode's path in both modes. Fix: {fix}."
     )
@@ -430,7 +432,8 @@ def segment(
 
     Args:
         gm: the traced backbone (see `graphsurgeon.core.trace`).
-        trunk: node name where the shared backbone ends; ``None``: the final classifier's input.
+        trunk: where the shared backbone ends: a qualified node name, a module path or an fx node
+            name (see `find_trunk`); ``None``: the final classifier's input.
         granularity: ``"block"`` cuts only between module blocks (children of a container:
             ResNet's BasicBlocks, ViT's encoder layers, a stage of EfficientNet); ``"fine"`` at
             every cut point. Either way, adjacent cuts are merged so that every segment has
@@ -461,7 +464,7 @@ def segment(
         _check_same_in_both_modes(gm, order, other_mode, trunk, trunk_node)
     if trunk_node not in order:
         raise TrunkError(
-            f"trunk={trunk_node.name!r} does not depend on the model input. "
+            f"trunk={qualified_name(trunk_node)!r} does not depend on the model input. "
             "Choose a node computed from the input (see graphsurgeon.get_graph_node_names(model))."
         )
     live = cut_points(order, trunk_node)
