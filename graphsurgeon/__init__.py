@@ -33,10 +33,15 @@ from graphsurgeon.core import (
 )
 from graphsurgeon.core.export import ExportError
 from graphsurgeon.errors import (
+    BackendError,
     CheckpointError,
+    GradientError,
     GraphSurgeonError,
     HeadMismatchError,
+    HeadsInputError,
     InvariantError,
+    MethodError,
+    OptionError,
     TaskSpecError,
     TraceError,
     TreeEditError,
@@ -47,12 +52,17 @@ from graphsurgeon.training import TrainConfig, Trainer
 __version__ = "0.2.0"
 
 __all__ = [
+    "BackendError",
     "CheckpointError",
     "ExportError",
+    "GradientError",
     "GraphSurgeonError",
     "HeadMismatchError",
+    "HeadsInputError",
     "InvariantError",
+    "MethodError",
     "MultiTaskNetwork",
+    "OptionError",
     "Segment",
     "Task",
     "TaskSpecError",

@@ -23,7 +23,7 @@ import torch
 from torch import fx, nn
 
 from graphsurgeon.core.trace import MODULE_OUTPUTS, get_graph_node_names, graph_signature, qualified_name, resolve_node
-from graphsurgeon.errors import TraceError, TrunkError
+from graphsurgeon.errors import OptionError, TraceError, TrunkError
 
 __all__ = ["Segment", "cut_points", "find_trunk", "fingerprint", "segment"]
 
@@ -444,7 +444,10 @@ def segment(
         Segments 1..L; chaining them reproduces ``gm`` up to the trunk, bit for bit.
     """
     if granularity not in ("block", "fine"):
-        raise ValueError(f"granularity must be 'block' or 'fine', got {granularity!r}")
+        raise OptionError(
+            f"granularity={granularity!r} is not a granularity; pass granularity='block' (cut between module "
+            "blocks) or granularity='fine' (cut at every point where one tensor is live)."
+        )
     if example_input is not None:
         from torch.fx.passes.shape_prop import ShapeProp
 
