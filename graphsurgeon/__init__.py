@@ -35,6 +35,7 @@ from graphsurgeon.core.export import ExportError
 from graphsurgeon.errors import (
     BackendError,
     CheckpointError,
+    ExampleInputError,
     GradientError,
     GraphSurgeonError,
     HeadMismatchError,
@@ -54,6 +55,7 @@ __version__ = "0.2.0"
 __all__ = [
     "BackendError",
     "CheckpointError",
+    "ExampleInputError",
     "ExportError",
     "GradientError",
     "GraphSurgeonError",

@@ -73,3 +73,9 @@ class HeadsInputError(GraphSurgeonError, ValueError):
 class BackendError(GraphSurgeonError):
     """A compute backend that was asked for by name (``backend='triton'``) cannot run here (no
     GPU, no Triton); the message says why and which backend runs instead."""
+
+
+class ExampleInputError(GraphSurgeonError):
+    """``example_input`` does not run through the traced backbone (a shape, dtype or device the
+    model does not take, e.g. 64x64 images for a model built for 224x224); the message names
+    the module it failed in."""

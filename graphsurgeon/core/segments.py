@@ -21,9 +21,10 @@ from typing import Literal
 
 import torch
 from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 from graphsurgeon.core.trace import MODULE_OUTPUTS, get_graph_node_names, graph_signature, qualified_name, resolve_node
-from graphsurgeon.errors import OptionError, TraceError, TrunkError
+from graphsurgeon.errors import ExampleInputError, OptionError, TraceError, TrunkError
 
 __all__ = ["Segment", "cut_points", "find_trunk", "fingerprint", "segment"]
 
@@ -422,6 +423,36 @@ def _build(
     return fx.GraphModule(gm, graph, class_name=f"Segment{index}")
 
 
+class _NodeTrackingShapeProp(ShapeProp):
+    """Shape propagation that remembers the node it is running, to name it when it fails."""
+
+    current: fx.Node | None = None
+
+    def run_node(self, n: fx.Node) -> object:
+        self.current = n
+        return super().run_node(n)
+
+
+def _example_input_error(
+    gm: fx.GraphModule, example_input: object, failed: fx.Node | None, exc: BaseException
+) -> ExampleInputError:
+    """Name the node and module the example input failed in, with the backbone's own message
+    (ShapeProp wraps it in one about fx internals)."""
+    cause = exc.__cause__ or exc
+    where = "the backbone"
+    if failed is not None:
+        stack = list(failed.meta.get("nn_module_stack", {}).values())
+        module = f" in module {stack[-1][0]!r}" if stack and failed.op != "call_module" else ""
+        where = f"node {qualified_name(failed)!r}{module}"
+    shape = tuple(example_input.shape) if isinstance(example_input, torch.Tensor) else type(example_input).__name__
+    message = str(cause).splitlines()[0] if str(cause) else ""
+    return ExampleInputError(
+        f"example_input of shape {shape} does not run through {type(gm).__name__}: {where} raised "
+        f"{type(cause).__name__}: {message}. Pass an example input the model takes (the input size it was "
+        "built for, e.g. timm's img_size=, on the model's device and dtype)."
+    )
+
+
 def segment(
     gm: fx.GraphModule,
     trunk: str | None = None,
@@ -449,14 +480,15 @@ def segment(
             "blocks) or granularity='fine' (cut at every point where one tensor is live)."
         )
     if example_input is not None:
-        from torch.fx.passes.shape_prop import ShapeProp
-
         # eval mode and no grad: shape propagation must not move the user's BatchNorm statistics
         modes = {m: m.training for m in gm.modules()}
         gm.eval()
+        prop = _NodeTrackingShapeProp(gm)
         try:
             with torch.no_grad():
-                ShapeProp(gm).propagate(example_input)
+                prop.propagate(example_input)
+        except Exception as exc:  # whatever the backbone's own code raises on an input it does not take
+            raise _example_input_error(gm, example_input, prop.current, exc) from exc
         finally:
             for m, mode in modes.items():
                 m.training = mode
