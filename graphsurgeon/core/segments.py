@@ -91,8 +91,10 @@ def find_trunk(gm: fx.GraphModule, trunk: str | None) -> fx.Node:
     ``None`` picks the input of the final classifier: the last parametrised module on the way
     to the output (``fc`` in ResNet, ``heads.head`` in ViT), so that the default trunk is what
     the backbone's own classifier saw. A model whose final module call is an ``nn.Identity``
-    has had its classifier removed (timm's ``num_classes=0``, ``model.fc = nn.Identity()``):
-    its own output is already the pooled features, and is the default trunk.
+    and whose last parametrised module is not an ``nn.Linear`` has had its classifier removed
+    (timm's ``num_classes=0``, ``model.fc = nn.Identity()``): its own output is already the
+    pooled features, and is the default trunk. (A timm model *with* a classifier also ends in
+    an Identity, its head's ``flatten``, but after the Linear ``fc``.)
     """
     if trunk is not None:
         node = resolve_node(gm, trunk)
@@ -117,11 +119,18 @@ def find_trunk(gm: fx.GraphModule, trunk: str | None) -> fx.Node:
         raise TrunkError(f"{type(gm).__name__} returns no tensor; pass trunk=<node name> explicitly.")
     ancestors = _ancestors([leaves[0]], set())
     calls = [n for n in gm.graph.nodes if n in ancestors and n.op == "call_module"]
-    if calls and isinstance(gm.get_submodule(calls[-1].target), nn.Identity) and leaves[0].op != "placeholder":
+    parametrised = [n for n in calls if any(True for _ in gm.get_submodule(n.target).parameters())]
+    if (
+        calls
+        and isinstance(gm.get_submodule(calls[-1].target), nn.Identity)
+        and not (parametrised and isinstance(gm.get_submodule(parametrised[-1].target), nn.Linear))
+        and leaves[0].op != "placeholder"
+    ):
+        # the classifier was replaced by an Identity: no Linear follows the features any more
+        # (timm's heads call an Identity ``flatten`` after their Linear ``fc``, hence that check)
         return leaves[0]
-    for node in reversed(calls):
-        mod = gm.get_submodule(node.target)
-        if any(True for _ in mod.parameters()) and node.all_input_nodes:
+    for node in reversed(parametrised):
+        if node.all_input_nodes:
             trunk_node = node.all_input_nodes[0]
             if trunk_node.op == "placeholder":
                 break
