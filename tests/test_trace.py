@@ -84,11 +84,50 @@ def test_unknown_trunk_offers_qualified_close_matches():
 
 def test_network_and_checkpoint_name_the_trunk_by_its_qualified_name(tmp_path):
     model = torchvision.models.resnet18()
-    net = gs.multitask(model, {"a": nn.Linear(512, 2)}, trunk="layer4")
+    def head():
+        return nn.Sequential(nn.Flatten(), nn.Linear(512, 2))
+
+    net = gs.multitask(model, {"a": head()}, trunk="layer4", example_input=torch.randn(2, 3, 32, 32))
     assert net.trunk_name == "layer4.1.relu_1" and net.config["trunk"] == "layer4.1.relu_1"
     gs.save(net, tmp_path / "net.safetensors")
-    again = gs.load(tmp_path / "net.safetensors", model, {"a": nn.Linear(512, 2)})
-    assert again.depth == net.depth
+    again = gs.load(tmp_path / "net.safetensors", model, {"a": head()})
+    assert again.depth == net.depth and again.trunk_name == net.trunk_name
+
+
+def test_checkpoints_that_stored_the_fx_trunk_name_still_load(tmp_path):
+    """Checkpoints written before qualified names stored the trunk's fx name."""
+    model = torchvision.models.resnet18()
+    head = nn.Sequential(nn.Flatten(), nn.Linear(512, 2))
+    net = gs.multitask(model, {"a": head}, trunk="layer4")
+    net.config["trunk"] = "layer4_1_relu_1"
+    gs.save(net, tmp_path / "old.safetensors")
+    again = gs.load(tmp_path / "old.safetensors", model, {"a": nn.Sequential(nn.Flatten(), nn.Linear(512, 2))})
+    assert again.trunk_name == "layer4.1.relu_1"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x)["a"], net.eval()(x)["a"])
+
+
+class Pair(nn.Module):
+    def forward(self, x):
+        return x.relu(), x.sigmoid()
+
+
+class PairUser(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.pair = Pair()
+        self.fc = nn.Linear(3, 1)
+
+    def forward(self, x):
+        a, b = self.pair(self.lin(x))
+        return self.fc(a + b)
+
+
+def test_a_module_without_one_output_is_named_with_its_nodes():
+    with pytest.raises(gs.TrunkError, match=r"'pair' is a module.*several values.*pair\.sigmoid"):
+        gs.multitask(PairUser(), {"a": nn.Identity()}, trunk="pair")
 
 
 class Masked(nn.Module):

@@ -81,6 +81,11 @@ def _describe_nodes(gm: fx.GraphModule) -> str:
     return ", ".join(names[-8:])
 
 
+def _traced_through_modules(gm: fx.GraphModule) -> set[str]:
+    """Module paths the graph's nodes were traced inside (fx's ``nn_module_stack``)."""
+    return {path for n in gm.graph.nodes for path, _ in n.meta.get("nn_module_stack", {}).values()}
+
+
 def find_trunk(gm: fx.GraphModule, trunk: str | None) -> fx.Node:
     """The node whose value the task heads consume.
 
@@ -103,6 +108,12 @@ def find_trunk(gm: fx.GraphModule, trunk: str | None) -> fx.Node:
             modules = sorted(gm.meta.get(MODULE_OUTPUTS, {}))
             close = difflib.get_close_matches(trunk, list(dict.fromkeys(names + modules)), n=5, cutoff=0.5)
             hint = f" Close matches: {close}." if close else f" Last nodes: {_describe_nodes(gm)}."
+            if trunk in _traced_through_modules(gm):
+                raise TrunkError(
+                    f"trunk={trunk!r} is a module of {type(gm).__name__} that returns several values (or none), "
+                    f"so it has no one output to end the trunk at. Name one node inside it instead: "
+                    f"{[n for n in names if n.startswith(trunk + '.')][-3:]} (see graphsurgeon.get_graph_node_names(model))."
+                )
             raise TrunkError(
                 f"trunk={trunk!r} is neither a node nor a module of the traced {type(gm).__name__} graph.{hint} "
                 "Use graphsurgeon.get_graph_node_names(model) to list the valid names."

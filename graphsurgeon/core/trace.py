@@ -335,7 +335,8 @@ def get_graph_node_names(model: nn.Module | fx.GraphModule, **trace_kwargs: Any)
     The names are torchvision's (``torchvision.models.feature_extraction.get_graph_node_names``):
     the module path, then the op for nodes inside a module that is traced through, with a
     ``_k`` suffix counting the repeats of a name (``layer4.1.relu_1``, ``flatten``, ``fc``).
-    For a model both trace the same way, the list equals torchvision's eval-mode list. It
+    The names are those of the model's current mode; for a model in eval mode that both trace
+    the same way, the list equals torchvision's eval-mode list (its second list). It
     differs where the tracers differ: graphsurgeon reads buffers as graph nodes (they appear
     here by their module path, e.g. ``bn.num_batches_tracked``), traces through torchvision.ops
     modules instead of keeping them whole, makes modules that branch on ``self.training``
