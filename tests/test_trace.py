@@ -218,3 +218,18 @@ def test_an_example_input_the_model_does_not_take_names_the_node():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
     with pytest.raises(gs.ExampleInputError, match=r"shape \(1, 3, 16, 16\).*node '2'"):
         gs.multitask(model, {"a": nn.Identity()}, example_input=torch.randn(1, 3, 16, 16))
+
+
+class TensorDefault(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x, bias=torch.zeros(3), times=2):
+        return self.lin(x) * times + bias
+
+
+def test_a_default_fx_cannot_write_into_code_is_a_trace_error_naming_it():
+    assert bound_arguments(TensorDefault(), None) == {"times": 2}  # the tensor stays unbound
+    with pytest.raises(gs.TraceError, match=r"\['bias'\].*wrap the model"):
+        gs.trace(TensorDefault())

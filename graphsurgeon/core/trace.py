@@ -159,14 +159,19 @@ def _tensor_input(model: nn.Module) -> str | None:
     return chosen[0].name if chosen else None
 
 
+# defaults fx specialises to with an equality assert (None gets an `is None` assert)
+_BINDABLE = (bool, int, float, str)
+
+
 def bound_arguments(model: nn.Module, concrete_args: Mapping[str, Any] | None) -> dict[str, Any]:
     """``concrete_args`` completed with the default value of every other forward argument.
 
     A forward such as timm ViT's ``forward(x, attn_mask=None, is_causal=False)`` would otherwise
     be traced with three proxy inputs, and the trunk would depend on all three. Arguments with a
     default are the model's options, not its input: they are fixed to their defaults unless
-    the user's ``concrete_args`` says otherwise. Only the tensor input (see `_tensor_input`)
-    and arguments without a default stay inputs of the graph.
+    the user's ``concrete_args`` says otherwise. Only the tensor input (see `_tensor_input`),
+    arguments without a default, and defaults fx cannot specialise to (a tensor, a dict: fx
+    generates invalid code for them) stay inputs of the graph.
     """
     bound = dict(concrete_args or {})
     try:
@@ -177,9 +182,18 @@ def bound_arguments(model: nn.Module, concrete_args: Mapping[str, Any] | None) -
     for p in params:
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name == tensor or p.name in bound:
             continue
-        if p.default is not p.empty:
+        if p.default is None or isinstance(p.default, _BINDABLE):
             bound[p.name] = p.default
     return bound
+
+
+def _unbindable_defaults(model: nn.Module) -> list[str]:
+    """Forward arguments with a default that `bound_arguments` leaves unbound (a tensor, a dict)."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.default is not p.empty and not (p.default is None or isinstance(p.default, _BINDABLE))]
 
 
 def _trace_once(
@@ -215,7 +229,14 @@ def _trace_once(
             f"torch.fx cannot trace {where} in {mode} mode: {type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}\n  at {location}\n{fix}"
         ) from exc
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    try:
+        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    except Exception as exc:  # fx's generated code does not compile (NameError, SyntaxError)
+        raise TraceError(
+            f"torch.fx traced {type(model).__name__} but cannot compile its graph: {type(exc).__name__}: {exc}. "
+            f"Forward arguments whose default fx cannot write into code ({_unbindable_defaults(model)}) cannot "
+            "be graph inputs. Fix: wrap the model in a module whose forward(x) calls it with those arguments."
+        ) from exc
     # block granularity needs to know whether the root is a container (nn.Sequential backbone)
     gm.meta["graphsurgeon_root_type"] = type(model)
     gm.meta[MODULE_OUTPUTS] = {path: node.name for path, node in tracer.module_outputs.items()}
