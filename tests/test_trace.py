@@ -220,12 +220,15 @@ def test_an_example_input_the_model_does_not_take_names_the_node():
         gs.multitask(model, {"a": nn.Identity()}, example_input=torch.randn(1, 3, 16, 16))
 
 
+ZEROS = torch.zeros(3)
+
+
 class TensorDefault(nn.Module):
     def __init__(self):
         super().__init__()
         self.lin = nn.Linear(3, 3)
 
-    def forward(self, x, bias=torch.zeros(3), times=2):
+    def forward(self, x, bias=ZEROS, times=2):
         return self.lin(x) * times + bias
 
 
