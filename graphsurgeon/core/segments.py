@@ -39,9 +39,13 @@ class Segment:
     Attributes:
         index: position in the chain, 1-based (depth 0 of the task tree is the input).
         module: the runnable segment; one positional input, one output.
-        input_name: name, in the traced graph, of the value that enters the segment.
-        output_name: name of the value it produces (the next segment's input).
-        node_names: the traced nodes it computes, in order.
+        input_name: fx name, in the traced graph, of the value that enters the segment.
+        output_name: fx name of the value it produces (the next segment's input).
+        node_names: the fx names of the traced nodes it computes, in order.
+
+    fx names (``layer4_1_relu_1``) are unique within the graph and stable, which is what
+    fingerprints and checkpoints need; `graphsurgeon.core.trace.qualified_name` gives a node's
+    torchvision-style name (``layer4.1.relu_1``), the one users pass as ``trunk=``.
     """
 
     index: int
