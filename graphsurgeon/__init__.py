@@ -34,12 +34,18 @@ from graphsurgeon.core import (
 )
 from graphsurgeon.core.export import ExportError
 from graphsurgeon.errors import (
+    BackendError,
     CheckpointError,
     ConfigError,
+    ExampleInputError,
+    GradientError,
     GraphSurgeonError,
     HeadMismatchError,
+    HeadsInputError,
     InvariantError,
+    MethodError,
     MissingDependencyError,
+    OptionError,
     TaskSpecError,
     TraceError,
     TreeEditError,
@@ -50,15 +56,21 @@ from graphsurgeon.training import Callback, TrainConfig, Trainer, fit
 __version__ = "0.2.0"
 
 __all__ = [
+    "BackendError",
     "Callback",
     "CheckpointError",
     "ConfigError",
+    "ExampleInputError",
     "ExportError",
+    "GradientError",
     "GraphSurgeonError",
     "HeadMismatchError",
+    "HeadsInputError",
     "InvariantError",
+    "MethodError",
     "MissingDependencyError",
     "MultiTaskNetwork",
+    "OptionError",
     "Segment",
     "Task",
     "TaskSpecError",

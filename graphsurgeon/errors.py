@@ -43,3 +43,45 @@ class MissingDependencyError(GraphSurgeonError, ImportError):
 
 class ConfigError(GraphSurgeonError):
     """A training setting (`graphsurgeon.training.TrainConfig` field, CLI flag) has an invalid value."""
+class OptionError(GraphSurgeonError):
+    """An option has a value outside what it accepts (``granularity=``, ``backend=``,
+    ``activation=``, an aggregator's or a method's hyperparameter, an unknown method name).
+
+    The message names the option, the value given and the values accepted. Deliberately not a
+    ``ValueError``: code that catches ``ValueError`` around a training step should not swallow
+    a misconfiguration.
+    """
+
+
+class MethodError(GraphSurgeonError):
+    """A training method cannot run as configured: it does not combine with another option
+    (``rep_grad`` with sharpness-aware training), needs a network it was not given (a shared
+    first segment), or is called out of order (no measurement or batch yet)."""
+
+
+class GradientError(GraphSurgeonError, ValueError):
+    """Per-task losses or gradients handed to an aggregator or loss weighting have the wrong
+    count, shape or dtype, or are not finite.
+
+    Also a ``ValueError``, since these are bad values passed to a numeric function, which
+    callers of such functions commonly catch as one.
+    """
+
+
+class HeadsInputError(GraphSurgeonError, ValueError):
+    """Batched task heads (``BatchedHeads``, the fused heads kernel) were given weights or inputs
+    of the wrong type, shape, dtype or device.
+
+    Also a ``ValueError``, as ``nn.Linear`` raises for the same mistakes.
+    """
+
+
+class BackendError(GraphSurgeonError):
+    """A compute backend that was asked for by name (``backend='triton'``) cannot run here (no
+    GPU, no Triton); the message says why and which backend runs instead."""
+
+
+class ExampleInputError(GraphSurgeonError):
+    """``example_input`` does not run through the traced backbone (a shape, dtype or device the
+    model does not take, e.g. 64x64 images for a model built for 224x224); the message names
+    the module it failed in."""

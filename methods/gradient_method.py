@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from graphsurgeon.errors import GraphSurgeonError
+from graphsurgeon.errors import MethodError, TaskSpecError
 from graphsurgeon.methods.aggregation.base import Aggregator, assign_gradient, per_task_gradients, split_parameters
 from graphsurgeon.methods.aggregation.registry import make_aggregator
 from graphsurgeon.methods.aggregation.weighting import EpochLossMean
@@ -58,7 +58,7 @@ def shared_representation_depth(net: nn.Module) -> int:
     """
     tree = getattr(net, "tree", None)
     if tree is None:
-        raise GraphSurgeonError(
+        raise MethodError(
             f"rep_grad needs a MultiTaskNetwork (with a task tree), got {type(net).__name__}; "
             "build it with graphsurgeon.multitask(...), or use rep_grad=False."
         )
@@ -66,7 +66,7 @@ def shared_representation_depth(net: nn.Module) -> int:
     while depth < tree.depth and len(tree.at_depth(depth + 1)) == 1:
         depth += 1
     if depth == 0:
-        raise GraphSurgeonError(
+        raise MethodError(
             f"rep_grad needs a tree node shared by all tasks, but the tree splits at depth 1 "
             f"(partitions {tree.partitions()[0]}); share the first segment (sharing='shared' or "
             "TaskTree.branched(..., split_at>=2)) or use rep_grad=False."
@@ -97,7 +97,7 @@ class GradientMethod(Method):
 
     def __init__(self, aggregator: str, tasks: Sequence[str], *, rep_grad: bool = False, **options: Any) -> None:
         if isinstance(tasks, str) or not tasks or len(set(tasks)) != len(tasks):
-            raise GraphSurgeonError(
+            raise TaskSpecError(
                 f"GradientMethod needs the network's distinct task names, got {tasks!r}; pass net.tasks."
             )
         super().__init__()
@@ -118,7 +118,7 @@ class GradientMethod(Method):
     def on_start(self, trainer: Trainer) -> None:
         missing = set(self.tasks) ^ set(trainer.net.tasks)
         if missing:
-            raise GraphSurgeonError(
+            raise TaskSpecError(
                 f"{type(self).__name__} was built for tasks {list(self.tasks)} but the network has "
                 f"{list(trainer.net.tasks)}; pass tasks=net.tasks."
             )
@@ -160,7 +160,7 @@ class GradientMethod(Method):
     # ------------------------------------------------------------------ pieces
     def _ordered(self, losses: Mapping[str, Tensor]) -> list[Tensor]:
         if set(losses) != set(self.tasks):
-            raise GraphSurgeonError(
+            raise TaskSpecError(
                 f"{type(self).__name__} got losses for {sorted(losses)} but was built for {list(self.tasks)}; "
                 "every step needs one loss per task (pass tasks=net.tasks)."
             )
@@ -199,7 +199,7 @@ class GradientMethod(Method):
     def _backward_representation(self, net: nn.Module, values: list[Tensor], loss_vec: Tensor, extra: Tensor | None) -> None:
         rep, self._rep = self._rep, None
         if rep is None:
-            raise GraphSurgeonError(
+            raise MethodError(
                 "rep_grad found no shared representation from this step's forward pass; the method's "
                 "on_start(trainer) attaches the hook that captures it (Trainer.fit calls it)."
             )
@@ -231,7 +231,7 @@ class GradientMethod(Method):
             if not torch.is_grad_enabled():  # evaluation passes
                 return
             if not isinstance(output, Tensor):
-                raise GraphSurgeonError(
+                raise MethodError(
                     f"rep_grad needs the shared node at depth {depth} to output one tensor, got "
                     f"{type(output).__name__}; use rep_grad=False for this backbone."
                 )

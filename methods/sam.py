@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from graphsurgeon.errors import GraphSurgeonError
+from graphsurgeon.errors import MethodError, OptionError
 from graphsurgeon.methods.aggregation.base import assign_gradient, per_task_gradients, restoring, split_parameters
 from graphsurgeon.methods.base import Step
 from graphsurgeon.methods.gradient_method import GradientMethod
@@ -80,12 +80,12 @@ class SharpnessAware(GradientMethod):
 
     def __init__(self, aggregator: str, tasks: Sequence[str], *, rho: float, rep_grad: bool = False, **options: Any) -> None:
         if rep_grad:
-            raise GraphSurgeonError(
+            raise MethodError(
                 "sharpness-aware training perturbs the shared parameters, so it needs their gradients, "
                 "not the representation's; drop rep_grad (--rep-grad) or sam (--sam)."
             )
         if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho < 0:
-            raise GraphSurgeonError(f"SAM rho must be a finite number >= 0, got {rho!r}; FS-MTL uses values like 0.05.")
+            raise OptionError(f"SAM rho must be a finite number >= 0, got {rho!r}; FS-MTL uses values like 0.05.")
         super().__init__(aggregator, tasks, **options)
         self.rho = float(rho)
 

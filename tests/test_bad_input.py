@@ -55,10 +55,10 @@ def test_unknown_leaf_module_name():
 
 def test_unknown_trunk_node_suggests_close_names():
     with pytest.raises(gs.TrunkError) as err:
-        gs.multitask(torchvision.models.resnet18(), {"a": nn.Linear(512, 2)}, trunk="layer4_2_relu")
+        gs.multitask(torchvision.models.resnet18(), {"a": nn.Linear(512, 2)}, trunk="layer4.2.relu")
     msg = str(err.value)
-    assert "layer4_2_relu" in msg and "get_graph_node_names" in msg
-    assert "layer4_1_relu_1" in msg  # a close match is offered
+    assert "'layer4.2.relu'" in msg and "get_graph_node_names" in msg
+    assert "'layer4.1.relu'" in msg  # a close match is offered, by its qualified name
 
 
 def test_trunk_at_the_input_is_rejected():

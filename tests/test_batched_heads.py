@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from strategies import examples
 from torch import nn
 
+import graphsurgeon as gs
 from graphsurgeon.errors import GraphSurgeonError
 from graphsurgeon.kernels.heads import (
     BatchedHeads,
@@ -244,9 +245,9 @@ def test_triton_on_cpu_without_interpreter_says_how_to_fix(monkeypatch):
 
     monkeypatch.setattr(heads_triton, "INTERPRETED", False)
     x, weights, _ = make_heads(2, 4, 16, [4, 4], True, torch.float32)
-    with pytest.raises(GraphSurgeonError, match="TRITON_INTERPRET=1.*backend='torch'"):
+    with pytest.raises(gs.BackendError, match="TRITON_INTERPRET=1.*backend='torch'"):
         batched_heads(x, weights, backend="triton")
-    with pytest.raises(GraphSurgeonError, match="float64"):
+    with pytest.raises(gs.BackendError, match="float64"):
         batched_heads(x.double(), [w.double() for w in weights], backend="triton")
 
 
@@ -274,20 +275,20 @@ def test_bad_input_raises_clear_error(mutate, message):
 
 def test_bad_backend_and_module_input_raise_clear_errors():
     x, weights, _ = make_heads(2, 4, 16, [4, 4], True, torch.float32)
-    with pytest.raises(GraphSurgeonError, match=r"backend='cuda' is not supported; use one of 'auto'"):
+    with pytest.raises(gs.OptionError, match=r"backend='cuda' is not supported; use one of 'auto'"):
         batched_heads(x, weights, backend="cuda")
     heads = BatchedHeads(16, [4, 4], shared_input=False)
-    with pytest.raises(GraphSurgeonError, match=r"has 2 heads but x holds 3 per-task inputs"):
+    with pytest.raises(gs.HeadsInputError, match=r"has 2 heads but x holds 3 per-task inputs"):
         heads(torch.randn(3, 5, 16))
-    with pytest.raises(GraphSurgeonError, match=r"in_features=16 in the last dimension, got shape \(2, 5, 8\)"):
+    with pytest.raises(gs.HeadsInputError, match=r"in_features=16 in the last dimension, got shape \(2, 5, 8\)"):
         heads(torch.randn(2, 5, 8))
-    with pytest.raises(GraphSurgeonError, match=r"x is torch.float64 on cpu but the heads are torch.float32"):
+    with pytest.raises(gs.HeadsInputError, match=r"x is torch.float64 on cpu but the heads are torch.float32"):
         heads(torch.randn(2, 5, 16, dtype=torch.float64))
-    with pytest.raises(GraphSurgeonError, match=r"linears\[1\] has in_features=8 but linears\[0\] has 16"):
+    with pytest.raises(gs.HeadsInputError, match=r"linears\[1\] has in_features=8 but linears\[0\] has 16"):
         BatchedHeads.from_linears([nn.Linear(16, 2), nn.Linear(8, 2)])
-    with pytest.raises(GraphSurgeonError, match="out_features must be a non-empty sequence of positive ints"):
+    with pytest.raises(gs.HeadsInputError, match="out_features must be a non-empty sequence of positive ints"):
         BatchedHeads(16, [4, 0])
-    with pytest.raises(GraphSurgeonError, match="out_features sum to 8"):
+    with pytest.raises(gs.HeadsInputError, match="out_features sum to 8"):
         split_heads(torch.randn(2, 9), [4, 4])
 
 

@@ -10,7 +10,6 @@ from torch.utils.data import Subset
 import graphsurgeon as gs
 from graphsurgeon.apps.models import small_resnet
 from graphsurgeon.core.tree import TaskTree
-from graphsurgeon.errors import GraphSurgeonError
 from graphsurgeon.methods.aggregation.base import split_parameters
 from graphsurgeon.methods.aggregation.registry import AGGREGATORS
 from graphsurgeon.methods.base import Method, Step
@@ -167,7 +166,7 @@ def test_rep_grad_aggregates_the_representation_gradient():
 
 def test_rep_grad_needs_a_node_shared_by_all_tasks():
     trainer = make_trainer(make_net("separate"), GradientMethod("ew", TASKS, rep_grad=True))
-    with pytest.raises(GraphSurgeonError, match="shared by all tasks"):
+    with pytest.raises(gs.MethodError, match="shared by all tasks"):
         trainer.fit()
 
 
@@ -223,13 +222,13 @@ def test_extra_loss_gradient_is_added_on_top(rep_grad):
 
 
 def test_bad_names_and_mismatched_tasks_are_explained():
-    with pytest.raises(GraphSurgeonError, match="unknown aggregator 'sgd'; use one of"):
+    with pytest.raises(gs.OptionError, match="unknown aggregator 'sgd'; use one of"):
         GradientMethod("sgd", TASKS)
-    with pytest.raises(GraphSurgeonError, match="valid options: c"):
+    with pytest.raises(gs.OptionError, match="valid options: c"):
         GradientMethod("cagrad", TASKS, alpha=1.0)
-    with pytest.raises(GraphSurgeonError, match="net.tasks"):
+    with pytest.raises(gs.TaskSpecError, match="net.tasks"):
         GradientMethod("ew", "abc")
     trainer = make_trainer(make_net("shared"), GradientMethod("ew", ("a", "other")))
-    with pytest.raises(GraphSurgeonError, match="pass tasks=net.tasks"):
+    with pytest.raises(gs.TaskSpecError, match="pass tasks=net.tasks"):
         trainer.fit()
 

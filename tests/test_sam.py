@@ -9,7 +9,6 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import graphsurgeon as gs
-from graphsurgeon.errors import GraphSurgeonError
 from graphsurgeon.methods.aggregation.base import per_task_gradients, split_parameters
 from graphsurgeon.methods.aggregation.registry import AGGREGATORS
 from graphsurgeon.methods.base import Step
@@ -192,10 +191,10 @@ def test_sam_trains_separate_networks_with_plain_sam():
 
 
 def test_bad_settings_are_explained():
-    with pytest.raises(GraphSurgeonError, match="drop rep_grad"):
+    with pytest.raises(gs.MethodError, match="drop rep_grad"):
         SharpnessAware("ew", TASKS, rho=0.05, rep_grad=True)
     for rho in (-0.1, float("nan"), "0.05"):
-        with pytest.raises(GraphSurgeonError, match="rho must be"):
+        with pytest.raises(gs.OptionError, match="rho must be"):
             SharpnessAware("ew", TASKS, rho=rho)
-    with pytest.raises(GraphSurgeonError, match="unknown aggregator"):
+    with pytest.raises(gs.OptionError, match="unknown aggregator"):
         SharpnessAware("adam", TASKS, rho=0.05)

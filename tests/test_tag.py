@@ -202,9 +202,9 @@ def test_tag_rejects_a_network_without_shared_parameters_and_a_bad_split_depth()
     torch.manual_seed(0)
     heads = {t: nn.Linear(8, 2) for t in ("a", "twin", "other")}
     separate = gs.multitask(small_resnet(1, (4, 8, 8, 8)), heads, sharing="separate", example_input=torch.rand(2, 1, 12, 12))
-    with pytest.raises(gs.GraphSurgeonError, match="hard-sharing"):
+    with pytest.raises(gs.MethodError, match="hard-sharing"):
         trainer_for(separate, TAG(), 1, Toy(), Spec).fit()
-    with pytest.raises(gs.GraphSurgeonError, match="split_depth"):
+    with pytest.raises(gs.OptionError, match="split_depth"):
         trainer_for(toy_shared_net(), TAG(TAGConfig(split_depth=99)), 1, Toy(), Spec).fit()
 
 
@@ -271,9 +271,9 @@ def test_itmtl_reuses_its_choice_between_choosing_steps_and_checks_its_options()
     assert sum(method.chosen.values()) == 3  # one choice at step 0, reused at steps 1 and 2
     assert method.chosen[method.candidates[method.choice]] == 3
     assert len(calls) == (3 if method.choice == 1 else 1)  # between choices only the chosen one aggregates
-    with pytest.raises(gs.GraphSurgeonError, match="not candidates"):
+    with pytest.raises(gs.OptionError, match="not candidates"):
         ITMTL(3, candidates=("ew",), options={"cagrad": {"c": 0.4}})
-    with pytest.raises(gs.GraphSurgeonError, match="unknown aggregator"):
+    with pytest.raises(gs.OptionError, match="unknown aggregator"):
         ITMTL(3, candidates=("ew", "nope"))
 
 

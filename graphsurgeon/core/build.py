@@ -11,7 +11,7 @@ from torch import nn
 from graphsurgeon.core.modes import eval_mode
 from graphsurgeon.core.network import MultiTaskNetwork, Task
 from graphsurgeon.core.segments import Granularity, segment
-from graphsurgeon.core.trace import LeafSpec, trace
+from graphsurgeon.core.trace import LeafSpec, qualified_name, trace
 from graphsurgeon.core.tree import TaskTree
 from graphsurgeon.errors import TaskSpecError, TreeEditError
 
@@ -110,7 +110,10 @@ def multitask(
         model: any torch.fx-traceable backbone (every torchvision classifier is).
         tasks: ``{name: head}`` or ``{name: graphsurgeon.Task(head, loss, metrics)}``; a head may
             also be a factory ``f(trunk_shape) -> nn.Module`` (needs ``example_input``).
-        trunk: node where the shared backbone ends (default: the final classifier's input).
+        trunk: where the shared backbone ends: a qualified node name from
+            `graphsurgeon.get_graph_node_names` (``"layer4.1.relu_1"``), a module path
+            (``"layer4"``: its output) or an fx node name; default: the final classifier's input,
+            or the model's output when its classifier was replaced by ``nn.Identity``.
         sharing: ``"separate"`` (a copy of every segment per task: MTSL's start), ``"shared"``
             (hard sharing), or a `TaskTree` of depth ``len(segments)``.
         granularity: ``"block"`` or ``"fine"`` segments (see `graphsurgeon.segment`).
@@ -138,8 +141,10 @@ def multitask(
         tree = TaskTree.shared(names, len(segments))
     else:
         raise TaskSpecError(f"sharing must be 'separate', 'shared' or a TaskTree, got {sharing!r}.")
-    config = {"trunk": segments[-1].output_name, "granularity": granularity, "backbone": type(model).__name__}
-    net = MultiTaskNetwork(segments, tree, specs, trunk_name=segments[-1].output_name, config=config)
+    # the trunk by its qualified name: unique, and the name a user passes (fx names still load)
+    trunk_name = next(qualified_name(n) for n in gm.graph.nodes if n.name == segments[-1].output_name)
+    config = {"trunk": trunk_name, "granularity": granularity, "backbone": type(model).__name__}
+    net = MultiTaskNetwork(segments, tree, specs, trunk_name=trunk_name, config=config)
     # the network runs in the model's mode; a head already in that mode keeps the submodules the
     # user put in eval (a frozen BatchNorm)
     frozen = [m for h in net.heads.values() if h.training == model.training for m in h.modules() if not m.training]

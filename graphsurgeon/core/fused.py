@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.func import functional_call, vmap
 
+from graphsurgeon.errors import InvariantError
 from graphsurgeon.kernels.heads import batched_heads
 
 __all__ = ["FusedExecutor", "LevelOutputs", "structure_key"]
@@ -243,7 +244,11 @@ def fused_call(modules: Sequence[nn.Module], x: Tensor, in_dim: int | None) -> T
 
     y = vmap(call, in_dims=(0, 0, in_dim), randomness="different")(stacked_params, stacked_buffers, x)
     if not isinstance(y, Tensor):
-        raise TypeError(f"the segment returns {type(y).__name__}, not one tensor")
+        raise InvariantError(
+            f"a {type(template).__name__} segment returns {type(y).__name__}, not one tensor, so its copies cannot "
+            "run as one batched call. Build the network with example_input=<a batch> so that segments are only "
+            "cut where one tensor is live."
+        )
     if any(m.training for m in template.modules()):  # running statistics moved: hand them back
         with torch.no_grad():
             for n, s in stacked_buffers.items():

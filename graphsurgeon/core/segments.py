@@ -21,10 +21,11 @@ from typing import Literal
 
 import torch
 from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 from graphsurgeon.core.modes import eval_mode
-from graphsurgeon.core.trace import graph_signature
-from graphsurgeon.errors import TraceError, TrunkError
+from graphsurgeon.core.trace import MODULE_OUTPUTS, get_graph_node_names, graph_signature, qualified_name, resolve_node
+from graphsurgeon.errors import ExampleInputError, OptionError, TraceError, TrunkError
 
 __all__ = ["Segment", "cut_points", "find_trunk", "fingerprint", "segment"]
 
@@ -39,9 +40,13 @@ class Segment:
     Attributes:
         index: position in the chain, 1-based (depth 0 of the task tree is the input).
         module: the runnable segment; one positional input, one output.
-        input_name: name, in the traced graph, of the value that enters the segment.
-        output_name: name of the value it produces (the next segment's input).
-        node_names: the traced nodes it computes, in order.
+        input_name: fx name, in the traced graph, of the value that enters the segment.
+        output_name: fx name of the value it produces (the next segment's input).
+        node_names: the fx names of the traced nodes it computes, in order.
+
+    fx names (``layer4_1_relu_1``) are unique within the graph and stable, which is what
+    fingerprints and checkpoints need; `graphsurgeon.core.trace.qualified_name` gives a node's
+    torchvision-style name (``layer4.1.relu_1``), the one users pass as ``trunk=``.
     """
 
     index: int
@@ -77,27 +82,47 @@ def _value_nodes(node: fx.Node) -> list[fx.Node]:
 
 
 def _describe_nodes(gm: fx.GraphModule) -> str:
-    names = [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    names = get_graph_node_names(gm)
     return ", ".join(names[-8:])
+
+
+def _traced_through_modules(gm: fx.GraphModule) -> set[str]:
+    """Module paths the graph's nodes were traced inside (fx's ``nn_module_stack``)."""
+    return {path for n in gm.graph.nodes for path, _ in n.meta.get("nn_module_stack", {}).values()}
 
 
 def find_trunk(gm: fx.GraphModule, trunk: str | None) -> fx.Node:
     """The node whose value the task heads consume.
 
+    ``trunk`` is a qualified node name (``"layer4.1.relu_1"``, see
+    `graphsurgeon.get_graph_node_names`), a module path (``"layer4"``: that module's output), or
+    an fx node name (``"layer4_1_relu_1"``, as older code and checkpoints name nodes).
+
     ``None`` picks the input of the final classifier: the last parametrised module on the way
     to the output (``fc`` in ResNet, ``heads.head`` in ViT), so that the default trunk is what
-    the backbone's own classifier saw.
+    the backbone's own classifier saw. A model whose final module call is an ``nn.Identity``
+    and whose last parametrised module is not an ``nn.Linear`` has had its classifier removed
+    (timm's ``num_classes=0``, ``model.fc = nn.Identity()``): its own output is already the
+    pooled features, and is the default trunk. (A timm model *with* a classifier also ends in
+    an Identity, its head's ``flatten``, but after the Linear ``fc``.)
     """
-    nodes = {n.name: n for n in gm.graph.nodes}
     if trunk is not None:
-        if trunk not in nodes or nodes[trunk].op in ("output",):
-            close = difflib.get_close_matches(trunk, list(nodes), n=5, cutoff=0.5)
+        node = resolve_node(gm, trunk)
+        if node is None or node.op == "output":
+            names = get_graph_node_names(gm)
+            modules = sorted(gm.meta.get(MODULE_OUTPUTS, {}))
+            close = difflib.get_close_matches(trunk, list(dict.fromkeys(names + modules)), n=5, cutoff=0.5)
             hint = f" Close matches: {close}." if close else f" Last nodes: {_describe_nodes(gm)}."
+            if trunk in _traced_through_modules(gm):
+                raise TrunkError(
+                    f"trunk={trunk!r} is a module of {type(gm).__name__} that returns several values (or none), "
+                    f"so it has no one output to end the trunk at. Name one node inside it instead: "
+                    f"{[n for n in names if n.startswith(trunk + '.')][-3:]} (see graphsurgeon.get_graph_node_names(model))."
+                )
             raise TrunkError(
-                f"trunk={trunk!r} is not a node of the traced {type(gm).__name__} graph.{hint} "
+                f"trunk={trunk!r} is neither a node nor a module of the traced {type(gm).__name__} graph.{hint} "
                 "Use graphsurgeon.get_graph_node_names(model) to list the valid names."
             )
-        node = nodes[trunk]
         if node.op == "placeholder":
             raise TrunkError(
                 f"trunk={trunk!r} is the model input, which leaves no backbone to share. "
@@ -108,22 +133,24 @@ def find_trunk(gm: fx.GraphModule, trunk: str | None) -> fx.Node:
     leaves = _value_nodes(output)
     if not leaves:
         raise TrunkError(f"{type(gm).__name__} returns no tensor; pass trunk=<node name> explicitly.")
-    ancestors: set[fx.Node] = set()
-    stack = [leaves[0]]
-    while stack:
-        n = stack.pop()
-        if n in ancestors:
-            continue
-        ancestors.add(n)
-        stack.extend(n.all_input_nodes)
-    for node in reversed(gm.graph.nodes):
-        if node in ancestors and node.op == "call_module":
-            mod = gm.get_submodule(node.target)
-            if any(True for _ in mod.parameters()) and node.all_input_nodes:
-                trunk_node = node.all_input_nodes[0]
-                if trunk_node.op == "placeholder":
-                    break
-                return trunk_node
+    ancestors = _ancestors([leaves[0]], set())
+    calls = [n for n in gm.graph.nodes if n in ancestors and n.op == "call_module"]
+    parametrised = [n for n in calls if any(True for _ in gm.get_submodule(n.target).parameters())]
+    if (
+        calls
+        and isinstance(gm.get_submodule(calls[-1].target), nn.Identity)
+        and not (parametrised and isinstance(gm.get_submodule(parametrised[-1].target), nn.Linear))
+        and leaves[0].op != "placeholder"
+    ):
+        # the classifier was replaced by an Identity: no Linear follows the features any more
+        # (timm's heads call an Identity ``flatten`` after their Linear ``fc``, hence that check)
+        return leaves[0]
+    for node in reversed(parametrised):
+        if node.all_input_nodes:
+            trunk_node = node.all_input_nodes[0]
+            if trunk_node.op == "placeholder":
+                break
+            return trunk_node
     raise TrunkError(
         f"cannot find a final classifier in {type(gm).__name__} to end the trunk at. "
         "Pass trunk=<node name> (see graphsurgeon.get_graph_node_names(model))."
@@ -250,7 +277,7 @@ def _check_same_in_both_modes(
 ) -> None:
     """Refuse a trunk whose graph differs between train and eval mode (see `graphsurgeon.core.trace`):
     the segments would run the traced mode's path in both modes."""
-    if trunk is not None and trunk not in {n.name for n in other.graph.nodes}:
+    if trunk is not None and resolve_node(other, trunk) is None:
         raise TraceError(
             f"trunk={trunk!r} exists only when the model is traced in "
             f"{'train' if gm.training else 'eval'} mode: the backbone computes differently in the two modes. "
@@ -272,9 +299,9 @@ def _check_same_in_both_modes(
     )
     before = order.index(node) - 1 if node in order else -1
     if before >= 0:
-        fix += f", or end the trunk before it (trunk={order[before].name!r})"
+        fix += f", or end the trunk before it (trunk={qualified_name(order[before])!r})"
     raise TraceError(
-        f"{type(gm).__name__} computes its trunk differently in train and eval mode, from node {node.name!r} "
+        f"{type(gm).__name__} computes its trunk differently in train and eval mode, from node {qualified_name(node)!r} "
         f"in {where} on (it branches on self.training, or calls a function with training=self.training); "
         f"a traced graph would keep one mode's path in both modes. Fix: {fix}."
     )
@@ -421,6 +448,36 @@ def _build(
     return fx.GraphModule(gm, graph, class_name=f"Segment{index}")
 
 
+class _NodeTrackingShapeProp(ShapeProp):
+    """Shape propagation that remembers the node it is running, to name it when it fails."""
+
+    current: fx.Node | None = None
+
+    def run_node(self, n: fx.Node) -> object:
+        self.current = n
+        return super().run_node(n)
+
+
+def _example_input_error(
+    gm: fx.GraphModule, example_input: object, failed: fx.Node | None, exc: BaseException
+) -> ExampleInputError:
+    """Name the node and module the example input failed in, with the backbone's own message
+    (ShapeProp wraps it in one about fx internals)."""
+    cause = exc.__cause__ or exc
+    where = "the backbone"
+    if failed is not None:
+        stack = list(failed.meta.get("nn_module_stack", {}).values())
+        module = f" in module {stack[-1][0]!r}" if stack and failed.op != "call_module" else ""
+        where = f"node {qualified_name(failed)!r}{module}"
+    shape = tuple(example_input.shape) if isinstance(example_input, torch.Tensor) else type(example_input).__name__
+    message = str(cause).splitlines()[0] if str(cause) else ""
+    return ExampleInputError(
+        f"example_input of shape {shape} does not run through {type(gm).__name__}: {where} raised "
+        f"{type(cause).__name__}: {message}. Pass an example input the model takes (the input size it was "
+        "built for, e.g. timm's img_size=, on the model's device and dtype)."
+    )
+
+
 def segment(
     gm: fx.GraphModule,
     trunk: str | None = None,
@@ -431,7 +488,8 @@ def segment(
 
     Args:
         gm: the traced backbone (see `graphsurgeon.core.trace`).
-        trunk: node name where the shared backbone ends; ``None``: the final classifier's input.
+        trunk: where the shared backbone ends: a qualified node name, a module path or an fx node
+            name (see `find_trunk`); ``None``: the final classifier's input.
         granularity: ``"block"`` cuts only between module blocks (children of a container:
             ResNet's BasicBlocks, ViT's encoder layers, a stage of EfficientNet); ``"fine"`` at
             every cut point. Either way, adjacent cuts are merged so that every segment has
@@ -442,13 +500,18 @@ def segment(
         Segments 1..L; chaining them reproduces ``gm`` up to the trunk, bit for bit.
     """
     if granularity not in ("block", "fine"):
-        raise ValueError(f"granularity must be 'block' or 'fine', got {granularity!r}")
+        raise OptionError(
+            f"granularity={granularity!r} is not a granularity; pass granularity='block' (cut between module "
+            "blocks) or granularity='fine' (cut at every point where one tensor is live)."
+        )
     if example_input is not None:
-        from torch.fx.passes.shape_prop import ShapeProp
-
         # eval mode and no grad: shape propagation must not move the user's BatchNorm statistics
-        with eval_mode(gm), torch.no_grad():
-            ShapeProp(gm).propagate(example_input)
+        prop = _NodeTrackingShapeProp(gm)
+        try:
+            with eval_mode(gm), torch.no_grad():
+                prop.propagate(example_input)
+        except Exception as exc:  # whatever the backbone's own code raises on an input it does not take
+            raise _example_input_error(gm, example_input, prop.current, exc) from exc
     trunk_node = find_trunk(gm, trunk)
     order, dep = _prune_to(gm, trunk_node)
     other_mode = gm.meta.get("graphsurgeon_other_mode")
@@ -456,7 +519,7 @@ def segment(
         _check_same_in_both_modes(gm, order, other_mode, trunk, trunk_node)
     if trunk_node not in order:
         raise TrunkError(
-            f"trunk={trunk_node.name!r} does not depend on the model input. "
+            f"trunk={qualified_name(trunk_node)!r} does not depend on the model input. "
             "Choose a node computed from the input (see graphsurgeon.get_graph_node_names(model))."
         )
     live = cut_points(order, trunk_node)

@@ -8,8 +8,10 @@ is inside and turns any tracing failure into a `TraceError` that names the inner
 from __future__ import annotations
 
 import copy
+import inspect
+import re
 import traceback
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -17,22 +19,37 @@ from torch import fx, nn
 
 from graphsurgeon.errors import TraceError
 
-__all__ = ["get_graph_node_names", "graph_signature", "trace"]
+__all__ = ["bound_arguments", "get_graph_node_names", "graph_signature", "qualified_name", "resolve_node", "trace"]
 
 LeafSpec = str | type[nn.Module]
 
 
-class _NamingTracer(fx.Tracer):
-    """An fx tracer that honours user leaf modules and remembers where it is."""
+QUALNAME = "graphsurgeon_qualname"  # node.meta key of a node's torchvision-style qualified name
+MODULE_OUTPUTS = "graphsurgeon_module_outputs"  # gm.meta key: module path -> fx name of its output
 
-    def __init__(self, leaf_modules: Iterable[LeafSpec]) -> None:
+
+class _NamingTracer(fx.Tracer):
+    """An fx tracer that honours user leaf modules, remembers where it is, and names nodes.
+
+    Every node it creates through ``create_proxy`` gets a qualified name in
+    ``node.meta[QUALNAME]``, exactly as torchvision's ``NodePathTracer`` names it (the module
+    path, plus the op's name outside leaf modules, with ``_k`` suffixes counting repeats), so
+    that ``trunk=`` accepts the names a torchvision user already knows (``layer4.1.relu_1``)
+    rather than fx's globally mangled ones (``layer4_1_relu_1``). The output node of every
+    module call is recorded too, so that ``trunk="layer4"`` can mean "what layer4 returns".
+    """
+
+    def __init__(self, leaf_modules: Iterable[LeafSpec], autowrap_functions: Iterable[Callable] = ()) -> None:
         # buffers read in forward become graph nodes: an update written to one (a call counter,
         # a running mean) would otherwise run once at trace time and never again
-        super().__init__()
+        super().__init__(autowrap_functions=tuple(autowrap_functions))
         self.proxy_buffer_attributes = True
         self._leaf_names = {m for m in leaf_modules if isinstance(m, str)}
         self._leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self.module_path: list[tuple[str, nn.Module]] = []
+        self.module_outputs: dict[str, fx.Node] = {}
+        # the latest qualified name recorded under each key (the name, and the name less its _k)
+        self._latest: dict[str, str] = {}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self._leaf_names:
@@ -42,10 +59,35 @@ class _NamingTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
-        self.module_path.append((self.path_of_module(m), m))
+        path = self.path_of_module(m)
+        self.module_path.append((path, m))
         out = super().call_module(m, forward, args, kwargs)
         self.module_path.pop()
+        if isinstance(out, fx.Proxy) and path:
+            self.module_outputs[path] = out.node  # a module called twice: its last call counts
         return out
+
+    def create_proxy(self, kind: str, target: Any, args: Any, kwargs: Any, *rest: Any, **more: Any) -> fx.Proxy:
+        proxy = super().create_proxy(kind, target, args, kwargs, *rest, **more)
+        proxy.node.meta[QUALNAME] = self._qualname(proxy.node)
+        return proxy
+
+    def _qualname(self, node: fx.Node) -> str:
+        """torchvision's ``NodePathTracer._get_node_qualname``, with a dictionary instead of a
+        backwards scan over every earlier name (quadratic on a ViT-sized graph)."""
+        name = self.module_path[-1][0] if self.module_path else ""
+        if node.op != "call_module":
+            name = f"{name}.{node.name}" if name else node.name
+        if re.match(r".+_[0-9]+$", name) is not None:
+            name = name.rsplit("_", 1)[0]  # undo fx's global _k: repeats are counted per name
+        previous = self._latest.get(name)
+        if previous is not None:
+            postfix = previous[len(name):]
+            name += f"_{int(postfix[1:]) + 1}" if postfix else "_1"
+        self._latest[name] = name
+        if re.match(r".+_[0-9]+$", name) is not None:
+            self._latest[name.rsplit("_", 1)[0]] = name
+        return name
 
 
 def _user_frame(exc: BaseException, module: nn.Module | None) -> str:
@@ -81,8 +123,85 @@ def _check_leaf_names(model: nn.Module, leaf_modules: tuple[LeafSpec, ...]) -> N
             )
 
 
+def _timm_registry(model: nn.Module) -> tuple[tuple[type[nn.Module], ...], tuple[Callable, ...]]:
+    """timm's own "do not trace" registry, for a model that comes from timm.
+
+    timm marks the modules and functions torch.fx cannot trace (data-dependent shapes in
+    MobileViT's unfolding, EfficientFormer's attention-bias cache, ...) with
+    ``register_notrace_module`` / ``register_notrace_function``, and its own
+    ``create_feature_extractor`` passes them to the tracer as leaf modules and
+    ``autowrap_functions``; so do we. This is the one place that imports timm, and only when the
+    model's class lives in timm: timm stays an optional dependency.
+    """
+    if not type(model).__module__.startswith("timm."):
+        return (), ()
+    try:
+        from timm.layers import get_notrace_functions, get_notrace_modules
+    except ImportError:  # pragma: no cover - a timm model without timm.layers (very old timm)
+        return (), ()
+    modules = tuple(m for m in get_notrace_modules() if isinstance(m, type))
+    # the registry may also hold names (strings); fx's autowrap_functions takes functions only
+    functions = tuple(f for f in get_notrace_functions() if callable(f))
+    return modules, functions
+
+
+def _tensor_input(model: nn.Module) -> str | None:
+    """The forward argument that carries the tensor: the first positional one without a
+    default (the first positional one if all have defaults); ``None`` if forward's signature
+    cannot be read."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is p.empty]
+    chosen = required or positional
+    return chosen[0].name if chosen else None
+
+
+# defaults fx specialises to with an equality assert (None gets an `is None` assert)
+_BINDABLE = (bool, int, float, str)
+
+
+def bound_arguments(model: nn.Module, concrete_args: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``concrete_args`` completed with the default value of every other forward argument.
+
+    A forward such as timm ViT's ``forward(x, attn_mask=None, is_causal=False)`` would otherwise
+    be traced with three proxy inputs, and the trunk would depend on all three. Arguments with a
+    default are the model's options, not its input: they are fixed to their defaults unless
+    the user's ``concrete_args`` says otherwise. Only the tensor input (see `_tensor_input`),
+    arguments without a default, and defaults fx cannot specialise to (a tensor, a dict: fx
+    generates invalid code for them) stay inputs of the graph.
+    """
+    bound = dict(concrete_args or {})
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return bound
+    tensor = _tensor_input(model)
+    for p in params:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name == tensor or p.name in bound:
+            continue
+        if p.default is None or isinstance(p.default, _BINDABLE):
+            bound[p.name] = p.default
+    return bound
+
+
+def _unbindable_defaults(model: nn.Module) -> list[str]:
+    """Forward arguments with a default that `bound_arguments` leaves unbound (a tensor, a dict)."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.default is not p.empty and not (p.default is None or isinstance(p.default, _BINDABLE))]
+
+
 def _trace_once(
-    model: nn.Module, training: bool, leaf_modules: tuple[LeafSpec, ...], concrete_args: Mapping[str, Any] | None
+    model: nn.Module,
+    training: bool,
+    leaf_modules: tuple[LeafSpec, ...],
+    concrete_args: Mapping[str, Any] | None,
+    autowrap_functions: tuple[Callable, ...] = (),
 ) -> fx.GraphModule:
     """Trace a private copy of ``model`` in one mode.
 
@@ -91,7 +210,7 @@ def _trace_once(
     attention biases would keep an fx ``Proxy``, so a second trace fails).
     """
     own = copy.deepcopy(model).train(training)
-    tracer = _NamingTracer(leaf_modules)
+    tracer = _NamingTracer(leaf_modules, autowrap_functions)
     try:
         graph = tracer.trace(own, concrete_args=dict(concrete_args) if concrete_args else None)
     except Exception as exc:  # fx raises many types (TraceError, TypeError, RuntimeError, ...)
@@ -110,9 +229,17 @@ def _trace_once(
             f"torch.fx cannot trace {where} in {mode} mode: {type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}\n  at {location}\n{fix}"
         ) from exc
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    try:
+        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    except Exception as exc:  # fx's generated code does not compile (NameError, SyntaxError)
+        raise TraceError(
+            f"torch.fx traced {type(model).__name__} but cannot compile its graph: {type(exc).__name__}: {exc}. "
+            f"Forward arguments whose default fx cannot write into code ({_unbindable_defaults(model)}) cannot "
+            "be graph inputs. Fix: wrap the model in a module whose forward(x) calls it with those arguments."
+        ) from exc
     # block granularity needs to know whether the root is a container (nn.Sequential backbone)
     gm.meta["graphsurgeon_root_type"] = type(model)
+    gm.meta[MODULE_OUTPUTS] = {path: node.name for path, node in tracer.module_outputs.items()}
     return gm
 
 
@@ -174,12 +301,18 @@ def trace(
     `graphsurgeon.segment`, which refuses a trunk whose computation depends on the mode.
     The user's model is never modified: a copy is traced.
 
+    Forward arguments with a default value are fixed to it (``attn_mask=None``,
+    ``is_causal=False``: see `bound_arguments`); ``concrete_args`` overrides them. A model
+    from timm is traced with timm's own leaf modules and wrapped functions (see `_timm_registry`),
+    as timm's ``create_feature_extractor`` does.
+
     Args:
         model: the backbone, in either mode; the graph module keeps its mode.
         leaf_modules: module qualified names (``"layer2.0"``) or module classes that are kept as
             one opaque call instead of being traced through. Use this for modules with
             data-dependent control flow.
-        concrete_args: values to specialise ``forward``'s arguments to (as in ``fx.symbolic_trace``).
+        concrete_args: values to specialise ``forward``'s arguments to (as in ``fx.symbolic_trace``);
+            arguments with a default that are not named here are specialised to their default.
 
     Raises:
         TraceError: naming the innermost module being traced, the offending source line, and
@@ -192,22 +325,72 @@ def trace(
         )
     leaves = tuple(leaf_modules)
     _check_leaf_names(model, leaves)
-    graphs = {mode: _trace_once(model, mode, leaves, concrete_args) for mode in (model.training, not model.training)}
+    timm_leaves, autowrap = _timm_registry(model)
+    leaves = leaves + timm_leaves
+    args = bound_arguments(model, concrete_args)
+
+    def trace_both(leaves: tuple[LeafSpec, ...]) -> dict[bool, fx.GraphModule]:
+        return {mode: _trace_once(model, mode, leaves, args, autowrap) for mode in (model.training, not model.training)}
+
+    graphs = trace_both(leaves)
     if graph_signature(graphs[True].graph.nodes) != graph_signature(graphs[False].graph.nodes):
         mode_dependent = tuple(name for name, m in model.named_modules() if name and _reads_training(m))
         if mode_dependent:
             leaves = leaves + mode_dependent
-            graphs = {mode: _trace_once(model, mode, leaves, concrete_args) for mode in graphs}
+            graphs = trace_both(leaves)
     gm = graphs[model.training]
     gm.meta["graphsurgeon_other_mode"] = graphs[not model.training]
     gm.meta["graphsurgeon_leaf_modules"] = leaves
     return gm
 
 
+def qualified_name(node: fx.Node) -> str:
+    """The node's torchvision-style qualified name (``layer4.1.relu_1``); its fx name for the
+    few nodes fx creates without a module context (constants, the output)."""
+    return node.meta.get(QUALNAME, node.name)
+
+
 def get_graph_node_names(model: nn.Module | fx.GraphModule, **trace_kwargs: Any) -> list[str]:
-    """Names of the nodes of the traced graph, in execution order: the valid ``trunk`` values."""
+    """Qualified names of the traced graph's nodes, in execution order: the valid ``trunk`` values.
+
+    The names are torchvision's (``torchvision.models.feature_extraction.get_graph_node_names``):
+    the module path, then the op for nodes inside a module that is traced through, with a
+    ``_k`` suffix counting the repeats of a name (``layer4.1.relu_1``, ``flatten``, ``fc``).
+    The names are those of the model's current mode; for a model in eval mode that both trace
+    the same way, the list equals torchvision's eval-mode list (its second list). It
+    differs where the tracers differ: graphsurgeon reads buffers as graph nodes (they appear
+    here by their module path, e.g. ``bn.num_batches_tracked``), traces through torchvision.ops
+    modules instead of keeping them whole, makes modules that branch on ``self.training``
+    leaves, and binds forward arguments with defaults (see `trace`).
+
+    ``trunk=`` also accepts a module path (``"layer4"``: what that module returns) and, for
+    code written before qualified names, fx's node names (``layer4_1_relu_1``).
+
+    Args:
+        model: the backbone, or a graph module from `trace`.
+        trace_kwargs: ``leaf_modules`` / ``concrete_args``, as for `trace`.
+    """
     gm = model if isinstance(model, fx.GraphModule) else trace(model, **trace_kwargs)
-    return [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    return [node.meta[QUALNAME] for node in gm.graph.nodes if QUALNAME in node.meta]
+
+
+def resolve_node(gm: fx.GraphModule, name: str) -> fx.Node | None:
+    """The node ``name`` means in ``gm``: a qualified node name (see `get_graph_node_names`),
+    else a module path (the module's output), else an fx node name; ``None`` when none matches.
+
+    Qualified names come first because they are the documented ones: a top-level
+    ``flatten`` is torchvision's ``flatten`` even when fx calls an earlier, nested flatten
+    ``flatten`` and this one ``flatten_1``.
+    """
+    nodes = list(gm.graph.nodes)
+    for node in nodes:
+        if node.meta.get(QUALNAME) == name:
+            return node
+    by_name = {node.name: node for node in nodes}
+    output = gm.meta.get(MODULE_OUTPUTS, {}).get(name)
+    if output is not None and output in by_name:
+        return by_name[output]
+    return by_name.get(name)
 
 
 def _check_torch() -> None:

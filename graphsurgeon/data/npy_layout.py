@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from graphsurgeon.data.dense_augment import scale_crop_flip
 from graphsurgeon.data.dense_targets import edges_from_labels, normals_from_depth
-from graphsurgeon.data.errors import DataError
+from graphsurgeon.data.errors import DataError, SampleIndexError
 from graphsurgeon.data.tasks import TaskInfo
 
 SPLITS: tuple[str, ...] = ("train", "val")
@@ -124,7 +124,8 @@ class DenseNpyDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
         if not 0 <= index < self._length:
-            raise IndexError(f"{self.dataset} index {index} out of range for {self._length} samples")
+            raise SampleIndexError(f"{self.dataset} index {index} out of range for {self._length} samples; "
+                                   f"pass 0 <= index < len(dataset) = {self._length}.")
         image = self._load_channels_first("image", index, 3)
         stored: dict[str, Tensor] = {}
         if "segmentation" in self._folders:

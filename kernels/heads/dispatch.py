@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from graphsurgeon.errors import GraphSurgeonError
+from graphsurgeon.errors import BackendError, OptionError
 from graphsurgeon.kernels.heads.pytorch import concat_gemm_heads, grouped_heads, grouped_mm_supported
 from graphsurgeon.kernels.heads.reference import reference_heads
 from graphsurgeon.kernels.heads.spec import (
@@ -96,7 +96,7 @@ _CUDA_SHARED_LARGE = BackendChoice(
 def check_backend(backend: str) -> None:
     """Reject unknown backend names with the list of valid ones."""
     if backend not in BACKENDS:
-        raise GraphSurgeonError(
+        raise OptionError(
             f"backend={backend!r} is not supported; use one of {', '.join(map(repr, BACKENDS))}."
         )
 
@@ -125,7 +125,7 @@ def choose_backend(problem: HeadsProblem, backend: str = "auto") -> BackendChoic
         if backend == "triton":
             why_not = triton_unavailable(problem)
             if why_not is not None:
-                raise GraphSurgeonError(f"backend='triton' cannot run: {why_not}; or use backend='torch'.")
+                raise BackendError(f"backend='triton' cannot run: {why_not}; or use backend='torch'.")
         return BackendChoice(backend, _EXPLICIT)
     if len(problem.out_features) == 1:
         return _ONE_HEAD

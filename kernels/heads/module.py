@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from graphsurgeon.errors import GraphSurgeonError
+from graphsurgeon.errors import HeadsInputError
 from graphsurgeon.kernels.heads.dispatch import BackendChoice, check_backend, choose_backend, run_concatenated
 from graphsurgeon.kernels.heads.spec import HeadsProblem, check_activation
 
@@ -40,10 +40,10 @@ class BatchedHeads(nn.Module):
     ) -> None:
         super().__init__()
         if not isinstance(in_features, int) or in_features < 1:
-            raise GraphSurgeonError(f"in_features must be a positive int, got {in_features!r}.")
+            raise HeadsInputError(f"in_features must be a positive int, got {in_features!r}.")
         out_features = tuple(out_features)
         if not out_features or not all(isinstance(n, int) and n >= 1 for n in out_features):
-            raise GraphSurgeonError(
+            raise HeadsInputError(
                 f"out_features must be a non-empty sequence of positive ints (one per task), got {out_features!r}."
             )
         check_activation(activation)
@@ -76,20 +76,20 @@ class BatchedHeads(nn.Module):
         """Copy the weights of T ``nn.Linear`` heads into one `BatchedHeads`."""
         linears = list(linears)
         if not linears or not all(isinstance(lin, nn.Linear) for lin in linears):
-            raise GraphSurgeonError("from_linears needs a non-empty list of nn.Linear heads.")
+            raise HeadsInputError("from_linears needs a non-empty list of nn.Linear heads.")
         first = linears[0]
         for t, lin in enumerate(linears):
             if lin.in_features != first.in_features:
-                raise GraphSurgeonError(
+                raise HeadsInputError(
                     f"linears[{t}] has in_features={lin.in_features} but linears[0] has "
                     f"{first.in_features}; batched heads must read the same features."
                 )
             if (lin.bias is None) != (first.bias is None):
-                raise GraphSurgeonError(
+                raise HeadsInputError(
                     f"linears[{t}] and linears[0] disagree on bias; give every head a bias or none."
                 )
             if lin.weight.dtype != first.weight.dtype or lin.weight.device != first.weight.device:
-                raise GraphSurgeonError(
+                raise HeadsInputError(
                     f"linears[{t}] is {lin.weight.dtype} on {lin.weight.device} but linears[0] is "
                     f"{first.weight.dtype} on {first.weight.device}; move the heads to one dtype/device."
                 )
@@ -143,20 +143,20 @@ class BatchedHeads(nn.Module):
         tasks = len(self.out_features)
         if not isinstance(x, Tensor):
             if self.shared_input:
-                raise GraphSurgeonError("BatchedHeads(shared_input=True) takes one tensor (*, K), not a sequence.")
+                raise HeadsInputError("BatchedHeads(shared_input=True) takes one tensor (*, K), not a sequence.")
             x = torch.stack(list(x))
         if x.dim() < (1 if self.shared_input else 2) or x.shape[-1] != self.in_features:
-            raise GraphSurgeonError(
+            raise HeadsInputError(
                 f"BatchedHeads expects inputs with in_features={self.in_features} in the last "
                 f"dimension, got shape {tuple(x.shape)}."
             )
         if self.weight.dtype is not x.dtype or self.weight.get_device() != x.get_device():
-            raise GraphSurgeonError(
+            raise HeadsInputError(
                 f"x is {x.dtype} on {x.device} but the heads are {self.weight.dtype} on "
                 f"{self.weight.device}; call .to() on the module or the input."
             )
         if not self.shared_input and x.shape[0] != tasks:
-            raise GraphSurgeonError(
+            raise HeadsInputError(
                 f"BatchedHeads(shared_input=False) has {tasks} heads but x holds {x.shape[0]} "
                 "per-task inputs (x.shape[0]); stack exactly one input per head."
             )

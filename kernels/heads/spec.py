@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from graphsurgeon.errors import GraphSurgeonError
+from graphsurgeon.errors import GraphSurgeonError, HeadsInputError, OptionError
 
 ACTIVATIONS: tuple[str, ...] = ("none", "relu", "gelu")
 
@@ -27,7 +27,7 @@ ACTIVATIONS: tuple[str, ...] = ("none", "relu", "gelu")
 def check_activation(activation: str) -> None:
     """Reject unknown activation names before any work is done."""
     if activation not in ACTIVATIONS:
-        raise GraphSurgeonError(
+        raise OptionError(
             f"activation={activation!r} is not supported; use one of {', '.join(map(repr, ACTIVATIONS))}."
         )
 
@@ -190,46 +190,46 @@ def diagnose(x: object, weights: object, biases: object, activation: str) -> Gra
 
 def _diagnose_arguments(x: object, weights: object, biases: object) -> None:
     if not isinstance(x, Tensor):
-        raise GraphSurgeonError(f"x must be a torch.Tensor, got {type(x).__name__}.")
+        raise HeadsInputError(f"x must be a torch.Tensor, got {type(x).__name__}.")
     if isinstance(weights, Tensor) or not hasattr(weights, "__len__") or len(weights) == 0:
-        raise GraphSurgeonError(
+        raise HeadsInputError(
             "weights must be a non-empty sequence with one (N_t, K) tensor per task head."
         )
     if x.dim() not in (2, 3):
-        raise GraphSurgeonError(
+        raise HeadsInputError(
             f"x has shape {tuple(x.shape)}; pass a shared (M, K) input or stacked "
             "per-task inputs (T, M, K) (flatten extra batch dimensions into M)."
         )
     if x.dim() == 3 and x.shape[0] != len(weights):
-        raise GraphSurgeonError(
+        raise HeadsInputError(
             f"x holds {x.shape[0]} per-task inputs (x.shape[0]) but {len(weights)} weights were "
             "given; pass one input per head, or a 2-D (M, K) input shared by all heads."
         )
     in_features = x.shape[-1]
     if in_features == 0:
-        raise GraphSurgeonError("x has K=0 features; heads need at least one input feature.")
+        raise HeadsInputError("x has K=0 features; heads need at least one input feature.")
     for t, w in enumerate(weights):
         _check_like_x(f"weights[{t}]", w, x)
         if w.dim() != 2 or w.shape[0] == 0:
-            raise GraphSurgeonError(
+            raise HeadsInputError(
                 f"weights[{t}] has shape {tuple(w.shape)}; each weight must be a non-empty "
                 "(N_t, K) matrix as in nn.Linear.weight."
             )
         if w.shape[1] != in_features:
-            raise GraphSurgeonError(
+            raise HeadsInputError(
                 f"weights[{t}] takes {w.shape[1]} in_features but x has K={in_features} "
                 "(its last dimension); every head must read the input's feature size."
             )
     if biases is None:
         return
     if isinstance(biases, Tensor) or not hasattr(biases, "__len__") or len(biases) != len(weights):
-        raise GraphSurgeonError(
+        raise HeadsInputError(
             f"biases must be None or a sequence of {len(weights)} tensors, one per weight."
         )
     for t, (b, w) in enumerate(zip(biases, weights)):
         _check_like_x(f"biases[{t}]", b, x)
         if tuple(b.shape) != (w.shape[0],):
-            raise GraphSurgeonError(
+            raise HeadsInputError(
                 f"biases[{t}] has shape {tuple(b.shape)} but weights[{t}] has {w.shape[0]} "
                 f"out_features; pass a ({w.shape[0]},) bias."
             )
@@ -237,14 +237,14 @@ def _diagnose_arguments(x: object, weights: object, biases: object) -> None:
 
 def _check_like_x(name: str, t: object, x: Tensor) -> None:
     if not isinstance(t, Tensor):
-        raise GraphSurgeonError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
+        raise HeadsInputError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
     if t.dtype != x.dtype:
-        raise GraphSurgeonError(
+        raise HeadsInputError(
             f"{name} is {t.dtype} but x is {x.dtype}; cast the heads or the input "
             "(e.g. module.to(x.dtype)) so that both match."
         )
     if t.device != x.device:
-        raise GraphSurgeonError(
+        raise HeadsInputError(
             f"{name} is on {t.device} but x is on {x.device}; move both to one device."
         )
 
@@ -260,7 +260,7 @@ def head_offsets(out_features: Sequence[int]) -> list[int]:
 def split_heads(y: Tensor, out_features: Sequence[int]) -> list[Tensor]:
     """Split a concatenated (M, ΣN_t) output into per-task (M, N_t) column views (no copy)."""
     if y.shape[-1] != sum(out_features):
-        raise GraphSurgeonError(
+        raise HeadsInputError(
             f"y has {y.shape[-1]} columns but out_features sum to {sum(out_features)}; "
             "pass the out_features the output was computed with."
         )

@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from graphsurgeon.errors import GraphSurgeonError
+from graphsurgeon.errors import GradientError, OptionError
 
 __all__ = ["Aggregator", "assign_gradient", "gram", "per_task_gradients", "split_parameters"]
 
@@ -97,16 +97,16 @@ def per_task_gradients(
     """
     losses, params = list(losses), list(params)
     if not losses:
-        raise GraphSurgeonError("per_task_gradients got no losses; pass one scalar loss per task.")
+        raise GradientError("per_task_gradients got no losses; pass one scalar loss per task.")
     if not params:
-        raise GraphSurgeonError(
+        raise GradientError(
             "per_task_gradients got no parameters; pass the shared parameters, "
             "e.g. list(trunk.parameters())."
         )
     for t, loss in enumerate(losses):
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-            raise GraphSurgeonError(
+            raise GradientError(
                 f"loss {t} is not a scalar tensor (got {shape}); reduce it first, e.g. loss.mean()."
             )
     dtype = params[0].dtype
@@ -191,12 +191,12 @@ def assign_gradient(params: Sequence[Tensor], vector: Tensor) -> None:
     params = list(params)
     if not isinstance(vector, Tensor) or vector.dim() != 1:
         shape = tuple(vector.shape) if isinstance(vector, Tensor) else type(vector).__name__
-        raise GraphSurgeonError(
+        raise GradientError(
             f"assign_gradient needs a 1-D tensor, got {shape}; pass the output of aggregate()."
         )
     total = sum(p.numel() for p in params)
     if vector.numel() != total:
-        raise GraphSurgeonError(
+        raise GradientError(
             f"assign_gradient got a vector of {vector.numel()} elements for parameters with "
             f"{total} elements; pass the same parameters, in the same order, as to "
             "per_task_gradients."
@@ -229,7 +229,7 @@ class Aggregator(nn.Module, ABC):
     def __init__(self, num_tasks: int) -> None:
         super().__init__()
         if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
-            raise GraphSurgeonError(
+            raise OptionError(
                 f"{type(self).__name__} needs num_tasks >= 1, got {num_tasks!r}; "
                 "pass the number of tasks as an int."
             )
@@ -265,7 +265,7 @@ class Aggregator(nn.Module, ABC):
         """The task weights of a loss weighting (``uses_gradients = False``), with no gradient
         at hand; the same bookkeeping as `aggregate` (``last_weights``, learnable state)."""
         if self.uses_gradients:
-            raise GraphSurgeonError(
+            raise GradientError(
                 f"{type(self).__name__} weights the tasks by their gradients; call aggregate(grads, losses)."
             )
         losses = torch.as_tensor(losses)
@@ -286,17 +286,17 @@ class Aggregator(nn.Module, ABC):
         name = type(self).__name__
         if not isinstance(grads, Tensor) or grads.dim() != 2:
             shape = tuple(grads.shape) if isinstance(grads, Tensor) else type(grads).__name__
-            raise GraphSurgeonError(
+            raise GradientError(
                 f"{name}.aggregate needs grads of shape [tasks, params], got {shape}; "
                 "build it with per_task_gradients()."
             )
         if grads.dtype not in (torch.float32, torch.float64):
-            raise GraphSurgeonError(
+            raise GradientError(
                 f"{name}.aggregate needs float32 or float64 grads, got {grads.dtype}; "
                 "cast them with grads.float()."
             )
         if grads.shape[0] != self.num_tasks or grads.shape[1] == 0:
-            raise GraphSurgeonError(
+            raise GradientError(
                 f"{name} was built for {self.num_tasks} tasks but got grads of shape "
                 f"{tuple(grads.shape)}; pass one non-empty gradient row per task."
             )
@@ -304,12 +304,12 @@ class Aggregator(nn.Module, ABC):
             losses = torch.as_tensor(losses)
         losses = losses.detach().reshape(-1).to(device=grads.device, dtype=grads.dtype)
         if losses.numel() != self.num_tasks:
-            raise GraphSurgeonError(
+            raise GradientError(
                 f"{name} got {losses.numel()} losses for {self.num_tasks} tasks; "
                 "pass one loss value per task, e.g. torch.stack(losses).detach()."
             )
         if not (torch.isfinite(grads).all() and torch.isfinite(losses).all()):
-            raise GraphSurgeonError(
+            raise GradientError(
                 f"{name}.aggregate got a non-finite gradient or loss; a task diverged, "
                 "lower the learning rate or check that task's loss."
             )

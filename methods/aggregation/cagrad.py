@@ -14,7 +14,7 @@ import torch
 from scipy.optimize import minimize_scalar
 from torch import Tensor
 
-from graphsurgeon.errors import GraphSurgeonError
+from graphsurgeon.errors import OptionError
 from graphsurgeon.methods.aggregation.base import Aggregator, gram
 from graphsurgeon.methods.aggregation.mgda import min_norm_weights
 from graphsurgeon.methods.aggregation.simplex_qp import SolverWarning, simplex_kkt_residual, simplex_qp
@@ -48,7 +48,7 @@ class CAGrad(Aggregator):
     def __init__(self, num_tasks: int, c: float = 0.4) -> None:
         super().__init__(num_tasks)
         if not c >= 0:
-            raise GraphSurgeonError(
+            raise OptionError(
                 f"CAGrad c must be >= 0, got {c!r}; the paper uses c in [0, 1)."
             )
         self.c = float(c)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from graphsurgeon.errors import GraphSurgeonError
+from graphsurgeon.errors import GradientError, OptionError
 from graphsurgeon.methods.aggregation.base import Aggregator, gram
 from graphsurgeon.methods.aggregation.simplex_qp import SolverWarning, simplex_kkt_residual, simplex_qp
 
@@ -60,7 +60,7 @@ class MGDA(Aggregator):
     def __init__(self, num_tasks: int, normalization: Normalization = "none") -> None:
         super().__init__(num_tasks)
         if normalization not in _NORMALIZATIONS:
-            raise GraphSurgeonError(
+            raise OptionError(
                 f"MGDA normalization must be one of {_NORMALIZATIONS}, got {normalization!r}; "
                 "pick one of those."
             )
@@ -70,7 +70,7 @@ class MGDA(Aggregator):
         k = gram(grads).cpu()
         norms = k.diagonal().clamp_min(0).sqrt()
         if self.normalization in ("loss", "loss+") and not (losses > 0).all():
-            raise GraphSurgeonError(
+            raise GradientError(
                 f"MGDA normalization {self.normalization!r} needs positive losses, got "
                 f"{losses.tolist()}; use normalization='l2' or 'none'."
             )

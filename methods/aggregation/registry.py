@@ -4,7 +4,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from graphsurgeon.errors import GraphSurgeonError
+from graphsurgeon.errors import OptionError
 from graphsurgeon.methods.aggregation.base import Aggregator
 from graphsurgeon.methods.aggregation.cagrad import CAGrad
 from graphsurgeon.methods.aggregation.imtl import IMTLG
@@ -37,7 +37,7 @@ def make_aggregator(name: str, num_tasks: int, **kwargs: Any) -> Aggregator:
     """
     key = str(name).lower()
     if key not in AGGREGATORS:
-        raise GraphSurgeonError(
+        raise OptionError(
             f"unknown aggregator {name!r}; use one of: {', '.join(sorted(AGGREGATORS))}."
         )
     cls = AGGREGATORS[key]
@@ -45,7 +45,7 @@ def make_aggregator(name: str, num_tasks: int, **kwargs: Any) -> Aggregator:
     options = [p for p in parameters if p not in ("self", "num_tasks")]
     unknown = sorted(set(kwargs) - set(options))
     if unknown:
-        raise GraphSurgeonError(
+        raise OptionError(
             f"aggregator {key!r} has no option(s) {unknown}; valid options: "
             f"{', '.join(options) if options else 'none'}."
         )

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from graphsurgeon.errors import GraphSurgeonError
+from graphsurgeon.errors import GradientError, OptionError
 from graphsurgeon.methods.aggregation.base import Aggregator
 
 __all__ = ["DWA", "EW", "UW", "GradNorm"]
@@ -44,7 +44,7 @@ class EW(Aggregator):
     def __init__(self, num_tasks: int, reduction: Literal["sum", "mean"] = "sum") -> None:
         super().__init__(num_tasks)
         if reduction not in ("sum", "mean"):
-            raise GraphSurgeonError(
+            raise OptionError(
                 f"EW reduction must be 'sum' or 'mean', got {reduction!r}; pick one of those."
             )
         self.reduction = reduction
@@ -98,7 +98,7 @@ class DWA(Aggregator):
     def __init__(self, num_tasks: int, temperature: float = 2.0) -> None:
         super().__init__(num_tasks)
         if not temperature > 0:
-            raise GraphSurgeonError(
+            raise OptionError(
                 f"DWA temperature must be > 0, got {temperature!r}; the paper uses 2."
             )
         self.temperature = float(temperature)
@@ -111,7 +111,7 @@ class DWA(Aggregator):
         """Report the mean training loss of each task over the epoch that just ended."""
         mean = torch.as_tensor(mean_losses, dtype=torch.float64).detach().reshape(-1).cpu()
         if mean.numel() != self.num_tasks or not (torch.isfinite(mean).all() and (mean > 0).all()):
-            raise GraphSurgeonError(
+            raise GradientError(
                 f"DWA.epoch_end needs {self.num_tasks} finite positive mean losses, got "
                 f"{mean.tolist()}; pass each task's mean training loss over the epoch."
             )
@@ -155,13 +155,13 @@ class GradNorm(Aggregator):
     def __init__(self, num_tasks: int, alpha: float = 1.5, norm_numel: int | None = None) -> None:
         super().__init__(num_tasks)
         if not alpha >= 0:
-            raise GraphSurgeonError(
+            raise OptionError(
                 f"GradNorm alpha must be >= 0, got {alpha!r}; the paper uses 1.5 on NYUv2."
             )
         is_int = isinstance(norm_numel, int) and not isinstance(norm_numel, bool)
         valid_numel = is_int and norm_numel >= 1
         if norm_numel is not None and not valid_numel:
-            raise GraphSurgeonError(
+            raise OptionError(
                 f"GradNorm norm_numel must be a positive int or None, got {norm_numel!r}; "
                 "pass the element count of the last shared layer."
             )
@@ -175,13 +175,13 @@ class GradNorm(Aggregator):
 
     def _weights(self, grads: Tensor, losses: Tensor) -> Tensor:
         if self.norm_numel is not None and self.norm_numel > grads.shape[1]:
-            raise GraphSurgeonError(
+            raise GradientError(
                 f"GradNorm norm_numel={self.norm_numel} exceeds the {grads.shape[1]} gradient "
                 "entries; pass the element count of the last shared layer only."
             )
         if torch.isnan(self.initial_losses).any():
             if not (losses > 0).all():
-                raise GraphSurgeonError(
+                raise GradientError(
                     f"GradNorm needs positive initial losses, got {losses.tolist()}; "
                     "it divides by them to measure each task's training rate."
                 )

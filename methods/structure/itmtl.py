@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from graphsurgeon.errors import GraphSurgeonError
+from graphsurgeon.errors import CheckpointError, MethodError, OptionError
 from graphsurgeon.methods.aggregation.base import assign_gradient, per_task_gradients, split_parameters
 from graphsurgeon.methods.aggregation.registry import make_aggregator
 from graphsurgeon.methods.aggregation.weighting import EpochLossMean
@@ -70,19 +70,19 @@ class ITMTL(LookaheadMethod):
     ) -> None:
         candidates = [str(c).lower() for c in candidates]
         if not candidates or len(set(candidates)) != len(candidates):
-            raise GraphSurgeonError(f"IT-MTL needs distinct candidate aggregators, got {candidates}; e.g. ('ew', 'pcgrad').")
+            raise OptionError(f"IT-MTL needs distinct candidate aggregators, got {candidates}; e.g. ('ew', 'pcgrad').")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise GraphSurgeonError(f"IT-MTL every={every!r} must be an integer >= 1 (steps between choices).")
+            raise OptionError(f"IT-MTL every={every!r} must be an integer >= 1 (steps between choices).")
         options = dict(options or {})
         unknown = sorted(set(options) - set(candidates))
         if unknown:
-            raise GraphSurgeonError(f"IT-MTL options name {unknown}, which are not candidates {candidates}; drop them.")
+            raise OptionError(f"IT-MTL options name {unknown}, which are not candidates {candidates}; drop them.")
         super().__init__()
         self.candidates = tuple(candidates)
         self.aggregators = nn.ModuleDict({c: make_aggregator(c, num_tasks, **options.get(c, {})) for c in candidates})
         self.every = every
         if not tolerance >= 0:
-            raise GraphSurgeonError(f"IT-MTL tolerance={tolerance!r} must be >= 0 (a relative tie margin).")
+            raise OptionError(f"IT-MTL tolerance={tolerance!r} must be >= 0 (a relative tie margin).")
         self.lookahead_lr = lookahead_lr
         self.tolerance = float(tolerance)
         self.choice = 0
@@ -98,7 +98,7 @@ class ITMTL(LookaheadMethod):
     def backward(self, trainer: Trainer, step: Step) -> None:
         losses = step.losses
         if step.extra is not None:
-            raise GraphSurgeonError("IT-MTL does not combine with an extra loss term; use a method without one.")
+            raise MethodError("IT-MTL does not combine with an extra loss term; use a method without one.")
         order = list(trainer.net.tasks)
         values = [losses[t] for t in order]
         shared, specific = split_parameters(trainer.net)
@@ -148,7 +148,7 @@ class ITMTL(LookaheadMethod):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         saved = list(state.get("candidates", self.candidates))
         if saved != list(self.candidates):
-            raise GraphSurgeonError(
+            raise CheckpointError(
                 f"this IT-MTL checkpoint chose among {saved}, not {list(self.candidates)}; "
                 "resume with the same candidates."
             )

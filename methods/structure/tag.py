@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from graphsurgeon.core.surgery import reinitialise, split
-from graphsurgeon.errors import GraphSurgeonError
+from graphsurgeon.errors import MethodError, OptionError
 from graphsurgeon.methods.aggregation.base import per_task_gradients, split_parameters
 from graphsurgeon.methods.base import Step
 from graphsurgeon.methods.structure.lookahead import LookaheadMethod, affinity, lookahead_losses
@@ -90,18 +90,18 @@ class TAG(LookaheadMethod):
         net = trainer.net
         c = self.config
         if isinstance(c.every, bool) or not isinstance(c.every, int) or c.every < 1:
-            raise GraphSurgeonError(f"TAG every={c.every!r} must be an integer >= 1 (steps between measurements).")
+            raise OptionError(f"TAG every={c.every!r} must be an integer >= 1 (steps between measurements).")
         if not 0 <= c.split_depth < net.depth:
-            raise GraphSurgeonError(
+            raise OptionError(
                 f"TAG split_depth={c.split_depth} must lie in 0..{net.depth - 1} for this network of "
                 f"{net.depth} segments (0 splits at the input: one network per group)."
             )
         if c.affinity_epochs is not None and c.affinity_epochs < 1:
-            raise GraphSurgeonError(f"TAG affinity_epochs={c.affinity_epochs} must be >= 1 (or None for a quarter).")
+            raise OptionError(f"TAG affinity_epochs={c.affinity_epochs} must be >= 1 (or None for a quarter).")
         if self.grouped:
             return
         if not split_parameters(net)[0]:
-            raise GraphSurgeonError(
+            raise MethodError(
                 "TAG measures affinity through shared parameters, but no segment is shared by two tasks; "
                 "start TAG from a hard-sharing network (sharing='shared')."
             )
@@ -135,7 +135,7 @@ class TAG(LookaheadMethod):
     def affinity_matrix(self) -> torch.Tensor:
         """Z averaged over the measurements so far (``Z[i, j]``: task i onto task j)."""
         if self.affinity_sum is None or not self.measurements:
-            raise GraphSurgeonError(
+            raise MethodError(
                 "TAG has no affinity measurement yet; train at least one step of stage 1 "
                 "(lower `every` if stage 1 is shorter than it)."
             )
