@@ -238,7 +238,7 @@ def run_model(
         for built_in_train in (True, False):
             torch.manual_seed(SEED)
             model = build_backbone(name, size).to(x.dtype).train(built_in_train)
-            net = gs.multitask(model, {"z": nn.Identity()}, sharing="shared", example_input=x)
+            net = gs.multitask(model, {"z": nn.Identity()}, sharing="shared")  # no shapes needed: Identity head
             for training in (True, False, True):
                 model.train(training)
                 net.train(training)
