@@ -23,8 +23,9 @@ H, W = 6, 8
 
 
 def _write_npy_split(root: Path, split: str, n: int, label_dirs: dict[str, int], normals: bool,
-                     seed: int = 0) -> None:
+                     seed: int = 0, size: tuple[int, int] = (H, W)) -> None:
     """MTAN layout: root/split/{image,label*,depth,normal}/{i}.npy as float32 HWC arrays."""
+    H, W = size  # noqa: N806  (the module's fixture size by default)
     rng = np.random.default_rng(seed)
     base = root / split
     for i in range(n):
@@ -324,3 +325,18 @@ def test_registry_names_and_errors(nyu_root: Path, city_root: Path):
         get_dataset("imagenet", "train")
     with pytest.raises(DataError, match="needs root="):
         get_dataset("cityscapes", "train")
+
+
+@pytest.mark.parametrize("data, labels, normals", [("nyuv2", {"label": 13}, True), ("cityscapes", {"label_7": 7}, False)])
+def test_dense_datasets_train_from_the_command_line_with_the_defaults(tmp_path: Path, data, labels, normals):
+    """Dense tasks get a spatial trunk by default (the backbone's last feature map): the default
+    trunk, the classifier's input, is a flat vector no dense head can use."""
+    from graphsurgeon.__main__ import main
+
+    for split, n in (("train", 4), ("val", 4)):
+        _write_npy_split(tmp_path / "data", split, n, labels, normals=normals, size=(32, 32))
+    out = tmp_path / "run"
+    args = ["train", "--data", data, "--data-root", str(tmp_path / "data"), "--method", "hps", "--epochs", "1",
+            "--batch-size", "2", "--corruptions", "none", "--no-progress", "--out", str(out)]
+    assert main(args) == 0
+    assert (out / "results.json").is_file()

@@ -236,3 +236,17 @@ def test_a_default_fx_cannot_write_into_code_is_a_trace_error_naming_it():
     assert bound_arguments(TensorDefault(), None) == {"times": 2}  # the tensor stays unbound
     with pytest.raises(gs.TraceError, match=r"\['bias'\].*wrap the model"):
         gs.trace(TensorDefault())
+
+
+def test_spatial_trunk_is_the_last_feature_map():
+    import torchvision
+
+    from graphsurgeon.errors import TrunkError
+
+    model = torchvision.models.resnet18()
+    x = torch.randn(2, 3, 64, 64)
+    net = gs.multitask(model, {"seg": torch.nn.Conv2d(512, 3, 1)}, trunk="spatial", example_input=x)
+    assert net.trunk_name == "layer4.1.relu_1"  # layer4's output, before the global pooling
+    assert net(x)["seg"].shape == (2, 3, 2, 2)
+    with pytest.raises(TrunkError, match='trunk="spatial" needs the shapes.*example_input'):
+        gs.multitask(model, {"seg": torch.nn.Conv2d(512, 3, 1)}, trunk="spatial")

@@ -38,7 +38,8 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--data", default="multimnist", choices=list(DATASETS))
     p.add_argument("--data-root", default=None, help="folder of a downloaded dataset (not needed for multimnist)")
     p.add_argument("--tasks", default=None, help="comma-separated task names (default: all of the dataset's)")
-    p.add_argument("--trunk", default=None, help="node where the backbone ends (default: the classifier's input)")
+    p.add_argument("--trunk", default=None, help="node where the backbone ends (default: the classifier's input; with dense tasks 'spatial', "
+                   "its last feature map)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=64, help="per process under torchrun")

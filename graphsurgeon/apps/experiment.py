@@ -92,7 +92,11 @@ def build_network(cfg: ExperimentConfig, task_info: Mapping[str, TaskInfo], exam
         for t, info in task_info.items()
     }
     backbone = make_backbone(cfg.backbone, example.shape[1], example.shape[-1])
-    net = multitask(backbone, heads, trunk=cfg.trunk, sharing=entry.sharing, granularity=cfg.granularity, example_input=example)
+    # dense tasks need a feature map: by default the backbone's last one (classification only:
+    # the classifier's input)
+    dense = any(info.kind != "classification" for info in task_info.values())
+    trunk = cfg.trunk or ("spatial" if dense else None)
+    net = multitask(backbone, heads, trunk=trunk, sharing=entry.sharing, granularity=cfg.granularity, example_input=example)
     if entry.independent_init(cfg):
         # from-scratch backbones: each task's copy gets its own random init, as separate networks would
         from graphsurgeon.core.surgery import reinitialise

@@ -91,12 +91,43 @@ def _traced_through_modules(gm: fx.GraphModule) -> set[str]:
     return {path for n in gm.graph.nodes for path, _ in n.meta.get("nn_module_stack", {}).values()}
 
 
+SPATIAL = "spatial"
+"""``trunk="spatial"``: the backbone's last feature map, for dense tasks (see `find_trunk`)."""
+
+
+def _spatial_trunk(gm: fx.GraphModule) -> fx.Node:
+    """The last value on the way to the default trunk that is still a feature map (N, C, H, W
+    with H·W > 1): where a classifier backbone still has its spatial layout, which dense heads
+    (segmentation, depth) need. Needs the shapes of shape propagation (``example_input``)."""
+    default = find_trunk(gm, None)
+    ancestors = _ancestors([default], set())
+    maps = []
+    for n in gm.graph.nodes:
+        meta = n.meta.get("tensor_meta")
+        if n in ancestors and n.op != "placeholder" and isinstance(meta, torch.fx.passes.shape_prop.TensorMetadata):
+            if len(meta.shape) == 4 and meta.shape[2] * meta.shape[3] > 1:
+                maps.append(n)
+    if not any("tensor_meta" in n.meta for n in gm.graph.nodes):
+        raise TrunkError(
+            'trunk="spatial" needs the shapes of the backbone\'s values: pass example_input=<a batch> as well.'
+        )
+    if not maps:
+        raise TrunkError(
+            f'trunk="spatial": {type(gm).__name__} has no feature map (N, C, H, W with H*W > 1) before its '
+            "classifier; pass trunk=<node name> (see graphsurgeon.get_graph_node_names(model))."
+        )
+    return maps[-1]
+
+
 def find_trunk(gm: fx.GraphModule, trunk: str | None) -> fx.Node:
     """The node whose value the task heads consume.
 
     ``trunk`` is a qualified node name (``"layer4.1.relu_1"``, see
     `graphsurgeon.get_graph_node_names`), a module path (``"layer4"``: that module's output), or
     an fx node name (``"layer4_1_relu_1"``, as older code and checkpoints name nodes).
+
+    ``"spatial"`` picks the last feature map before the classifier (dense tasks; needs shapes,
+    i.e. ``example_input``).
 
     ``None`` picks the input of the final classifier: the last parametrised module on the way
     to the output (``fc`` in ResNet, ``heads.head`` in ViT), so that the default trunk is what
@@ -106,6 +137,8 @@ def find_trunk(gm: fx.GraphModule, trunk: str | None) -> fx.Node:
     pooled features, and is the default trunk. (A timm model *with* a classifier also ends in
     an Identity, its head's ``flatten``, but after the Linear ``fc``.)
     """
+    if trunk == SPATIAL:
+        return _spatial_trunk(gm)
     if trunk is not None:
         node = resolve_node(gm, trunk)
         if node is None or node.op == "output":
@@ -277,6 +310,8 @@ def _check_same_in_both_modes(
 ) -> None:
     """Refuse a trunk whose graph differs between train and eval mode (see `graphsurgeon.core.trace`):
     the segments would run the traced mode's path in both modes."""
+    if trunk == SPATIAL:  # resolved on gm's shapes; the other mode's graph has none
+        trunk = trunk_node.name
     if trunk is not None and resolve_node(other, trunk) is None:
         raise TraceError(
             f"trunk={trunk!r} exists only when the model is traced in "
