@@ -25,7 +25,7 @@ H, W = 6, 8
 def _write_npy_split(root: Path, split: str, n: int, label_dirs: dict[str, int], normals: bool,
                      seed: int = 0, size: tuple[int, int] = (H, W)) -> None:
     """MTAN layout: root/split/{image,label*,depth,normal}/{i}.npy as float32 HWC arrays."""
-    H, W = size  # noqa: N806  (the module's fixture size by default)
+    H, W = size
     rng = np.random.default_rng(seed)
     base = root / split
     for i in range(n):
