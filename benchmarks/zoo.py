@@ -320,7 +320,9 @@ def run_model(
 
 
 # ---------------------------------------------------------------------------------- sweep
-def _failed_result(partial: dict[str, Any] | None, name: str, sharing: str, reason: str, seconds: float) -> dict[str, Any]:
+def _failed_result(
+    partial: dict[str, Any] | None, name: str, sharing: str, reason: str, seconds: float, steps: Sequence[str] = STEPS
+) -> dict[str, Any]:
     """The result of a worker that gave none: ``reason`` in the step it died in."""
     r = partial or {
         "model": name,
@@ -334,8 +336,8 @@ def _failed_result(partial: dict[str, Any] | None, name: str, sharing: str, reas
         "max_diff": {},
         "step_seconds": {},
     }
-    running = r.pop("running", STEPS[0])
-    after = STEPS[STEPS.index(running) + 1 :]
+    running = r.pop("running", steps[0])
+    after = steps[steps.index(running) + 1 :]
     r["steps"] = {**r["steps"], running: reason, **{s: "skipped: worker died" for s in after}}
     r.update(ok=False, seconds=round(seconds, 1))
     return r
@@ -347,11 +349,21 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)  # the parent never reads half a file
 
 
-def run_isolated(name: str, image_size: int | None, sharing: str, timeout: float, threads: int = 1) -> dict[str, Any]:
-    """`run_model` in a fresh Python process, so a crash, a kill or a hang stays with its model."""
+def run_isolated(
+    name: str,
+    image_size: int | None,
+    sharing: str,
+    timeout: float,
+    threads: int = 1,
+    script: Path | None = None,
+    steps: Sequence[str] = STEPS,
+) -> dict[str, Any]:
+    """`run_model` in a fresh Python process, so a crash, a kill or a hang stays with its model.
+    ``script`` (default: this file) is a sweep whose ``--worker NAME --result PATH`` runs one
+    model, and ``steps`` its steps (`benchmarks/zoo_timm.py` reuses this for timm)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "result.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--result", str(path)]
+        cmd = [sys.executable, str((script or Path(__file__)).resolve()), "--worker", name, "--result", str(path)]
         cmd += ["--sharing", sharing, "--threads", str(threads)]
         if image_size:
             cmd += ["--image-size", str(image_size)]
@@ -372,7 +384,7 @@ def run_isolated(name: str, image_size: int | None, sharing: str, timeout: float
         else:
             tail = [ln for ln in stderr.strip().splitlines() if ln.strip()]
             reason = f"WorkerDied: exit {returncode}: {tail[-1] if tail else 'no message'}"
-        return _failed_result(partial, name, sharing, reason, time.perf_counter() - start)
+        return _failed_result(partial, name, sharing, reason, time.perf_counter() - start, steps)
 
 
 def _cell(status: str) -> str:

@@ -250,3 +250,15 @@ def test_spatial_trunk_is_the_last_feature_map():
     assert net(x)["seg"].shape == (2, 3, 2, 2)
     with pytest.raises(TrunkError, match='trunk="spatial" needs the shapes.*example_input'):
         gs.multitask(model, {"seg": torch.nn.Conv2d(512, 3, 1)}, trunk="spatial")
+
+
+def test_timm_vit_without_classifier_defaults_to_its_pooled_output():
+    """timm's ViT ends in an Identity head after a LayerNorm that fx traces into F.layer_norm (a
+    functional op on get_attr weights): the last weighted op is not a Linear, so the trunk is the
+    model's output (the pooled token), not the input of the last block's MLP."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    net = gs.multitask(model, {"z": torch.nn.Identity()}, example_input=x).eval()
+    with torch.no_grad():
+        assert torch.equal(net(x)["z"], model(x)) and net(x)["z"].shape == (2, model.num_features)

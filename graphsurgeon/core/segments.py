@@ -119,6 +119,13 @@ def _spatial_trunk(gm: fx.GraphModule) -> fx.Node:
     return maps[-1]
 
 
+def _reads_parameter(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether a function or method call takes a parameter read by ``get_attr`` as an input."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    return any(a.op == "get_attr" and _params_of(a, gm) for a in node.all_input_nodes)
+
+
 def find_trunk(gm: fx.GraphModule, trunk: str | None) -> fx.Node:
     """The node whose value the task heads consume.
 
@@ -169,10 +176,17 @@ def find_trunk(gm: fx.GraphModule, trunk: str | None) -> fx.Node:
     ancestors = _ancestors([leaves[0]], set())
     calls = [n for n in gm.graph.nodes if n in ancestors and n.op == "call_module"]
     parametrised = [n for n in calls if any(True for _ in gm.get_submodule(n.target).parameters())]
+    # the last op that uses parameters, modules or functional ops on get_attr weights (timm's
+    # LayerNorm subclass is traced through into F.layer_norm)
+    weighted = [n for n in gm.graph.nodes if n in ancestors and (n in parametrised or _reads_parameter(n, gm))]
+    last_is_linear = bool(weighted) and (
+        (weighted[-1].op == "call_module" and isinstance(gm.get_submodule(weighted[-1].target), nn.Linear))
+        or (weighted[-1].op == "call_function" and weighted[-1].target is torch.nn.functional.linear)
+    )
     if (
         calls
         and isinstance(gm.get_submodule(calls[-1].target), nn.Identity)
-        and not (parametrised and isinstance(gm.get_submodule(parametrised[-1].target), nn.Linear))
+        and not last_is_linear
         and leaves[0].op != "placeholder"
     ):
         # the classifier was replaced by an Identity: no Linear follows the features any more

@@ -1,0 +1,285 @@
+"""timm coverage: one small variant of every timm architecture family through the whole pipeline.
+
+A family is one of timm's model modules (``timm.models.resnet``, ``.vision_transformer``, ...);
+its variant is the one with the fewest parameters (counted on the meta device, so choosing costs
+no memory). Each model (random init, float64, batch 2, 32x32 unless the family needs more)
+runs in its own subprocess through:
+
+    build       `graphsurgeon.multitask` with three Linear heads on a branched tree (first half of
+                the segments shared, then ``{a}`` | ``{b, c}``), the default trunk (timm models are
+                built with ``num_classes=0``, so the trunk is the pooled features);
+    modes       built in train mode and in eval mode, switched train → eval → train: a one-task
+                network equals the eager model bit for bit in every mode (train-mode draws from
+                the same seed);
+    train_step  one SGD step on the summed task losses: finite, and the parameters move;
+    merge       MTSL's edit: the two branches' first nodes fused (`surgery.fuse`, init "mean",
+                with the optimizer), invariants checked, outputs finite;
+    torchscript `to_torchscript(method="script")` == eager; export `to_export` == eager;
+    onnx        `to_onnx` (float32, checked in ONNX Runtime at 1e-5);
+    save_load   `gs.save` → `gs.load` on a fresh backbone == eager.
+
+Every failing step is recorded with its error (type and first line), so the table says which
+step fails for which family and why. Usage::
+
+    python benchmarks/zoo_timm.py [--families a,b] [--jobs 2] [--timeout 600] [--resume]
+
+Results: ``benchmarks/results/zoo_timm.json`` and ``zoo_timm.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import zoo
+
+import graphsurgeon as gs
+
+STEPS = ("build", "modes", "train_step", "merge", "torchscript", "export", "onnx", "save_load")
+TASK_OUTPUTS = {"a": 3, "b": 5, "c": 7}
+BATCH = 2
+IMAGE_SIZE = 32
+SEED = 0
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def families() -> dict[str, str]:
+    """``{timm module: its smallest model}``; models that cannot be built on the meta device are
+    skipped in the choice (they are usually the large ones)."""
+    import timm
+    from timm.models import _registry
+
+    by_module: dict[str, list[str]] = {}
+    for name in timm.list_models():
+        by_module.setdefault(_registry._model_to_module[name], []).append(name)
+    chosen = {}
+    for module, names in sorted(by_module.items()):
+        sizes = {}
+        for name in names:
+            try:
+                with torch.device("meta"):
+                    sizes[name] = sum(p.numel() for p in timm.create_model(name, num_classes=0).parameters())
+            except Exception:  # a variant that needs arguments or real tensors at build time
+                continue
+        chosen[module] = min(sizes, key=lambda n: (sizes[n], n)) if sizes else sorted(names)[0]
+    return chosen
+
+
+def build_model(name: str) -> nn.Module:
+    """The timm model for 32x32 inputs where it takes an image size (ViTs and their kin)."""
+    import timm
+
+    try:
+        return timm.create_model(name, num_classes=0, img_size=IMAGE_SIZE)
+    except TypeError:  # the family has no img_size argument: convolutional, any size
+        return timm.create_model(name, num_classes=0)
+
+
+def run_model(name: str, progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Every step for one timm model; never raises for a failing step."""
+    start = time.perf_counter()
+    result: dict[str, Any] = {"model": name, "steps": {}, "max_diff": {}, "step_seconds": {}, "segments": None,
+                              "params": None, "threads": torch.get_num_threads()}
+    state: dict[str, Any] = {}
+    x = torch.randn(BATCH, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.float64, generator=torch.Generator().manual_seed(SEED))
+
+    def heads(shape: tuple[int, ...]) -> dict[str, nn.Module]:
+        return {t: nn.Sequential(nn.Flatten(), nn.LazyLinear(k)).double() for t, k in TASK_OUTPUTS.items()}
+
+    def build() -> None:
+        torch.manual_seed(SEED)
+        model = build_model(name).double().eval()
+        depth = len(gs.segment(gs.trace(model), example_input=x))
+        tree = zoo.make_tree("branched", depth) if depth > 1 else "separate"
+        net = gs.multitask(model, heads(()), sharing=tree, example_input=x).eval()
+        result.update(segments=net.depth, params=gs.count_parameters(net))
+        with torch.no_grad():
+            state.update(net=net, out=net(x))
+
+    def modes() -> None:
+        worst = 0.0
+        for built_in_train in (True, False):
+            torch.manual_seed(SEED)
+            model = build_model(name).double().train(built_in_train)
+            net = gs.multitask(model, {"z": nn.Identity()}, sharing="shared")
+            for training in (True, False, True):
+                model.train(training)
+                net.train(training)
+                with torch.no_grad():
+                    torch.manual_seed(SEED)
+                    want = {"z": model(x)}
+                    torch.manual_seed(SEED)
+                    worst = max(worst, zoo.compare(net(x), want, 0.0))
+        result["max_diff"]["modes"] = worst
+
+    def train_step() -> None:
+        net = state["net"].train()
+        before = [p.detach().clone() for p in net.parameters()]
+        optimizer = torch.optim.SGD(net.parameters(), lr=1e-3)
+        loss = sum(out.square().mean() for out in net(x).values())
+        loss.backward()
+        optimizer.step()
+        net.eval()
+        if not torch.isfinite(loss) or all(torch.equal(b, p) for b, p in zip(before, net.parameters())):
+            raise zoo.Mismatch(f"the training step gave loss {loss.item()} and moved no parameter")
+        state["optimizer"] = optimizer
+        with torch.no_grad():
+            state["out"] = net(x)  # the reference of the later steps
+
+    def merge() -> None:
+        net = state["net"]
+        depth = next((d for d in range(1, net.depth + 1) if len(net.tree.at_depth(d)) > 1), None)
+        if depth is None:
+            raise zoo.Mismatch("the tree has no two siblings to merge (one segment)")
+        gs.surgery.fuse(net, depth, [[n.id for n in net.tree.at_depth(depth)]], init="mean", optimizer=state["optimizer"])
+        gs.check(net)
+        with torch.no_grad():
+            state["out"] = out = net(x)
+        if not all(torch.isfinite(v).all() for v in out.values()):
+            raise zoo.Mismatch("outputs are not finite after the merge")
+
+    def torchscript() -> None:
+        scripted = gs.to_torchscript(state["net"], method="script")
+        with torch.no_grad():
+            result["max_diff"]["torchscript"] = zoo.compare(scripted(x), state["out"], 1e-10)
+
+    def export() -> None:
+        program = gs.to_export(state["net"], x)
+        with torch.no_grad():
+            result["max_diff"]["export"] = zoo.compare(program.module()(x), state["out"], 1e-10)
+
+    def onnx() -> None:
+        net = copy.deepcopy(state["net"]).float()  # ONNX Runtime runs float32; the float64 net stays exact
+        with tempfile.TemporaryDirectory() as tmp:
+            gs.to_onnx(net, x.float(), Path(tmp) / "net.onnx")
+
+    def save_load() -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            gs.save(state["net"], Path(tmp) / "net.safetensors")
+            torch.manual_seed(SEED + 1)  # another init: the weights must come from the file
+            loaded = gs.load(Path(tmp) / "net.safetensors", build_model(name).double(), heads(()), example_input=x)
+        with torch.no_grad():
+            result["max_diff"]["save_load"] = zoo.compare(loaded.eval()(x), state["out"], 1e-10)
+
+    steps = {"build": build, "modes": modes, "train_step": train_step, "merge": merge, "torchscript": torchscript,
+             "export": export, "onnx": onnx, "save_load": save_load}
+    for step in STEPS:
+        if step != "build" and "net" not in state:
+            result["steps"][step] = "skipped: build failed"
+            continue
+        if progress is not None:
+            progress({**result, "running": step})
+        t0 = time.perf_counter()
+        try:
+            steps[step]()
+            result["steps"][step] = "ok"
+        except Exception as exc:  # a failing step is a result, not a crash
+            result["steps"][step] = zoo.describe(exc)
+        result["step_seconds"][step] = round(time.perf_counter() - t0, 2)
+        gc.collect()
+    result["ok"] = all(v == "ok" for v in result["steps"].values())
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def markdown(results: Sequence[dict[str, Any]], chosen: dict[str, str]) -> str:
+    import timm
+
+    header = ["family", "model", "segments", *STEPS, "seconds"]
+    lines = [
+        "# timm coverage",
+        "",
+        f"One small variant of every timm architecture family (timm {timm.__version__}, torch {torch.__version__}; "
+        f"random init, float64, `num_classes=0`, batch {BATCH}, {IMAGE_SIZE}x{IMAGE_SIZE}) through the steps of "
+        "`benchmarks/zoo_timm.py` (see its docstring). Generated by `python benchmarks/zoo_timm.py`.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
+    family_of = {m: f for f, m in chosen.items()}
+    for r in results:
+        row = [family_of.get(r["model"], "?"), f"`{r['model']}`", str(r.get("segments") or "–"),
+               *(zoo._cell(r["steps"].get(s, "skipped")) for s in STEPS), f"{r.get('seconds', 0):.0f}"]
+        lines.append("| " + " | ".join(row) + " |")
+    n, ok = len(results), sum(r["ok"] for r in results)
+    per_step = {s: sum(r["steps"].get(s) == "ok" for r in results) for s in STEPS}
+    lines += [
+        "",
+        "## Summary",
+        "",
+        f"- families run: {n} of {len(chosen)}; every step ok: {ok} / {n}" + (f" ({100 * ok / n:.0f} %)" if n else ""),
+        "- per step: " + ", ".join(f"{s} {per_step[s]} / {n}" for s in STEPS),
+        f"- machine: {os.cpu_count()}-core {platform.machine()}, {zoo._threads(results)} torch thread(s) per model",
+        "",
+        "## Failures",
+        "",
+    ]
+    failures = [(r["model"], s, v) for r in results for s, v in r["steps"].items() if v != "ok" and not v.startswith("skipped")]
+    lines += [f"- `{m}` {s}: {v}" for m, s, v in failures] or ["None."]
+    return "\n".join(lines) + "\n"
+
+
+def save(results: dict[str, dict[str, Any]], chosen: dict[str, str], out: Path) -> None:
+    import timm
+
+    ordered = [results[m] for m in chosen.values() if m in results]
+    payload = {"timm": timm.__version__, "torch": torch.__version__, "steps": list(STEPS), "families": chosen,
+               "all_ok": sum(r["ok"] for r in ordered), "results": ordered}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "zoo_timm.json").write_text(json.dumps(payload, indent=1) + "\n")
+    (out / "zoo_timm.md").write_text(markdown(ordered, chosen))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--families", help="comma-separated timm modules (default: all)")
+    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per model")
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--resume", action="store_true", help="skip families with a result in <out>/zoo_timm.json")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1)
+    args, _ = parser.parse_known_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.worker:
+        path = Path(args.result)
+        zoo._write_json(path, run_model(args.worker, progress=lambda partial: zoo._write_json(path, partial)))
+        return 0
+    out = Path(args.out)
+    previous = json.loads((out / "zoo_timm.json").read_text()) if (out / "zoo_timm.json").exists() else {}
+    chosen = previous.get("families") or families()
+    results = {r["model"]: r for r in previous.get("results", [])}
+    wanted = args.families.split(",") if args.families else list(chosen)
+    unknown = sorted(set(wanted) - set(chosen))
+    if unknown:
+        parser.error(f"unknown timm families {unknown}; see timm.models (module names)")
+    todo = [chosen[f] for f in wanted if not (args.resume and chosen[f] in results)]
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = {pool.submit(zoo.run_isolated, m, None, "branched", args.timeout, args.threads, Path(__file__), STEPS): m
+                   for m in todo}
+        for future in as_completed(futures):
+            name = futures[future]
+            results[name] = {**future.result(), "model": name}
+            print(f"{name}: {'ok' if results[name]['ok'] else results[name]['steps']}", flush=True)
+            save(results, chosen, out)
+    save(results, chosen, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
