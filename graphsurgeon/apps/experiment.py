@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import pickle
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,7 +24,7 @@ from graphsurgeon.core.build import multitask
 from graphsurgeon.core.modes import eval_mode
 from graphsurgeon.core.network import MultiTaskNetwork
 from graphsurgeon.data.tasks import TaskInfo
-from graphsurgeon.errors import TaskSpecError
+from graphsurgeon.errors import CheckpointError, TaskSpecError
 from graphsurgeon.methods.base import Method
 from graphsurgeon.training.trainer import TrainConfig, Trainer, seed_everything
 
@@ -42,6 +43,14 @@ class ExperimentConfig:
     val_size: int | None = None
     test_size: int | None = None
     trunk: str | None = None
+    # a local state dict for the backbone (safetensors, or a .pth/.pt read with weights_only=True),
+    # loaded before the network is built: the pristine segments (MTSL's "pristine" group init) are it
+    weights: str | None = None
+    # a separate start (mtsl, single, separate) copies the one backbone for every task, so the
+    # copies start identical, as the MTSL paper's deep copies do (and a "mean" group init averages
+    # aligned neurons); True re-initialises every task's copy but the first at random instead, as
+    # T independently initialised networks would be
+    independent_init: bool = False
     granularity: str = "block"
     epochs: int | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -82,6 +91,58 @@ def make_backbone(name: str, in_channels: int, image_size: int) -> nn.Module:
     return GreyToRGB(model) if in_channels == 1 else model
 
 
+def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
+    """Load a state dict from a local file into ``backbone`` (the model inside `GreyToRGB`).
+
+    Safetensors files are read as such; anything else with ``torch.load(weights_only=True)``, so
+    loading runs no pickled code. The keys must match exactly: a partial load would silently
+    leave layers at their random init, so the first missing and unexpected keys are named.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"--weights {str(path)!r}: no such file; pass the path of a saved backbone state dict.")
+    target = backbone.model if isinstance(backbone, GreyToRGB) else backbone
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only refuses pickled modules and other code
+        raise CheckpointError(
+            f"--weights {str(path)!r} cannot be read: it pickles objects other than tensors, which "
+            "torch.load(weights_only=True) refuses; save model.state_dict(), not the model."
+        ) from exc
+    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise CheckpointError(
+            f"--weights {str(path)!r} cannot be read ({str(exc).splitlines()[0]}); save it with safetensors.torch.save_file or "
+            "torch.save(model.state_dict(), path)."
+        ) from exc
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(
+            f"--weights {str(path)!r} holds a {type(state).__name__}, not a state dict of tensors; "
+            "save model.state_dict() (not the model, nor a training checkpoint around it)."
+        )
+    expected = target.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"--weights {str(path)!r} does not fit the {type(target).__name__} backbone: "
+            f"{len(missing)} missing key(s) {missing[:3]}, {len(unexpected)} unexpected key(s) {unexpected[:3]}. "
+            "Use a state dict of the same architecture as --backbone (without a wrapper prefix such as 'module.')."
+        )
+    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]
+    if wrong:
+        raise CheckpointError(
+            f"--weights {str(path)!r}: {len(wrong)} tensor(s) have other shapes than the backbone's, e.g. {wrong[:3]}; "
+            "use weights of the same architecture and number of classes as --backbone."
+        )
+    target.load_state_dict(state)
+
+
 def build_network(cfg: ExperimentConfig, task_info: Mapping[str, TaskInfo], example: torch.Tensor) -> MultiTaskNetwork:
     """The network ``cfg`` starts from; its task specs carry the datasets' losses and metrics,
     which is where the trainer reads them."""
@@ -92,9 +153,11 @@ def build_network(cfg: ExperimentConfig, task_info: Mapping[str, TaskInfo], exam
         for t, info in task_info.items()
     }
     backbone = make_backbone(cfg.backbone, example.shape[1], example.shape[-1])
+    if cfg.weights is not None:
+        load_backbone_weights(backbone, cfg.weights)
     net = multitask(backbone, heads, trunk=cfg.trunk, sharing=entry.sharing, granularity=cfg.granularity, example_input=example)
-    if entry.independent_init(cfg):
-        # from-scratch backbones: each task's copy gets its own random init, as separate networks would
+    if cfg.independent_init and entry.sharing == "separate":
+        # every task's copy but the first gets its own random init, as independent networks would
         from graphsurgeon.core.surgery import reinitialise
 
         reinitialise(net, [n.id for d in range(1, net.depth + 1) for n in net.tree.at_depth(d)[1:]], from_="random")
@@ -131,8 +194,7 @@ def _hard_sharing(cfg: ExperimentConfig, tasks: Sequence[str]) -> Method:
 def _mtsl(cfg: ExperimentConfig, tasks: Sequence[str]) -> Method:
     from graphsurgeon.methods.structure.mtsl import MTSL, MTSLConfig
 
-    options = {k: v for k, v in cfg.mtsl.items() if k != "independent_init"}  # read by build_network
-    return MTSL(_options(MTSLConfig, options, "mtsl"))
+    return MTSL(_options(MTSLConfig, cfg.mtsl, "mtsl"))
 
 
 def _tag(cfg: ExperimentConfig, tasks: Sequence[str]) -> Method:
@@ -157,13 +219,11 @@ def _dmtg(cfg: ExperimentConfig, tasks: Sequence[str]) -> Method:
 class MethodEntry:
     """How the wiring runs a method: its builder, the network it starts from (one network per
     task, or one shared network: TAG measures its affinities on it, DMTG builds its branches
-    from it), whether a gradient method may replace its plain sum of losses, and whether the
-    separate copies get their own random init (as separate from-scratch networks would)."""
+    from it), and whether a gradient method may replace its plain sum of losses."""
 
     build: Callable[[ExperimentConfig, Sequence[str]], Method]
     sharing: Literal["separate", "shared"]
     gradient: bool = False
-    independent_init: Callable[[ExperimentConfig], bool] = lambda cfg: False
 
 
 # method name -> entry; the CLI offers exactly these
@@ -171,7 +231,7 @@ METHOD_REGISTRY: dict[str, MethodEntry] = {
     "hps": MethodEntry(_hard_sharing, "shared", gradient=True),
     "single": MethodEntry(_hard_sharing, "separate", gradient=True),
     "separate": MethodEntry(_hard_sharing, "separate", gradient=True),
-    "mtsl": MethodEntry(_mtsl, "separate", independent_init=lambda cfg: bool(cfg.mtsl.get("independent_init", True))),
+    "mtsl": MethodEntry(_mtsl, "separate"),
     "tag": MethodEntry(_tag, "shared"),
     "itmtl": MethodEntry(_itmtl, "shared"),
     "dmtg": MethodEntry(_dmtg, "shared"),
