@@ -13,7 +13,7 @@ from graphsurgeon.apps.models import small_resnet
 from graphsurgeon.methods.aggregation.base import split_parameters
 from graphsurgeon.methods.aggregation.pcgrad import PCGrad
 from graphsurgeon.methods.base import Method, Step
-from graphsurgeon.methods.structure.itmtl import ITMTL
+from graphsurgeon.methods.structure.itmtl import ITMTL, select_candidate
 from graphsurgeon.methods.structure.lookahead import affinity, lookahead_losses
 from graphsurgeon.methods.structure.partition import tag_groups
 from graphsurgeon.methods.structure.tag import TAG, TAGConfig
@@ -222,13 +222,13 @@ def test_itmtl_with_the_sum_as_only_candidate_is_the_plain_step():
     assert method.chosen == {"ew": 6} and method.decisions[-1]["chosen"] == {"ew": 3}
 
 
-def test_itmtl_takes_the_candidate_with_the_lowest_lookahead_total_loss():
+def test_itmtl_total_criterion_takes_the_candidate_with_the_lowest_lookahead_total_loss():
     lr = 0.05  # at this step the sum wins on seed 0 and PCGrad on seeds 1 and 2
     data = TwinsAndRival()
     picked = set()
     for seed in range(3):
         net = rival_net(seed)
-        method = ITMTL(3, candidates=("ew", "pcgrad"), lookahead_lr=lr)
+        method = ITMTL(3, candidates=("ew", "pcgrad"), lookahead_lr=lr, criterion="total")
         trainer = trainer_for(net, method, 1, data, Regression)
         reference = copy.deepcopy(net)
         x, targets, losses = one_step(trainer, first_batch(data))
@@ -261,6 +261,29 @@ def test_itmtl_takes_the_candidate_with_the_lowest_lookahead_total_loss():
     assert picked == {0, 1}
 
 
+def test_itmtl_ranks_by_total_transference_so_a_high_loss_task_does_not_decide_alone():
+    """Fifty et al. choose the step of highest total transference Σ_j 1 − L_j'/L_j: candidate A
+    gains 1 % on a task of loss 100 but costs 50 % on a task of loss 1; B the reverse trade.
+    The raw sum prefers A (100.5 < 101.3), the relative changes B."""
+    before = torch.tensor([100.0, 1.0])
+    after = torch.tensor([[99.0, 1.5], [100.8, 0.5]])
+    assert select_candidate(before, after, "total") == 0
+    assert select_candidate(before, after, "relative") == 1
+    assert select_candidate(before, torch.tensor([[99.0, 0.0], [98.0, 0.0]]), "relative") == 1  # a zero loss is left out
+    with pytest.raises(gs.OptionError, match="criterion"):
+        ITMTL(3, criterion="sum")
+
+
+def test_itmtl_chooses_by_relative_change_by_default(monkeypatch):
+    import graphsurgeon.methods.structure.itmtl as itmtl
+
+    factors = torch.tensor([[0.99, 1.5, 1.0], [1.008, 0.5, 1.0]])  # relative: 3.49 vs 2.508, B wins
+    monkeypatch.setattr(itmtl, "lookahead_losses", lambda net, shared, d, lr, evaluate: evaluate()[None] * factors)
+    method = ITMTL(3, candidates=("ew", "pcgrad"))
+    one_step(trainer_for(rival_net(), method, 1, TwinsAndRival(), Regression), first_batch(TwinsAndRival()))
+    assert method.criterion == "relative" and method.choice == 1
+
+
 def test_itmtl_reuses_its_choice_between_choosing_steps_and_checks_its_options():
     method = ITMTL(3, candidates=("ew", "pcgrad"), every=4)
     trainer = trainer_for(toy_shared_net(), method, 1, Toy(), Spec)
@@ -283,9 +306,13 @@ def test_itmtl_treats_rounding_level_differences_as_ties_won_by_the_first_candid
 
     monkeypatch.setattr(itmtl, "lookahead_losses", lambda *a: torch.tensor([[0.5, 0.5], [second / 2, second / 2]]))
     net = rival_net()
-    method = ITMTL(3, candidates=("ew", "pcgrad"))
+    method = ITMTL(3, candidates=("ew", "pcgrad"), criterion="total")  # the patched rows are raw totals
     one_step(trainer_for(net, method, 1, TwinsAndRival(), Regression), first_batch(TwinsAndRival()))
     assert method.choice == expected and method.last_lookahead == pytest.approx([1.0, second])
+    # the same tie rule under the relative criterion
+    before = torch.tensor([0.3, 2.0])
+    rows = torch.stack([before, before * second])
+    assert select_candidate(before, rows, "relative", tolerance=1e-6) == expected
 
 
 def test_itmtl_hands_each_epochs_mean_losses_to_a_dwa_candidate():
