@@ -42,6 +42,9 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None, metavar="PATH",
                    help="backbone state dict to start from: a .safetensors file, or a .pth/.pt read with "
                         "torch.load(weights_only=True); keys as --backbone's own state_dict()")
+    p.add_argument("--equal-final-budget", action="store_true",
+                   help="tag/dmtg: add the search epochs on top of --epochs, so the chosen network trains "
+                        "for --epochs like every other method's (default: the search shares the budget)")
     p.add_argument("--independent-init", action="store_true",
                    help="mtsl/single/separate: give every task's copy its own random init "
                         "(default: identical copies of one backbone, as the MTSL paper)")
@@ -95,6 +98,7 @@ def _config(args):
         trunk=args.trunk,
         weights=args.weights,
         independent_init=args.independent_init,
+        equal_final_budget=args.equal_final_budget,
         train_size=args.train_size,
         val_size=args.val_size,
         test_size=args.test_size,

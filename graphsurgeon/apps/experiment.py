@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import pickle
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -53,6 +54,10 @@ class ExperimentConfig:
     independent_init: bool = False
     granularity: str = "block"
     epochs: int | None = None
+    # TAG and DMTG spend the run's first epochs searching (affinities, the supernet), so their
+    # final network trains for fewer epochs than the other methods' networks; True adds the
+    # search epochs on top of ``epochs``, so every method's final network gets ``epochs``
+    equal_final_budget: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
     mtsl: dict[str, Any] = field(default_factory=dict)
     tag: dict[str, Any] = field(default_factory=dict)
@@ -325,6 +330,27 @@ def _datasets(cfg: ExperimentConfig) -> tuple[dict[str, Dataset], dict[str, Task
     return splits, full.task_info
 
 
+def _with_search_on_top(cfg: ExperimentConfig, train_cfg: TrainConfig) -> ExperimentConfig:
+    """``cfg`` with TAG's or DMTG's search epochs pinned and added to ``train_cfg.epochs``, so the
+    network they choose trains for the original number of epochs (``equal_final_budget``).
+    TAG's affinity stage is pinned at its default length (a quarter of the original epochs), as
+    it would otherwise grow with the longer run. Other methods are returned unchanged: their
+    final network is trained for the whole run (MTSL's structure is learnt during it)."""
+    from dataclasses import replace
+
+    if cfg.method == "tag":
+        search = cfg.tag.get("affinity_epochs") or max(1, math.ceil(train_cfg.epochs / 4))
+        cfg = replace(cfg, tag={**cfg.tag, "affinity_epochs": search})
+    elif cfg.method == "dmtg":
+        from graphsurgeon.methods.structure.dmtg import DMTGConfig
+
+        search = cfg.dmtg.get("search_epochs", DMTGConfig.search_epochs)
+    else:
+        return cfg
+    train_cfg.epochs += search
+    return cfg
+
+
 def run(cfg: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
     """Train and evaluate one method; write artefacts to ``cfg.out_dir``; return the results.
 
@@ -343,6 +369,8 @@ def run(cfg: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
         train_cfg.checkpoint_dir = str(out / "checkpoint")
     if cfg.epochs:
         train_cfg.epochs = cfg.epochs
+    if cfg.equal_final_budget:
+        cfg = _with_search_on_top(cfg, train_cfg)
     trainer = Trainer(net, None, data["train"], data["val"], train_cfg, make_method(cfg, net.tasks))
     if resume and out is not None:
         trainer.resume()
