@@ -55,7 +55,9 @@ class TAGConfig:
     every: int = 10
     """Measure the affinity every ``every`` training steps of stage 1."""
     affinity_epochs: int | None = None
-    """Length of stage 1; ``None``: a quarter of the training epochs, at least 1."""
+    """Length of stage 1; ``None``: a quarter of the training epochs, at least 1. The official
+    TAG averages over its whole joint run: ``affinity_epochs=E`` with the experiment's
+    ``equal_final_budget`` is that protocol (E joint epochs, then E for the groups)."""
     split_depth: int = 0
     """Depths 1..split_depth stay shared; from split_depth + 1 on each group has its own branch."""
     restart: bool = True
@@ -64,7 +66,10 @@ class TAGConfig:
     """What a restart starts from: random weights (TAG's from-scratch networks) or the network as
     it was built (the backbone's pretrained weights and the heads as given)."""
     lookahead_lr: float | None = None
-    """SGD step of the lookahead; ``None``: the optimizer's learning rate."""
+    """SGD step of the lookahead; ``None``: the optimizer's learning rate. The official CelebA
+    code looks ahead with the optimizer's own update instead; with Adam at 1e-3 this plain SGD
+    step is tiny and the affinities are of order 1e-3 (the grouping uses only their ranking,
+    noisier at that scale): raise ``lookahead_lr`` for a stronger signal (docs/deviations.md)."""
     exact_limit: int = 12
     beam_width: int = 64
 
