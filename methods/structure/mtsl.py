@@ -27,6 +27,7 @@ at ``granularity="block"`` of whatever backbone was traced. Heads are never merg
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 from collections.abc import Mapping, Sequence
@@ -36,7 +37,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from graphsurgeon.core.modes import eval_mode
+from graphsurgeon.core.network import MultiTaskNetwork
 from graphsurgeon.core.surgery import fuse
+from graphsurgeon.errors import CheckpointError
 from graphsurgeon.methods.base import Method
 from graphsurgeon.methods.structure.amalgamation import Amalgamation
 from graphsurgeon.methods.structure.partition import GroupingError, mtsl_partition
@@ -47,6 +50,16 @@ if TYPE_CHECKING:
     from graphsurgeon.training.trainer import Trainer
 
 __all__ = ["MTSL", "MTSLConfig"]
+
+
+def pristine_digest(net: MultiTaskNetwork) -> str:
+    """SHA-256 of every pristine segment template's tensors (parameters and buffers, in order)."""
+    h = hashlib.sha256()
+    for segment in net.segments:
+        for name, tensor in segment.module.state_dict().items():
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 @dataclass
@@ -84,6 +97,9 @@ class MTSL(Method):
     compared: set[int] = field(default_factory=set)
     # group nodes MTSL created: done at their own depth (their children form a new set)
     settled: set[int] = field(default_factory=set)
+    # a digest of the pristine templates a "pristine" group init copies: they are an input of the
+    # run (the loaded backbone), not part of a checkpoint, so a resume checks it builds on the same
+    _pristine_digest: str | None = field(default=None, init=False, repr=False)
     # the alignment's forward hooks and what they captured in the current step
     _hooks: list = field(default_factory=list, init=False, repr=False)
     _captured: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
@@ -123,6 +139,15 @@ class MTSL(Method):
 
     # ------------------------------------------------------------------ task learning
     def on_start(self, trainer: Trainer) -> None:
+        if self.config.group_init == "pristine":
+            digest = pristine_digest(trainer.net)
+            if self._pristine_digest is not None and self._pristine_digest != digest:
+                raise CheckpointError(
+                    "this MTSL run was checkpointed on other pristine segment weights than this network's, and "
+                    "its group_init='pristine' copies them into every new group node; resume with the network "
+                    "built from the same backbone weights (e.g. the same --weights), or set group_init='fresh'."
+                )
+            self._pristine_digest = digest
         self._install_hooks(trainer)
 
     def _install_hooks(self, trainer: Trainer) -> None:
@@ -260,6 +285,7 @@ class MTSL(Method):
             "compared": sorted(self.compared),
             "settled": sorted(self.settled),
             "decisions": self.decisions,
+            "pristine_digest": self._pristine_digest,
             "config": asdict(self.config),
         }
 
@@ -268,5 +294,6 @@ class MTSL(Method):
         self.decided = set(state.get("decided", []))
         self.compared = set(state.get("compared", []))
         self.settled = set(state.get("settled", []))
+        self._pristine_digest = state.get("pristine_digest")
         self.decisions = list(state.get("decisions", []))
 
