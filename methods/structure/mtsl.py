@@ -22,6 +22,10 @@ rank 0 decides the partition and broadcasts it; every rank applies the same fuse
 the group node on its share of the batches with averaged gradients; the trainer then re-wraps
 the network for DDP (`Trainer.structure_changed`).
 
+A checkpoint holds the tree, the weights and this method's state, not the pristine templates a
+``group_init="pristine"`` copies (they are the backbone as built or loaded, an input of the
+run): a resume checks their digest and refuses another backbone's.
+
 The official code is ResNet-18-only and cuts stages by hand; here a "layer" is a segment
 at ``granularity="block"`` of whatever backbone was traced. Heads are never merged.
 """
