@@ -86,3 +86,16 @@ def test_the_cli_refuses_a_missing_weights_file_before_anything_runs(capsys, tmp
     err = capsys.readouterr().err
     assert "--weights" in err and "no such file" in err
     assert not out.exists()
+
+
+def test_the_cli_trains_from_weights_and_names_the_keys_of_weights_that_do_not_fit(capsys, tmp_path):
+    from test_cli_methods import TINY
+
+    state = small_resnet(1).state_dict()
+    good, bad = tmp_path / "good.safetensors", tmp_path / "bad.safetensors"
+    save_file(state, str(good))
+    save_file({k: v for k, v in state.items() if k != next(iter(state))}, str(bad))
+    assert main(["train", "--method", "mtsl", *TINY, "--epochs", "1", "--weights", str(good), "--out", str(tmp_path / "a")]) == 0
+    assert main(["train", "--method", "hps", *TINY, "--weights", str(bad), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert f"missing key(s) ['{next(iter(state))}']" in err and "0 unexpected key(s)" in err
