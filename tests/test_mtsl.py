@@ -223,3 +223,37 @@ def test_no_alignment_loss_from_the_last_structural_phase_on():
     after = {on for epoch, on in seen if epoch >= 1}
     assert during == {True} and after == {False}
     assert method._hooks == []
+
+
+class Toy4(Toy):
+    """Toy with a fourth task, a copy of `other`."""
+
+    def __getitem__(self, i):
+        x, targets = super().__getitem__(i)
+        return x, {**targets, "other2": targets["other"]}
+
+
+def test_every_open_set_is_compared_in_each_phase_at_its_own_depth():
+    """As the official `fusion_phase` walks all its groups: in phase 2 the new group's children
+    (depth 2) and the phase-1 leftovers (depth 1) are both compared."""
+    torch.manual_seed(6)
+    heads = {t: nn.Linear(8, 2) for t in ("a", "twin", "other", "other2")}
+    net = gs.multitask(small_resnet(1, (4, 8, 8, 8)), heads, sharing="separate", example_input=torch.rand(2, 1, 12, 12))
+    method = MTSL(MTSLConfig(task_phases=(1, 1), distill_epochs=(1, 1), threshold=0.5, align_weight=0.0, similarity_samples=32))
+    trainer = make_trainer(net, method, epochs=2, data=Toy4())
+
+    def similarity(tr, depth, ids):  # phase 1: only a ~ twin; later: everything alike
+        kin = [set(tr.net.tree.node(i).tasks) <= {"a", "twin"} for i in ids]
+        sim = torch.tensor([[1.0 if method.phase or (p and q) else 0.0 for q in kin] for p in kin], dtype=torch.float64)
+        return sim.fill_diagonal_(1.0)
+
+    method.similarity = similarity
+    trainer.fit()
+    first = method.decisions[0]
+    merged_tasks = [sorted(t for i in g for t in first["tasks"][first["nodes"].index(i)]) for g in first["merged"]]
+    assert merged_tasks == [["a", "twin"]] and len(first["leftovers"]) == 2
+    second = [d for d in method.decisions if d["phase"] == 2]
+    assert sorted(d["depth"] for d in second) == [1, 2]
+    assert all(d["merged"] for d in second)
+    assert {n.tasks for n in net.tree.at_depth(1)} == {("a", "twin"), ("other", "other2")}
+    gs.check(net)

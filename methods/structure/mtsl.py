@@ -9,10 +9,10 @@ amalgamated into a new group node (`graphsurgeon.methods.structure.amalgamation.
 removed and their children re-parented (`graphsurgeon.core.surgery.fuse`).
 
 The frontier, as in the official code (`train_stubs.py: fusion_phase`, ``ungrouped_tasks``), is
-made of (a) the *leftovers*: siblings a structural phase compared but did not merge; they stay
-a set, are compared again at the same depth in every later phase, and stay under the
-alignment loss until fewer than two are left; and (b) the never-compared sibling sets at the
-earliest such depth (below the groups just formed). During task learning, up to the last
+every open set, each at its own depth: (a) the children of each group node, compared at the
+depth below it in the phase after it was formed; and (b) the *leftovers*: siblings a phase
+compared but did not merge; they stay a set, are compared again at the same depth in every
+later phase, and stay under the alignment loss until fewer than two are left. During task learning, up to the last
 structural phase, an alignment loss w·(1 − mean pairwise CKA) pulls the frontier siblings'
 outputs together; from the last structural phase on it is off (official ``loss_stub``).
 
@@ -97,8 +97,6 @@ class MTSL(Method):
     phase: int = 0
     # parents whose children are done: fewer than two of them are left to compare
     decided: set[int] = field(default_factory=set)
-    # parents whose children were compared at least once (their leftovers are retried)
-    compared: set[int] = field(default_factory=set)
     # group nodes MTSL created: done at their own depth (their children form a new set)
     settled: set[int] = field(default_factory=set)
     # a digest of the pristine templates a "pristine" group init copies: they are an input of the
@@ -120,22 +118,19 @@ class MTSL(Method):
         return [c.id for c in tree.children(parent) if c.id not in self.settled]
 
     def frontier(self, tree) -> list[tuple[int, int, list[int]]]:
-        """The sibling sets the next structural phase compares, as (depth, parent, ids).
+        """The sibling sets the next structural phase compares, as (depth, parent, ids), shallow first.
 
-        The leftovers of every set compared before (retried at their depth, as the official
-        ``ungrouped_tasks`` are), then the never-compared sets at the earliest depth that has one.
+        As the official ``fusion_phase`` walks its ``current_task_groups``: every open set at
+        once, each at its own depth: the children of every group node, and the leftovers of
+        every set compared before (retried at their depth, as the official ``ungrouped_tasks``).
         """
-        retries, new = [], []
+        sets = []
         for depth in range(1, tree.depth + 1):
             for p in tree.at_depth(depth - 1):
-                if p.id in self.decided:
-                    continue
                 ids = self.candidates(tree, p.id)
-                if len(ids) < 2:
-                    continue
-                (retries if p.id in self.compared else new).append((depth, p.id, ids))
-        first = min((d for d, _, _ in new), default=0)
-        return retries + [s for s in new if s[0] == first]
+                if p.id not in self.decided and len(ids) >= 2:
+                    sets.append((depth, p.id, ids))
+        return sets
 
     def aligning(self) -> bool:
         """Whether the alignment loss is on: only before the last structural phase (``loss_stub``)."""
@@ -253,7 +248,6 @@ class MTSL(Method):
                 reduction=self.config.gate_reduction,
                 progress=(lambda it, d=depth: trainer.progress(it, desc=f"distil d{d}")) if trainer.config.progress else None,
             )
-            self.compared.add(parent)
             if groups:
                 fuse(net, depth, groups, init=self.config.group_init, distill=amalgamation, optimizer=trainer.optimizer)
                 trainer.structure_changed()
@@ -286,7 +280,6 @@ class MTSL(Method):
         return {
             "phase": self.phase,
             "decided": sorted(self.decided),
-            "compared": sorted(self.compared),
             "settled": sorted(self.settled),
             "decisions": self.decisions,
             "pristine_digest": self._pristine_digest,
@@ -296,7 +289,6 @@ class MTSL(Method):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.phase = int(state.get("phase", 0))
         self.decided = set(state.get("decided", []))
-        self.compared = set(state.get("compared", []))
         self.settled = set(state.get("settled", []))
         self._pristine_digest = state.get("pristine_digest")
         self.decisions = list(state.get("decisions", []))
