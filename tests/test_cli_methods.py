@@ -56,6 +56,17 @@ def test_every_method_trains_from_the_command_line(tmp_path, args):
             assert train[key] == args[args.index(flag) + 1]
 
 
+@pytest.mark.parametrize("method", ["tag", "dmtg"])
+def test_an_equal_final_budget_adds_the_search_epochs_on_top(tmp_path, method):
+    """With --equal-final-budget the chosen network trains for --epochs (2) after a 1-epoch search."""
+    assert main(["train", "--method", method, "--search-epochs", "1", *TINY, "--equal-final-budget", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["config"]["train"]["epochs"] == 3
+    if method == "tag":
+        assert results["decisions"][0]["epoch"] == 1  # grouped after the 1-epoch search, two epochs left
+    assert len((tmp_path / "checkpoint" / "metrics.csv").read_text().splitlines()) == 1 + 3
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -53,6 +53,10 @@ def test_temperature_anneals_exponentially_from_start_to_end_over_the_search():
     assert temperature(cfg, 1.0) == pytest.approx(0.25)
     assert temperature(cfg, 3.0) == pytest.approx(0.25)  # held after the search
     assert temperature(DMTGConfig(tau_start=2.5, tau_end=2.5), 0.7) == pytest.approx(2.5)  # the official constant
+    official = DMTGConfig(tau_schedule="constant", tau_start=2.5, logits_lr=None)  # CelebA: constant 2.5, one Adam lr
+    assert [temperature(official, p) for p in (0.0, 0.5, 1.0)] == [2.5, 2.5, 2.5]
+    with pytest.raises(gs.TaskSpecError, match="tau_schedule"):
+        DMTGConfig(tau_schedule="linear")  # type: ignore[arg-type]
     # in the trainer: tau_start at the first step, tau_end at the search's last step
     method = DMTG(cfg)
     trainer = trainer_for(method, epochs=3)

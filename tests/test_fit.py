@@ -164,7 +164,13 @@ def test_resume_after_a_stop_matches_the_uninterrupted_run(tmp_path, make_method
                checkpoint_dir=str(tmp_path / "b"), callbacks=[stop], **cfg)
     assert stop.ends == 0  # a stopped fit has not ended
     torch.manual_seed(123)  # the resume restores every RNG itself
-    resumed = gs.fit(network(sharing, seed=9), Quadrants(64, 0), Quadrants(32, 1), method=make_method(),
+    start = network(sharing, seed=9)  # other weights: the checkpoint's must be the ones that count
+    if make_method is mtsl:
+        # MTSL's group nodes copy the pristine templates (group_init="pristine"), an input of the
+        # run like the backbone's weights: the same backbone, every node's weights re-drawn
+        start = network(sharing)
+        gs.surgery.reinitialise(start, [n.id for n in start.tree.nodes if n.depth], from_="random")
+    resumed = gs.fit(start, Quadrants(64, 0), Quadrants(32, 1), method=make_method(),
                      checkpoint_dir=str(tmp_path / "b"), resume=True, **cfg)
 
     assert [r["lr"] for r in resumed.history] == [r["lr"] for r in straight.history] == [1e-2, 5e-3, 2.5e-3]
@@ -172,6 +178,10 @@ def test_resume_after_a_stop_matches_the_uninterrupted_run(tmp_path, make_method
     for a, b in zip(straight.net.state_dict().values(), resumed.net.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert resumed.scheduler.state_dict() == straight.scheduler.state_dict()
+    if make_method is mtsl:  # on another backbone's templates the resume would build other group nodes
+        with pytest.raises(gs.CheckpointError, match="pristine segment weights"):
+            gs.fit(network(sharing, seed=9), Quadrants(64, 0), Quadrants(32, 1), method=make_method(),
+                   checkpoint_dir=str(tmp_path / "b"), resume=True, **cfg)
 
 
 def test_sgd_callable_factories_and_one_log_line_per_epoch(caplog):

@@ -163,3 +163,97 @@ def test_mtsl_runs_one_phase_on_torchvision_backbones(backbone):
     gs.check(net)
     out = net.eval()(data.x[:2])
     assert set(out) == {"a", "twin"} and all(torch.isfinite(v).all() for v in out.values())
+
+
+def test_a_set_that_did_not_merge_is_retried_next_phase_and_merges_when_its_cka_rises():
+    """Official `fusion_phase`/`ungrouped_tasks`: unmerged siblings stay a set at their depth,
+    are compared again in the next phase (under the alignment loss meanwhile), and merge once
+    their similarity passes the threshold; deeper depths wait below them."""
+    net = toy_net(4)
+    method = MTSL(MTSLConfig(task_phases=(1, 1, 1), distill_epochs=(1, 1, 1), threshold=0.5, align_weight=0.2, similarity_samples=32))
+    trainer = make_trainer(net, method, epochs=3)
+    real = method.similarity
+
+    def similarity(tr, depth, ids):  # the first phase sees dissimilar features, later ones similar
+        measured = real(tr, depth, ids)
+        level = 0.0 if method.phase == 0 else 1.0
+        return torch.full_like(measured, level).fill_diagonal_(1.0)
+
+    method.similarity = similarity
+    aligned_after_first = []
+    original = method.after_epoch
+
+    def after_epoch(tr):
+        events = original(tr)
+        if tr.epoch == 1:
+            aligned_after_first.append(sorted(i for _, _, ids in method.frontier(tr.net.tree) for i in ids))
+        return events
+
+    method.after_epoch = after_epoch
+    trainer.fit()
+    first, second = method.decisions[0], method.decisions[1]
+    assert first["depth"] == 1 and first["merged"] == [] and sorted(first["leftovers"]) == sorted(first["nodes"])
+    # retried at the same depth, not skipped: the leftovers are the next phase's (and the alignment's) set
+    assert aligned_after_first == [sorted(first["nodes"])]
+    assert len(method._hooks) == 0  # the last phase has run: alignment off
+    assert second["phase"] == 2 and second["depth"] == 1 and second["parent"] == first["parent"]
+    assert sorted(i for g in second["merged"] for i in g) == sorted(first["nodes"])
+    assert len(net.tree.at_depth(1)) == 1
+    assert method.decisions[2]["phase"] == 3 and method.decisions[2]["depth"] == 2
+    gs.check(net)
+
+
+def test_no_alignment_loss_from_the_last_structural_phase_on():
+    """Fewer phases than depths: after the last one, no hooks and no alignment term (`loss_stub`)."""
+    net = toy_net(5)
+    method = MTSL(MTSLConfig(task_phases=(1,), distill_epochs=(1,), threshold=0.9, align_weight=0.2, similarity_samples=32))
+    trainer = make_trainer(net, method, epochs=3)
+    seen: list[tuple[int, bool]] = []
+    original = method.extra_loss
+
+    def extra_loss(tr, x, outputs):
+        loss = original(tr, x, outputs)
+        seen.append((tr.epoch, loss is not None))
+        return loss
+
+    method.extra_loss = extra_loss
+    trainer.fit()
+    assert method.frontier(net.tree), "sets are left undecided: the alignment would have had something to align"
+    during = {on for epoch, on in seen if epoch == 0}
+    after = {on for epoch, on in seen if epoch >= 1}
+    assert during == {True} and after == {False}
+    assert method._hooks == []
+
+
+class Toy4(Toy):
+    """Toy with a fourth task, a copy of `other`."""
+
+    def __getitem__(self, i):
+        x, targets = super().__getitem__(i)
+        return x, {**targets, "other2": targets["other"]}
+
+
+def test_every_open_set_is_compared_in_each_phase_at_its_own_depth():
+    """As the official `fusion_phase` walks all its groups: in phase 2 the new group's children
+    (depth 2) and the phase-1 leftovers (depth 1) are both compared."""
+    torch.manual_seed(6)
+    heads = {t: nn.Linear(8, 2) for t in ("a", "twin", "other", "other2")}
+    net = gs.multitask(small_resnet(1, (4, 8, 8, 8)), heads, sharing="separate", example_input=torch.rand(2, 1, 12, 12))
+    method = MTSL(MTSLConfig(task_phases=(1, 1), distill_epochs=(1, 1), threshold=0.5, align_weight=0.0, similarity_samples=32))
+    trainer = make_trainer(net, method, epochs=2, data=Toy4())
+
+    def similarity(tr, depth, ids):  # phase 1: only a ~ twin; later: everything alike
+        kin = [set(tr.net.tree.node(i).tasks) <= {"a", "twin"} for i in ids]
+        sim = torch.tensor([[1.0 if method.phase or (p and q) else 0.0 for q in kin] for p in kin], dtype=torch.float64)
+        return sim.fill_diagonal_(1.0)
+
+    method.similarity = similarity
+    trainer.fit()
+    first = method.decisions[0]
+    merged_tasks = [sorted(t for i in g for t in first["tasks"][first["nodes"].index(i)]) for g in first["merged"]]
+    assert merged_tasks == [["a", "twin"]] and len(first["leftovers"]) == 2
+    second = [d for d in method.decisions if d["phase"] == 2]
+    assert sorted(d["depth"] for d in second) == [1, 2]
+    assert all(d["merged"] for d in second)
+    assert {n.tasks for n in net.tree.at_depth(1)} == {("a", "twin"), ("other", "other2")}
+    gs.check(net)

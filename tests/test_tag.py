@@ -13,8 +13,8 @@ from graphsurgeon.apps.models import small_resnet
 from graphsurgeon.methods.aggregation.base import split_parameters
 from graphsurgeon.methods.aggregation.pcgrad import PCGrad
 from graphsurgeon.methods.base import Method, Step
-from graphsurgeon.methods.structure.itmtl import ITMTL
-from graphsurgeon.methods.structure.lookahead import affinity, lookahead_losses
+from graphsurgeon.methods.structure.itmtl import ITMTL, select_candidate
+from graphsurgeon.methods.structure.lookahead import affinity, lookahead_losses, optimizer_displacements
 from graphsurgeon.methods.structure.partition import tag_groups
 from graphsurgeon.methods.structure.tag import TAG, TAGConfig
 from graphsurgeon.training.trainer import TrainConfig, Trainer
@@ -116,6 +116,51 @@ def test_lookahead_matches_a_manual_step_and_restores_parameters_and_bn_buffers_
         lookahead_losses(net, shared, directions, 0.05, failing)
     for k, v in net.state_dict().items():
         assert torch.equal(v, params[k]), k
+
+
+def test_the_optimizers_own_update_is_adams_step_and_leaves_params_grads_and_state_as_they_were():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    shared = list(model[0].parameters())
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.randn(8, 4)).square().mean().backward()
+    optimizer.step()  # some state to start from
+    model(torch.randn(8, 4)).square().mean().backward()  # the training step's gradient, to be kept
+    grads_before = [p.grad.clone() for p in model.parameters()]
+    params_before = [p.detach().clone() for p in model.parameters()]
+    state_before = copy.deepcopy({i: optimizer.state[p] for i, p in enumerate(model.parameters())})
+    rows = torch.randn(2, sum(p.numel() for p in shared))
+    moved = optimizer_displacements(optimizer, shared, rows)
+    for p, g, w in zip(model.parameters(), grads_before, params_before):
+        assert torch.equal(p.grad, g) and torch.equal(p.detach(), w)
+    for i, p in enumerate(model.parameters()):
+        assert all(torch.equal(optimizer.state[p][k], v) for k, v in state_before[i].items())
+    beta1, beta2 = optimizer.defaults["betas"]
+    for row, got in zip(rows, moved):  # Adam's step 2 from the saved moments, by hand
+        offset, expected = 0, []
+        for i, p in enumerate(shared):
+            g = row[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+            m = beta1 * state_before[i]["exp_avg"] + (1 - beta1) * g
+            v = beta2 * state_before[i]["exp_avg_sq"] + (1 - beta2) * g * g
+            expected.append((1e-3 * (m / (1 - beta1**2)) / ((v / (1 - beta2**2)).sqrt() + 1e-8)).reshape(-1))
+        torch.testing.assert_close(got, torch.cat(expected), rtol=1e-4, atol=1e-9)
+
+
+def test_tag_looking_ahead_with_plain_sgd_as_optimizer_measures_the_same_affinity():
+    affinities = []
+    for lookahead in ("sgd", "optimizer"):
+        net = rival_net()
+        method = TAG(TAGConfig(every=1, affinity_epochs=1, lookahead=lookahead))
+        cfg = TrainConfig(epochs=2, batch_size=32, lr=3e-3, progress=False, optimizer="sgd", momentum=0.0)
+        trainer = Trainer(net, {t: Regression for t in net.tasks}, TwinsAndRival(), None, cfg, method)
+        method.on_start(trainer)
+        one_step(trainer, first_batch(TwinsAndRival()))
+        affinities.append(method.affinity_matrix())
+    assert affinities[0].abs().min() > 1e-4  # a real signal, not two zero matrices
+    torch.testing.assert_close(affinities[0], affinities[1], rtol=1e-4, atol=1e-7)
+    with pytest.raises(gs.OptionError, match="lookahead"):
+        trainer_for(rival_net(), TAG(TAGConfig(lookahead="adam")), 1, TwinsAndRival(), Regression).fit()
 
 
 def test_affinity_is_the_relative_loss_drop_with_the_right_sign_for_negative_losses():
@@ -222,13 +267,13 @@ def test_itmtl_with_the_sum_as_only_candidate_is_the_plain_step():
     assert method.chosen == {"ew": 6} and method.decisions[-1]["chosen"] == {"ew": 3}
 
 
-def test_itmtl_takes_the_candidate_with_the_lowest_lookahead_total_loss():
+def test_itmtl_total_criterion_takes_the_candidate_with_the_lowest_lookahead_total_loss():
     lr = 0.05  # at this step the sum wins on seed 0 and PCGrad on seeds 1 and 2
     data = TwinsAndRival()
     picked = set()
     for seed in range(3):
         net = rival_net(seed)
-        method = ITMTL(3, candidates=("ew", "pcgrad"), lookahead_lr=lr)
+        method = ITMTL(3, candidates=("ew", "pcgrad"), lookahead_lr=lr, criterion="total")
         trainer = trainer_for(net, method, 1, data, Regression)
         reference = copy.deepcopy(net)
         x, targets, losses = one_step(trainer, first_batch(data))
@@ -261,6 +306,29 @@ def test_itmtl_takes_the_candidate_with_the_lowest_lookahead_total_loss():
     assert picked == {0, 1}
 
 
+def test_itmtl_ranks_by_total_transference_so_a_high_loss_task_does_not_decide_alone():
+    """Fifty et al. choose the step of highest total transference Σ_j 1 − L_j'/L_j: candidate A
+    gains 1 % on a task of loss 100 but costs 50 % on a task of loss 1; B the reverse trade.
+    The raw sum prefers A (100.5 < 101.3), the relative changes B."""
+    before = torch.tensor([100.0, 1.0])
+    after = torch.tensor([[99.0, 1.5], [100.8, 0.5]])
+    assert select_candidate(before, after, "total") == 0
+    assert select_candidate(before, after, "relative") == 1
+    assert select_candidate(before, torch.tensor([[99.0, 0.0], [98.0, 0.0]]), "relative") == 1  # a zero loss is left out
+    with pytest.raises(gs.OptionError, match="criterion"):
+        ITMTL(3, criterion="sum")
+
+
+def test_itmtl_chooses_by_relative_change_by_default(monkeypatch):
+    import graphsurgeon.methods.structure.itmtl as itmtl
+
+    factors = torch.tensor([[0.99, 1.5, 1.0], [1.008, 0.5, 1.0]])  # relative: 3.49 vs 2.508, B wins
+    monkeypatch.setattr(itmtl, "lookahead_losses", lambda net, shared, d, lr, evaluate: evaluate()[None] * factors)
+    method = ITMTL(3, candidates=("ew", "pcgrad"))
+    one_step(trainer_for(rival_net(), method, 1, TwinsAndRival(), Regression), first_batch(TwinsAndRival()))
+    assert method.criterion == "relative" and method.choice == 1
+
+
 def test_itmtl_reuses_its_choice_between_choosing_steps_and_checks_its_options():
     method = ITMTL(3, candidates=("ew", "pcgrad"), every=4)
     trainer = trainer_for(toy_shared_net(), method, 1, Toy(), Spec)
@@ -283,9 +351,13 @@ def test_itmtl_treats_rounding_level_differences_as_ties_won_by_the_first_candid
 
     monkeypatch.setattr(itmtl, "lookahead_losses", lambda *a: torch.tensor([[0.5, 0.5], [second / 2, second / 2]]))
     net = rival_net()
-    method = ITMTL(3, candidates=("ew", "pcgrad"))
+    method = ITMTL(3, candidates=("ew", "pcgrad"), criterion="total")  # the patched rows are raw totals
     one_step(trainer_for(net, method, 1, TwinsAndRival(), Regression), first_batch(TwinsAndRival()))
     assert method.choice == expected and method.last_lookahead == pytest.approx([1.0, second])
+    # the same tie rule under the relative criterion
+    before = torch.tensor([0.3, 2.0])
+    rows = torch.stack([before, before * second])
+    assert select_candidate(before, rows, "relative", tolerance=1e-6) == expected
 
 
 def test_itmtl_hands_each_epochs_mean_losses_to_a_dwa_candidate():

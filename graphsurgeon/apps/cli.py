@@ -40,6 +40,15 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--tasks", default=None, help="comma-separated task names (default: all of the dataset's)")
     p.add_argument("--trunk", default=None, help="node where the backbone ends (default: the classifier's input; with dense tasks 'spatial', "
                    "its last feature map)")
+    p.add_argument("--weights", default=None, metavar="PATH",
+                   help="backbone state dict to start from: a .safetensors file, or a .pth/.pt read with "
+                        "torch.load(weights_only=True); keys as --backbone's own state_dict()")
+    p.add_argument("--equal-final-budget", action="store_true",
+                   help="tag/dmtg: add the search epochs on top of --epochs, so the chosen network trains "
+                        "for --epochs like every other method's (default: the search shares the budget)")
+    p.add_argument("--independent-init", action="store_true",
+                   help="mtsl/single/separate: give every task's copy its own random init "
+                        "(default: identical copies of one backbone, as the MTSL paper)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=64, help="per process under torchrun")
@@ -88,6 +97,9 @@ def _config(args):
         data_root=args.data_root,
         tasks=args.tasks.split(",") if args.tasks else None,
         trunk=args.trunk,
+        weights=args.weights,
+        independent_init=args.independent_init,
+        equal_final_budget=args.equal_final_budget,
         train_size=args.train_size,
         val_size=args.val_size,
         test_size=args.test_size,
@@ -169,7 +181,7 @@ def _check_args(args: argparse.Namespace, cfg: Any) -> None:
     """Every flag checked once, before any data, network or file is made: a `ConfigError` whose
     message names the flag and a valid value. The TrainConfig fields go through
     `TrainConfig.validate` (the one set of rules the Python API uses too)."""
-    from graphsurgeon.errors import ConfigError
+    from graphsurgeon.errors import CheckpointError, ConfigError
 
     cfg.train.validate()  # its messages name fields; main() reports them as flags (`_as_flags`)
     counts = {"--train-size": args.train_size, "--val-size": args.val_size, "--test-size": args.test_size,
@@ -184,6 +196,8 @@ def _check_args(args: argparse.Namespace, cfg: Any) -> None:
             raise ConfigError(f"{flag} {value} is not valid; use a finite number {'>' if strict else '>='} 0.")
     if not math.isfinite(args.threshold):
         raise ConfigError(f"--threshold {args.threshold} is not valid; use a finite number, e.g. 0.8.")
+    if args.weights is not None and not Path(args.weights).is_file():
+        raise CheckpointError(f"--weights {args.weights!r}: no such file; pass the path of a saved backbone state dict.")
     _check_out(Path(cfg.out_dir), resume=args.resume, overwrite=args.overwrite)
 
 

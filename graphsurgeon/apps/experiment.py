@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
+import pickle
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,7 +25,7 @@ from graphsurgeon.core.build import multitask
 from graphsurgeon.core.modes import eval_mode
 from graphsurgeon.core.network import MultiTaskNetwork
 from graphsurgeon.data.tasks import TaskInfo
-from graphsurgeon.errors import TaskSpecError
+from graphsurgeon.errors import CheckpointError, TaskSpecError
 from graphsurgeon.methods.base import Method
 from graphsurgeon.training.trainer import TrainConfig, Trainer, seed_everything
 
@@ -42,8 +44,20 @@ class ExperimentConfig:
     val_size: int | None = None
     test_size: int | None = None
     trunk: str | None = None
+    # a local state dict for the backbone (safetensors, or a .pth/.pt read with weights_only=True),
+    # loaded before the network is built: the pristine segments (MTSL's "pristine" group init) are it
+    weights: str | None = None
+    # a separate start (mtsl, single, separate) copies the one backbone for every task, so the
+    # copies start identical, as the MTSL paper's deep copies do (and a "mean" group init averages
+    # aligned neurons); True re-initialises every task's copy but the first at random instead, as
+    # T independently initialised networks would be
+    independent_init: bool = False
     granularity: str = "block"
     epochs: int | None = None
+    # TAG and DMTG spend the run's first epochs searching (affinities, the supernet), so their
+    # final network trains for fewer epochs than the other methods' networks; True adds the
+    # search epochs on top of ``epochs``, so every method's final network gets ``epochs``
+    equal_final_budget: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
     mtsl: dict[str, Any] = field(default_factory=dict)
     tag: dict[str, Any] = field(default_factory=dict)
@@ -82,6 +96,58 @@ def make_backbone(name: str, in_channels: int, image_size: int) -> nn.Module:
     return GreyToRGB(model) if in_channels == 1 else model
 
 
+def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
+    """Load a state dict from a local file into ``backbone`` (the model inside `GreyToRGB`).
+
+    Safetensors files are read as such; anything else with ``torch.load(weights_only=True)``, so
+    loading runs no pickled code. The keys must match exactly: a partial load would silently
+    leave layers at their random init, so the first missing and unexpected keys are named.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"--weights {str(path)!r}: no such file; pass the path of a saved backbone state dict.")
+    target = backbone.model if isinstance(backbone, GreyToRGB) else backbone
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only refuses pickled modules and other code
+        raise CheckpointError(
+            f"--weights {str(path)!r} cannot be read: it pickles objects other than tensors, which "
+            "torch.load(weights_only=True) refuses; save model.state_dict(), not the model."
+        ) from exc
+    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise CheckpointError(
+            f"--weights {str(path)!r} cannot be read ({str(exc).splitlines()[0]}); save it with safetensors.torch.save_file or "
+            "torch.save(model.state_dict(), path)."
+        ) from exc
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(
+            f"--weights {str(path)!r} holds a {type(state).__name__}, not a state dict of tensors; "
+            "save model.state_dict() (not the model, nor a training checkpoint around it)."
+        )
+    expected = target.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"--weights {str(path)!r} does not fit the {type(target).__name__} backbone: "
+            f"{len(missing)} missing key(s) {missing[:3]}, {len(unexpected)} unexpected key(s) {unexpected[:3]}. "
+            "Use a state dict of the same architecture as --backbone (without a wrapper prefix such as 'module.')."
+        )
+    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]
+    if wrong:
+        raise CheckpointError(
+            f"--weights {str(path)!r}: {len(wrong)} tensor(s) have other shapes than the backbone's, e.g. {wrong[:3]}; "
+            "use weights of the same architecture and number of classes as --backbone."
+        )
+    target.load_state_dict(state)
+
+
 def build_network(cfg: ExperimentConfig, task_info: Mapping[str, TaskInfo], example: torch.Tensor) -> MultiTaskNetwork:
     """The network ``cfg`` starts from; its task specs carry the datasets' losses and metrics,
     which is where the trainer reads them."""
@@ -92,13 +158,15 @@ def build_network(cfg: ExperimentConfig, task_info: Mapping[str, TaskInfo], exam
         for t, info in task_info.items()
     }
     backbone = make_backbone(cfg.backbone, example.shape[1], example.shape[-1])
+    if cfg.weights is not None:
+        load_backbone_weights(backbone, cfg.weights)
     # dense tasks need a feature map: by default the backbone's last one (classification only:
     # the classifier's input)
     dense = any(info.kind != "classification" for info in task_info.values())
     trunk = cfg.trunk or ("spatial" if dense else None)
     net = multitask(backbone, heads, trunk=trunk, sharing=entry.sharing, granularity=cfg.granularity, example_input=example)
-    if entry.independent_init(cfg):
-        # from-scratch backbones: each task's copy gets its own random init, as separate networks would
+    if cfg.independent_init and entry.sharing == "separate":
+        # every task's copy but the first gets its own random init, as independent networks would
         from graphsurgeon.core.surgery import reinitialise
 
         reinitialise(net, [n.id for d in range(1, net.depth + 1) for n in net.tree.at_depth(d)[1:]], from_="random")
@@ -135,8 +203,7 @@ def _hard_sharing(cfg: ExperimentConfig, tasks: Sequence[str]) -> Method:
 def _mtsl(cfg: ExperimentConfig, tasks: Sequence[str]) -> Method:
     from graphsurgeon.methods.structure.mtsl import MTSL, MTSLConfig
 
-    options = {k: v for k, v in cfg.mtsl.items() if k != "independent_init"}  # read by build_network
-    return MTSL(_options(MTSLConfig, options, "mtsl"))
+    return MTSL(_options(MTSLConfig, cfg.mtsl, "mtsl"))
 
 
 def _tag(cfg: ExperimentConfig, tasks: Sequence[str]) -> Method:
@@ -161,13 +228,11 @@ def _dmtg(cfg: ExperimentConfig, tasks: Sequence[str]) -> Method:
 class MethodEntry:
     """How the wiring runs a method: its builder, the network it starts from (one network per
     task, or one shared network: TAG measures its affinities on it, DMTG builds its branches
-    from it), whether a gradient method may replace its plain sum of losses, and whether the
-    separate copies get their own random init (as separate from-scratch networks would)."""
+    from it), and whether a gradient method may replace its plain sum of losses."""
 
     build: Callable[[ExperimentConfig, Sequence[str]], Method]
     sharing: Literal["separate", "shared"]
     gradient: bool = False
-    independent_init: Callable[[ExperimentConfig], bool] = lambda cfg: False
 
 
 # method name -> entry; the CLI offers exactly these
@@ -175,7 +240,7 @@ METHOD_REGISTRY: dict[str, MethodEntry] = {
     "hps": MethodEntry(_hard_sharing, "shared", gradient=True),
     "single": MethodEntry(_hard_sharing, "separate", gradient=True),
     "separate": MethodEntry(_hard_sharing, "separate", gradient=True),
-    "mtsl": MethodEntry(_mtsl, "separate", independent_init=lambda cfg: bool(cfg.mtsl.get("independent_init", True))),
+    "mtsl": MethodEntry(_mtsl, "separate"),
     "tag": MethodEntry(_tag, "shared"),
     "itmtl": MethodEntry(_itmtl, "shared"),
     "dmtg": MethodEntry(_dmtg, "shared"),
@@ -269,6 +334,27 @@ def _datasets(cfg: ExperimentConfig) -> tuple[dict[str, Dataset], dict[str, Task
     return splits, full.task_info
 
 
+def _with_search_on_top(cfg: ExperimentConfig, train_cfg: TrainConfig) -> ExperimentConfig:
+    """``cfg`` with TAG's or DMTG's search epochs pinned and added to ``train_cfg.epochs``, so the
+    network they choose trains for the original number of epochs (``equal_final_budget``).
+    TAG's affinity stage is pinned at its default length (a quarter of the original epochs), as
+    it would otherwise grow with the longer run. Other methods are returned unchanged: their
+    final network is trained for the whole run (MTSL's structure is learnt during it)."""
+    from dataclasses import replace
+
+    if cfg.method == "tag":
+        search = cfg.tag.get("affinity_epochs") or max(1, math.ceil(train_cfg.epochs / 4))
+        cfg = replace(cfg, tag={**cfg.tag, "affinity_epochs": search})
+    elif cfg.method == "dmtg":
+        from graphsurgeon.methods.structure.dmtg import DMTGConfig
+
+        search = cfg.dmtg.get("search_epochs", DMTGConfig.search_epochs)
+    else:
+        return cfg
+    train_cfg.epochs += search
+    return cfg
+
+
 def run(cfg: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
     """Train and evaluate one method; write artefacts to ``cfg.out_dir``; return the results.
 
@@ -287,6 +373,8 @@ def run(cfg: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
         train_cfg.checkpoint_dir = str(out / "checkpoint")
     if cfg.epochs:
         train_cfg.epochs = cfg.epochs
+    if cfg.equal_final_budget:
+        cfg = _with_search_on_top(cfg, train_cfg)
     trainer = Trainer(net, None, data["train"], data["val"], train_cfg, make_method(cfg, net.tasks))
     if resume and out is not None:
         trainer.resume()

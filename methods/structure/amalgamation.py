@@ -30,9 +30,12 @@ def _broadcast_gate(g: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
 
 
 class ChannelGate(nn.Module):
-    """Linear → ReLU → Linear → Sigmoid on the pooled group features: one gate per member."""
+    """Linear → ReLU → Linear → Sigmoid on the pooled group features: one gate per member.
 
-    def __init__(self, channels: int, reduction: int = 4) -> None:
+    The hidden width is ``channels // reduction``; ``reduction=1`` (C → C → C) is the official
+    MTSL gate, a larger one a cheaper squeeze-and-excitation-style bottleneck."""
+
+    def __init__(self, channels: int, reduction: int = 1) -> None:
         super().__init__()
         hidden = max(channels // reduction, 4)
         self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, channels), nn.Sigmoid())
@@ -72,12 +75,13 @@ class Amalgamation:
         epochs: passes over ``batches`` per fuse.
         lr: Adam learning rate for the group node and the gates (a separate optimizer).
         progress: wraps each epoch's batches (e.g. a tqdm factory) or ``None``.
+        reduction: the gates' hidden width is channels // reduction (1: the official C).
     """
 
     batches: Callable[[], Iterable[torch.Tensor]]
     epochs: int = 1
     lr: float = 1e-3
-    reduction: int = 4
+    reduction: int = 1
     progress: Callable[[Iterable], Iterable] | None = None
     history: list[dict] = field(default_factory=list)
     gates: list[ChannelGate] | None = field(default=None, repr=False)

@@ -4,7 +4,13 @@ Transference in Multi-Task Learning", 2020).
 Each step forms several candidate combined gradients of the shared parameters (by default
 the plain sum of the task gradients and PCGrad's), looks ahead along each (an SGD step on the
 shared parameters, the task losses recomputed on the same batch: `graphsurgeon.methods.structure.lookahead`)
-and takes the candidate whose step lowers the total loss the most. Task-specific parameters
+and takes the candidate with the highest *total transference*, the paper's criterion:
+
+    Σ_j Z_j = Σ_j 1 − L_j(after the step) / L_j(before),
+
+the tasks' relative loss changes, so each task counts by its proportional gain and a task with
+a large loss scale does not decide alone (``criterion="total"``: the lowest raw sum of the
+lookahead losses instead, which lets the highest-loss task dominate). Task-specific parameters
 (heads, single-task branches) take their ordinary gradient. With ``every > 1`` the choice is
 made every ``every`` steps and reused in between.
 
@@ -15,7 +21,7 @@ weights, keep up); between them only the chosen one does.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -31,7 +37,31 @@ from graphsurgeon.training.distributed import all_reduce_gradients, all_reduce_m
 if TYPE_CHECKING:
     from graphsurgeon.training.trainer import Trainer
 
-__all__ = ["ITMTL"]
+__all__ = ["ITMTL", "select_candidate"]
+
+
+def select_candidate(
+    before: torch.Tensor, after: torch.Tensor, criterion: Literal["relative", "total"] = "relative", tolerance: float = 0.0
+) -> int:
+    """The index of the best candidate: row k of ``after`` (``[K, T]``) holds the task losses
+    after the lookahead along candidate k, ``before`` (``[T]``) the losses before it.
+
+    ``relative`` ranks by Σ_j after_kj / |before_j| (lowest first), i.e. highest total
+    transference Σ_j 1 − after_kj / before_j (tasks with a zero loss have nothing to gain and
+    are left out); ``total`` by Σ_j after_kj. Scores within ``tolerance`` × |lowest| of the
+    lowest tie, and the earliest tied candidate wins.
+    """
+    after = after.double()
+    if criterion == "relative":
+        scale = before.double().abs().reshape(-1)
+        kept = scale > 0
+        scores = (after[:, kept] / scale[kept]).sum(dim=1)
+    elif criterion == "total":
+        scores = after.sum(dim=1)
+    else:
+        raise OptionError(f"IT-MTL criterion={criterion!r}; use 'relative' (the paper's transference) or 'total'.")
+    lowest = scores.min()
+    return int(torch.nonzero(scores <= lowest + tolerance * lowest.abs())[0])
 
 
 class ITMTL(LookaheadMethod):
@@ -46,6 +76,8 @@ class ITMTL(LookaheadMethod):
             judged by length as much as by direction — see the table in `gradients`).
         every: choose every ``every`` steps; reuse the last choice in between.
         lookahead_lr: SGD step of the lookahead; ``None``: the optimizer's learning rate.
+        criterion: ``"relative"`` (the paper's total transference, Σ_j 1 − L_j'/L_j) or
+            ``"total"`` (the lowest sum of the lookahead losses, scale-dependent).
         options: per-candidate aggregator options, e.g. ``{"cagrad": {"c": 0.4}}``.
         tolerance: lookahead totals within ``tolerance * |lowest|`` of the lowest count as tied
             and the tie goes to the earliest candidate. Where the candidates barely differ
@@ -67,6 +99,7 @@ class ITMTL(LookaheadMethod):
         lookahead_lr: float | None = None,
         options: Mapping[str, Mapping[str, Any]] | None = None,
         tolerance: float = 1e-6,
+        criterion: Literal["relative", "total"] = "relative",
     ) -> None:
         candidates = [str(c).lower() for c in candidates]
         if not candidates or len(set(candidates)) != len(candidates):
@@ -77,7 +110,10 @@ class ITMTL(LookaheadMethod):
         unknown = sorted(set(options) - set(candidates))
         if unknown:
             raise OptionError(f"IT-MTL options name {unknown}, which are not candidates {candidates}; drop them.")
+        if criterion not in ("relative", "total"):
+            raise OptionError(f"IT-MTL criterion={criterion!r}; use 'relative' (the paper's transference) or 'total'.")
         super().__init__()
+        self.criterion = criterion
         self.candidates = tuple(candidates)
         self.aggregators = nn.ModuleDict({c: make_aggregator(c, num_tasks, **options.get(c, {})) for c in candidates})
         self.every = every
@@ -88,7 +124,7 @@ class ITMTL(LookaheadMethod):
         self.choice = 0
         self.chosen = {c: 0 for c in candidates}
         self.epoch_chosen = {c: 0 for c in candidates}
-        self.last_lookahead: list[float] | None = None
+        self.last_lookahead: list[float] | None = None  # the raw lookahead loss sums, for the record
         self.epoch_losses = EpochLossMean(num_tasks)  # for a DWA candidate
 
     def parameters(self) -> Iterator[nn.Parameter]:
@@ -114,10 +150,8 @@ class ITMTL(LookaheadMethod):
             directions = torch.stack([self.aggregators[c].aggregate(grads, loss_values) for c in self.candidates])
             lr = self.step_size(trainer, self.lookahead_lr)
             after = all_reduce_mean(lookahead_losses(trainer.net, shared, directions, lr, self.batch_losses(trainer, step, order)))
-            totals = after.double().sum(dim=1)
-            lowest = totals.min()
-            self.choice = int(torch.nonzero(totals <= lowest + self.tolerance * lowest.abs())[0])
-            self.last_lookahead = totals.tolist()
+            self.choice = select_candidate(loss_values, after, self.criterion, self.tolerance)
+            self.last_lookahead = after.double().sum(dim=1).tolist()
             direction = directions[self.choice]
         else:
             direction = self.aggregators[self.candidates[self.choice]].aggregate(grads, loss_values)

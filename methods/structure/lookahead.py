@@ -21,6 +21,7 @@ autograd refuses to back-propagate through a graph whose saved parameters were m
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -34,7 +35,7 @@ from graphsurgeon.methods.base import Method, Step
 if TYPE_CHECKING:
     from graphsurgeon.training.trainer import Trainer
 
-__all__ = ["LookaheadError", "LookaheadMethod", "affinity", "lookahead_losses"]
+__all__ = ["LookaheadError", "LookaheadMethod", "affinity", "lookahead_losses", "optimizer_displacements"]
 
 
 class LookaheadError(GraphSurgeonError):
@@ -83,6 +84,58 @@ def lookahead_losses(
             with torch.random.fork_rng(devices=devices):
                 rows.append(evaluate().detach().reshape(-1))
             restore()
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def optimizer_displacements(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], grads: Tensor) -> Tensor:
+    """``theta - theta'`` for one step of ``optimizer`` on ``params`` along each row of ``grads``.
+
+    The official TAG code (CelebA) looks ahead with the optimizer's own update rather than a
+    plain SGD step: with Adam the step is lr·m̂/(√v̂ + eps) from the current moments, of the
+    size training actually takes. Each row runs ``optimizer.step()`` from the optimizer's
+    current state with only ``params`` holding a gradient (the row); afterwards the parameters
+    (from a copy), every parameter's ``.grad`` and the state of ``params`` are put back, so the
+    training step that follows is untouched. The rows feed `lookahead_losses` with ``lr=1``.
+    """
+    params = list(params)
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if any(id(p) not in held for p in params):
+        raise LookaheadError(
+            "the optimizer does not hold every shared parameter, so its update cannot be the lookahead; "
+            "use lookahead='sgd' or build the optimizer over the network's parameters."
+        )
+    if grads.dim() != 2 or grads.shape[1] != sum(p.numel() for p in params):
+        raise LookaheadError(f"optimizer_displacements needs rows of {sum(p.numel() for p in params)} gradients, got {tuple(grads.shape)}.")
+    everything = [p for group in optimizer.param_groups for p in group["params"]]
+    saved_grads = [p.grad for p in everything]
+    saved_state = {p: copy.deepcopy(optimizer.state[p]) for p in params if p in optimizer.state}
+
+    def restore_state() -> None:
+        for p in params:
+            if p in saved_state:
+                optimizer.state[p] = copy.deepcopy(saved_state[p])
+            else:
+                optimizer.state.pop(p, None)
+
+    sizes = [p.numel() for p in params]
+    rows = []
+    try:
+        with restoring(params) as restore:
+            before = torch.cat([p.detach().reshape(-1) for p in params])
+            for row in grads:
+                for p in everything:
+                    p.grad = None
+                for p, g in zip(params, torch.split(row, sizes)):
+                    p.grad = g.view_as(p).to(p).clone()
+                optimizer.step()
+                rows.append(before - torch.cat([p.detach().reshape(-1) for p in params]))
+                restore()
+                restore_state()
+    finally:
+        for p, g in zip(everything, saved_grads):
+            p.grad = g
+        restore_state()
     return torch.stack(rows)
 
 

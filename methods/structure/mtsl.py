@@ -1,13 +1,20 @@
 """MTSL — Multi-Task Structural Learning (Gurulingan et al., ICML 2023), on the graph engine.
 
-Training starts fully split (one copy of every segment per task) and alternates
-task-learning phases with structural phases. In a structural phase, for every set of sibling
-task nodes at the frontier (the earliest depth not yet decided), the members' outputs are
-compared by debiased linear CKA on a fixed sample of training images; the partition search
-of `graphsurgeon.methods.structure.partition.mtsl_partition` picks the groups to merge; each group's knowledge is
+Training starts fully split (one copy of every segment per task, all identical copies of the
+backbone's) and alternates task-learning phases with structural phases. In a structural phase,
+for every set of sibling task nodes at the frontier, the members' outputs are compared by
+debiased linear CKA on a fixed sample of training images; the partition search of
+`graphsurgeon.methods.structure.partition.mtsl_partition` picks the groups to merge; each group's knowledge is
 amalgamated into a new group node (`graphsurgeon.methods.structure.amalgamation.Amalgamation`); the members are
-removed and their children re-parented (`graphsurgeon.core.surgery.fuse`). During task learning an
-alignment loss w·(1 − mean pairwise CKA) pulls the frontier siblings' outputs together.
+removed and their children re-parented (`graphsurgeon.core.surgery.fuse`).
+
+The frontier, as in the official code (`train_stubs.py: fusion_phase`, ``ungrouped_tasks``), is
+every open set, each at its own depth: (a) the children of each group node, compared at the
+depth below it in the phase after it was formed; and (b) the *leftovers*: siblings a phase
+compared but did not merge; they stay a set, are compared again at the same depth in every
+later phase, and stay under the alignment loss until fewer than two are left. During task learning, up to the last
+structural phase, an alignment loss w·(1 − mean pairwise CKA) pulls the frontier siblings'
+outputs together; from the last structural phase on it is off (official ``loss_stub``).
 
 Under torchrun every rank accumulates the CKA statistics on its share of the similarity
 sample and the statistics (O(D²) per sibling set, never activations) are summed over ranks;
@@ -15,11 +22,16 @@ rank 0 decides the partition and broadcasts it; every rank applies the same fuse
 the group node on its share of the batches with averaged gradients; the trainer then re-wraps
 the network for DDP (`Trainer.structure_changed`).
 
+A checkpoint holds the tree, the weights and this method's state, not the pristine templates a
+``group_init="pristine"`` copies (they are the backbone as built or loaded, an input of the
+run): a resume checks their digest and refuses another backbone's.
+
 The official code is ResNet-18-only and cuts stages by hand; here a "layer" is a segment
 at ``granularity="block"`` of whatever backbone was traced. Heads are never merged.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 from collections.abc import Mapping, Sequence
@@ -29,7 +41,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from graphsurgeon.core.modes import eval_mode
+from graphsurgeon.core.network import MultiTaskNetwork
 from graphsurgeon.core.surgery import fuse
+from graphsurgeon.errors import CheckpointError
 from graphsurgeon.methods.base import Method
 from graphsurgeon.methods.structure.amalgamation import Amalgamation
 from graphsurgeon.methods.structure.partition import GroupingError, mtsl_partition
@@ -42,6 +56,16 @@ if TYPE_CHECKING:
 __all__ = ["MTSL", "MTSLConfig"]
 
 
+def pristine_digest(net: MultiTaskNetwork) -> str:
+    """SHA-256 of every pristine segment template's tensors (parameters and buffers, in order)."""
+    h = hashlib.sha256()
+    for segment in net.segments:
+        for name, tensor in segment.module.state_dict().items():
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 @dataclass
 class MTSLConfig:
     """Every knob of MTSL; the defaults are the official code's."""
@@ -52,7 +76,13 @@ class MTSLConfig:
     threshold: float = 0.8
     align_weight: float = 0.2
     similarity_samples: int = 800
-    group_init: str = "fresh"  # or "pristine" (the backbone's segment, as the official code reloads it), "mean" of the members, or "copy" of the most central member
+    # "pristine": the group node starts as the backbone's segment as loaded (pretrained), which is
+    # what the official rebuild does; "fresh" re-randomises it (the engine's meaning, elsewhere too);
+    # "mean" of the members' parameters (meaningful because the copies start identical); "copy" of
+    # the most central member
+    group_init: str = "pristine"
+    # the amalgamation gate's hidden width is channels // gate_reduction; the official gate is C → C → C
+    gate_reduction: int = 1
     distill_lr: float | None = None
     exhaustive_limit: int = 10
 
@@ -65,7 +95,13 @@ class MTSL(Method):
     config: MTSLConfig = field(default_factory=MTSLConfig)
     decisions: list[dict] = field(default_factory=list)
     phase: int = 0
+    # parents whose children are done: fewer than two of them are left to compare
     decided: set[int] = field(default_factory=set)
+    # group nodes MTSL created: done at their own depth (their children form a new set)
+    settled: set[int] = field(default_factory=set)
+    # a digest of the pristine templates a "pristine" group init copies: they are an input of the
+    # run (the loaded backbone), not part of a checkpoint, so a resume checks it builds on the same
+    _pristine_digest: str | None = field(default=None, init=False, repr=False)
     # the alignment's forward hooks and what they captured in the current step
     _hooks: list = field(default_factory=list, init=False, repr=False)
     _captured: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
@@ -77,20 +113,40 @@ class MTSL(Method):
         """Epochs after which the structural phases run."""
         return list(itertools.accumulate(self.config.scaled(self.config.task_phases)))
 
-    def frontier(self, tree) -> tuple[int, list[tuple[int, list[int]]]]:
-        """The earliest depth with an undecided set of ≥ 2 siblings, and those sets (parent, ids)."""
+    def candidates(self, tree, parent: int) -> list[int]:
+        """The children of ``parent`` still to be compared: all of them but the groups MTSL made."""
+        return [c.id for c in tree.children(parent) if c.id not in self.settled]
+
+    def frontier(self, tree) -> list[tuple[int, int, list[int]]]:
+        """The sibling sets the next structural phase compares, as (depth, parent, ids), shallow first.
+
+        As the official ``fusion_phase`` walks its ``current_task_groups``: every open set at
+        once, each at its own depth: the children of every group node, and the leftovers of
+        every set compared before (retried at their depth, as the official ``ungrouped_tasks``).
+        """
+        sets = []
         for depth in range(1, tree.depth + 1):
-            sets = [
-                (p.id, [c.id for c in tree.children(p.id)])
-                for p in tree.at_depth(depth - 1)
-                if p.id not in self.decided and len(tree.children(p.id)) >= 2
-            ]
-            if sets:
-                return depth, sets
-        return 0, []
+            for p in tree.at_depth(depth - 1):
+                ids = self.candidates(tree, p.id)
+                if p.id not in self.decided and len(ids) >= 2:
+                    sets.append((depth, p.id, ids))
+        return sets
+
+    def aligning(self) -> bool:
+        """Whether the alignment loss is on: only before the last structural phase (``loss_stub``)."""
+        return self.config.align_weight > 0 and self.phase < len(self.phase_ends())
 
     # ------------------------------------------------------------------ task learning
     def on_start(self, trainer: Trainer) -> None:
+        if self.config.group_init == "pristine":
+            digest = pristine_digest(trainer.net)
+            if self._pristine_digest is not None and self._pristine_digest != digest:
+                raise CheckpointError(
+                    "this MTSL run was checkpointed on other pristine segment weights than this network's, and "
+                    "its group_init='pristine' copies them into every new group node; resume with the network "
+                    "built from the same backbone weights (e.g. the same --weights), or set group_init='fresh'."
+                )
+            self._pristine_digest = digest
         self._install_hooks(trainer)
 
     def _install_hooks(self, trainer: Trainer) -> None:
@@ -98,10 +154,9 @@ class MTSL(Method):
         for h in self._hooks:
             h.remove()
         self._hooks, self._captured = [], {}
-        if self.config.align_weight <= 0:
+        if not self.aligning():
             return
-        _, sets = self.frontier(trainer.net.tree)
-        for _, ids in sets:
+        for _, _, ids in self.frontier(trainer.net.tree):
             for node_id in ids:
                 module = trainer.net.node_module(node_id)
                 self._hooks.append(module.register_forward_hook(self._capture(node_id)))
@@ -114,11 +169,10 @@ class MTSL(Method):
         return hook
 
     def extra_loss(self, trainer: Trainer, x: torch.Tensor, outputs: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
-        if not self._captured or x.shape[0] < 4:
+        if not self._captured or x.shape[0] < 4 or not self.aligning():
             return None
-        _, sets = self.frontier(trainer.net.tree)
         terms = []
-        for _, ids in sets:
+        for _, _, ids in self.frontier(trainer.net.tree):
             feats = [global_avg_pool(self._captured[i]) for i in ids if i in self._captured]
             if len(feats) >= 2:
                 cka = minibatch_debiased_cka(feats)
@@ -163,13 +217,16 @@ class MTSL(Method):
         return acc.all_reduce().matrix().cpu()
 
     def structural_phase(self, trainer: Trainer) -> list[dict]:
+        """Compare every frontier set, merge what passes the threshold, keep the rest as leftovers."""
         net = trainer.net
-        depth, sets = self.frontier(net.tree)
+        sets = self.frontier(net.tree)
         if not sets:
             return []
         distill_epochs = self.config.scaled(self.config.distill_epochs)[min(self.phase, len(self.config.distill_epochs) - 1)]
         events = []
-        for parent, ids in sets:
+        for depth, parent, ids in sets:
+            if any(net.tree.node(i).parent != parent for i in ids):
+                continue  # an earlier fuse this phase re-parented them; the next phase sees the new set
             before = sum(p.numel() for p in net.parameters())
             node_tasks = [list(net.tree.node(i).tasks) for i in ids]
             sim = self.similarity(trainer, depth, ids)
@@ -188,12 +245,18 @@ class MTSL(Method):
                 batches=lambda: (b[0].to(trainer.device) for b in trainer.loader(trainer.train_data, shuffle=True)),
                 epochs=distill_epochs,
                 lr=self.config.distill_lr or trainer.config.lr,
-                progress=(lambda it: trainer.progress(it, desc=f"distil d{depth}")) if trainer.config.progress else None,
+                reduction=self.config.gate_reduction,
+                progress=(lambda it, d=depth: trainer.progress(it, desc=f"distil d{d}")) if trainer.config.progress else None,
             )
             if groups:
                 fuse(net, depth, groups, init=self.config.group_init, distill=amalgamation, optimizer=trainer.optimizer)
                 trainer.structure_changed()
-            self.decided.add(parent)
+                # the group nodes are the parent's children that hold more than one former member
+                merged_tasks = [{t for i in g for t in node_tasks[ids.index(i)]} for g in groups]
+                self.settled.update(c.id for c in net.tree.children(parent) if set(c.tasks) in merged_tasks)
+            leftovers = self.candidates(net.tree, parent)
+            if len(leftovers) < 2:
+                self.decided.add(parent)
             event = {
                 "phase": self.phase + 1,
                 "epoch": trainer.epoch,
@@ -204,6 +267,7 @@ class MTSL(Method):
                 "similarity": sim.tolist(),
                 "trials": [{"k": t.k, "partition": [list(b) for b in t.partition], "score": t.score} for t in decision.trials],
                 "merged": groups,
+                "leftovers": leftovers if len(leftovers) >= 2 else [],
                 "distill_loss": [h["loss_curve"] for h in amalgamation.history],
                 "parameters_before": before,
                 "parameters_after": sum(p.numel() for p in net.parameters()),
@@ -213,10 +277,19 @@ class MTSL(Method):
         return events
 
     def state_dict(self) -> dict[str, Any]:
-        return {"phase": self.phase, "decided": sorted(self.decided), "decisions": self.decisions, "config": asdict(self.config)}
+        return {
+            "phase": self.phase,
+            "decided": sorted(self.decided),
+            "settled": sorted(self.settled),
+            "decisions": self.decisions,
+            "pristine_digest": self._pristine_digest,
+            "config": asdict(self.config),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.phase = int(state.get("phase", 0))
         self.decided = set(state.get("decided", []))
+        self.settled = set(state.get("settled", []))
+        self._pristine_digest = state.get("pristine_digest")
         self.decisions = list(state.get("decisions", []))
 

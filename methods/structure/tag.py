@@ -2,8 +2,9 @@
 Groupings for Multi-Task Learning"), on the graph engine.
 
 Stage 1 trains the network as it is given (hard sharing: the ordinary sum-of-losses step) and,
-every ``every`` steps, measures the inter-task affinity by lookahead: for each task i, an SGD
-step on the shared parameters along task i's gradient alone, and
+every ``every`` steps, measures the inter-task affinity by lookahead: for each task i, a step
+on the shared parameters along task i's gradient alone (plain SGD, or with ``lookahead=
+"optimizer"`` the optimizer's own update, as the official CelebA code), and
 
     Z[i, j] = 1 - L_j(after the step on task i) / L_j(before)
 
@@ -37,7 +38,12 @@ from graphsurgeon.core.surgery import reinitialise, split
 from graphsurgeon.errors import MethodError, OptionError
 from graphsurgeon.methods.aggregation.base import per_task_gradients, split_parameters
 from graphsurgeon.methods.base import Step
-from graphsurgeon.methods.structure.lookahead import LookaheadMethod, affinity, lookahead_losses
+from graphsurgeon.methods.structure.lookahead import (
+    LookaheadMethod,
+    affinity,
+    lookahead_losses,
+    optimizer_displacements,
+)
 from graphsurgeon.methods.structure.partition import tag_groups
 from graphsurgeon.training.distributed import all_reduce_mean, broadcast_object
 
@@ -55,7 +61,9 @@ class TAGConfig:
     every: int = 10
     """Measure the affinity every ``every`` training steps of stage 1."""
     affinity_epochs: int | None = None
-    """Length of stage 1; ``None``: a quarter of the training epochs, at least 1."""
+    """Length of stage 1; ``None``: a quarter of the training epochs, at least 1. The official
+    TAG averages over its whole joint run: ``affinity_epochs=E`` with the experiment's
+    ``equal_final_budget`` is that protocol (E joint epochs, then E for the groups)."""
     split_depth: int = 0
     """Depths 1..split_depth stay shared; from split_depth + 1 on each group has its own branch."""
     restart: bool = True
@@ -63,8 +71,14 @@ class TAGConfig:
     restart_from: Literal["random", "pristine"] = "random"
     """What a restart starts from: random weights (TAG's from-scratch networks) or the network as
     it was built (the backbone's pretrained weights and the heads as given)."""
+    lookahead: Literal["sgd", "optimizer"] = "sgd"
+    """The lookahead step along task i's gradient: ``"sgd"``, θ − lookahead_lr·g_i; or
+    ``"optimizer"``, the training optimizer's own update from its current state (Adam's
+    lr·m̂/(√v̂ + eps)), as the official CelebA code looks ahead. With Adam at 1e-3 the SGD step
+    is tiny and the affinities are of order 1e-3 (the grouping uses only their ranking, noisier
+    at that scale); the optimizer's step is the size training takes."""
     lookahead_lr: float | None = None
-    """SGD step of the lookahead; ``None``: the optimizer's learning rate."""
+    """The ``"sgd"`` lookahead's step; ``None``: the optimizer's learning rate."""
     exact_limit: int = 12
     beam_width: int = 64
 
@@ -96,6 +110,8 @@ class TAG(LookaheadMethod):
                 f"TAG split_depth={c.split_depth} must lie in 0..{net.depth - 1} for this network of "
                 f"{net.depth} segments (0 splits at the input: one network per group)."
             )
+        if c.lookahead not in ("sgd", "optimizer"):
+            raise OptionError(f"TAG lookahead={c.lookahead!r}; use 'sgd' (θ − lr·g) or 'optimizer' (its own update, official).")
         if c.affinity_epochs is not None and c.affinity_epochs < 1:
             raise OptionError(f"TAG affinity_epochs={c.affinity_epochs} must be >= 1 (or None for a quarter).")
         if self.grouped:
@@ -123,7 +139,10 @@ class TAG(LookaheadMethod):
         values = [step.losses[t] for t in order]
         grads = all_reduce_mean(per_task_gradients(values, shared, retain_graph=True))
         super().backward(trainer, step)
-        lr = self.step_size(trainer, self.config.lookahead_lr)
+        if self.config.lookahead == "optimizer":
+            grads, lr = optimizer_displacements(trainer.optimizer, shared, grads), 1.0
+        else:
+            lr = self.step_size(trainer, self.config.lookahead_lr)
         # "before" is a lookahead along the zero direction rather than the training forward's
         # losses: every row then runs under the same forked RNG state, so a network with
         # dropout compares the same masks before and after (one extra forward per measurement)
