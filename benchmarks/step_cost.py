@@ -1,0 +1,184 @@
+"""The cost of one training step of every method, relative to hard sharing (EW), in one run.
+
+Five classification tasks on the demo's small residual CNN (`graphsurgeon.apps.models.small_resnet`,
+5 shared segments, a linear head per task), batch 64 of 1x36x36 canvases (MultiMNIST's size),
+Adam. A step is what `Trainer.train_epoch` does per batch: forward, task losses (and a method's
+extra loss), the method's backward, the optimizer step. Every method gets its own network and
+optimizer from the same seed; after a warm-up the methods are timed one step each per round, in
+a fresh random order every round (interleaved, so that a noisy second hits all methods alike),
+and each method's time is the median over the rounds. MTSL's task-learning step runs on its
+starting network (one copy of every segment per task, ``sharing="separate"``) with its alignment
+loss, so its cost includes T times the backbone.
+
+Writes ``benchmarks/results/step_cost_<device>.{json,md}``: ratios to hard sharing only, absolute
+times only on a GPU (a CPU's depend on what else runs on it).
+
+    python benchmarks/step_cost.py --threads 1
+    python benchmarks/step_cost.py --device cuda
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import graphsurgeon as gs
+from graphsurgeon.apps.models import small_resnet
+from graphsurgeon.methods.base import Method, Step
+from graphsurgeon.methods.gradient_method import GradientMethod
+from graphsurgeon.methods.sam import SharpnessAware
+from graphsurgeon.methods.structure.mtsl import MTSL, MTSLConfig
+
+TASKS = tuple(f"t{i}" for i in range(5))
+TARGETS = {"ppg": 2.0, "sam": 4.0}  # the issue's targets on CPU: per-task-gradient methods, SAM
+
+
+def network(sharing: str, device: torch.device) -> gs.MultiTaskNetwork:
+    torch.manual_seed(0)
+    tasks = {t: gs.Task(lambda shape: nn.Linear(shape[0], 10), F.cross_entropy) for t in TASKS}
+    net = gs.multitask(small_resnet(1), tasks, sharing=sharing, example_input=torch.randn(2, 1, 36, 36))
+    return net.to(device)
+
+
+def variants() -> dict[str, tuple[str, Callable[[], Method]]]:
+    """label -> (sharing, method factory); "kind" of each label: hps, ppg (per-task gradients), sam, mtsl."""
+    out: dict[str, tuple[str, Callable[[], Method]]] = {"hps (ew)": ("shared", Method)}
+    for name in ("uw", "dwa", "gradnorm", "pcgrad", "cagrad", "mgda", "imtl_g", "nash_mtl"):
+        out[f"grad-{name}"] = ("shared", lambda name=name: GradientMethod(name, TASKS))
+    out["sam-ew"] = ("shared", lambda: SharpnessAware("ew", TASKS, rho=0.05))
+    out["sam-pcgrad"] = ("shared", lambda: SharpnessAware("pcgrad", TASKS, rho=0.05))
+    # threshold 0: every structural decision merges; irrelevant here, only task learning is timed
+    out["mtsl (task learning + alignment)"] = ("separate", lambda: MTSL(MTSLConfig(threshold=0.0)))
+    return out
+
+
+def kind(label: str) -> str:
+    if label.startswith("sam"):
+        return "sam"
+    if label.startswith("grad-"):
+        return "ppg"
+    return label.split()[0]
+
+
+def train_step(trainer: gs.Trainer, x: torch.Tensor, targets: dict[str, torch.Tensor]) -> None:
+    """One step of `Trainer.train_epoch`'s loop body (single process, no loss scaling)."""
+    with trainer.autocast():
+        outputs = trainer.net(x)
+        losses = trainer.method.task_losses(trainer, outputs, targets)
+        extra = trainer.method.extra_loss(trainer, x, outputs)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.method.backward(trainer, Step(x, targets, outputs, losses, extra))
+    trainer._optimizer_step()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(device: torch.device, batch: int, warmup: int, rounds: int, seed: int) -> dict[str, list[float]]:
+    """Seconds per step of every variant, ``rounds`` of them, interleaved."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 1, 36, 36, generator=g).to(device)
+    targets = {t: torch.randint(0, 10, (batch,), generator=g).to(device) for t in TASKS}
+    trainers = {}
+    for label, (sharing, make) in variants().items():
+        cfg = gs.TrainConfig(lr=2e-3, batch_size=batch, device=str(device), progress=False)
+        trainers[label] = trainer = gs.Trainer(network(sharing, device), None, [], None, cfg, make())
+        trainer.method.on_start(trainer)
+        trainer.net.train()
+        for _ in range(warmup):
+            train_step(trainer, x, targets)
+    times: dict[str, list[float]] = {label: [] for label in trainers}
+    order = list(trainers)
+    shuffle = random.Random(seed)
+    for _ in range(rounds):
+        shuffle.shuffle(order)
+        for label in order:
+            synchronize(device)
+            start = time.perf_counter()
+            train_step(trainers[label], x, targets)
+            synchronize(device)
+            times[label].append(time.perf_counter() - start)
+    return times
+
+
+def summarise(times: dict[str, list[float]], device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
+    base = statistics.median(times["hps (ew)"])
+    rows = []
+    for label, ts in times.items():
+        median = statistics.median(ts)
+        row: dict[str, Any] = {"method": label, "ratio": round(median / base, 3)}
+        if device.type == "cuda":
+            row["ms"] = round(1e3 * median, 3)
+        target = TARGETS.get(kind(label))
+        if target is not None and device.type == "cpu":
+            row["target"] = target
+            row["meets"] = median / base <= target
+        rows.append(row)
+    return {
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "machine": f"{platform.machine()} {platform.processor() or platform.platform()}",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "tasks": len(TASKS),
+        "batch": args.batch,
+        "warmup": args.warmup,
+        "rounds": args.rounds,
+        "rows": rows,
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    gpu = result["device"] != "cpu"
+    lines = [
+        f"# Training step cost per method ({'GPU' if gpu else 'CPU'}), relative to hard sharing",
+        "",
+        f"{result['tasks']} tasks, small residual CNN (5 shared segments), batch {result['batch']} of 1x36x36, Adam; "
+        f"median of {result['rounds']} interleaved steps after {result['warmup']} warm-up steps.",
+        f"Device {result['device']}; machine {result['machine']}; torch {result['torch']}; threads {result['threads']}.",
+        "",
+        "| method | step / hard sharing | " + ("ms | " if gpu else "target | meets |"),
+        "|---|---|" + ("---|" if gpu else "---|---|"),
+    ]
+    for row in result["rows"]:
+        extra = f"{row['ms']} |" if gpu else (f"≤ {row['target']:g} | {'yes' if row['meets'] else 'NO'} |" if "target" in row else "— | — |")
+        lines.append(f"| {row['method']} | {row['ratio']:.2f} | {extra}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    result = summarise(measure(device, args.batch, args.warmup, args.rounds, args.seed), device, args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"step_cost_{device.type}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    text = markdown(result)
+    stem.with_suffix(".md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
