@@ -232,6 +232,12 @@ def notes(result: dict[str, Any]) -> list[str]:
                 f"- **{k} misses the ≤ {TARGETS[k]:g}x target**: {min(ratios):.2f}x to {max(ratios):.2f}x "
                 f"({', '.join(r['method'] for r in rows)}), floor {rows[0]['floor']:.2f}x. {cause}"
             )
+    mtsl = [r for r in result["rows"] if kind(r["method"]) == "mtsl"]
+    if mtsl:
+        out.append(
+            f"- MTSL's task-learning step ({mtsl[0]['ratio']:.2f}x, no target) runs on MTSL's starting network, one copy "
+            f"of every segment per task: {result['tasks']} backbones forward and backward, plus the alignment loss."
+        )
     return out
 
 
