@@ -437,7 +437,7 @@ def test_a_second_ctrl_c_says_what_happened_and_where_the_checkpoint_is(tmp_path
         gs.fit(network("shared"), Quadrants(32, 0), tasks=tasks, epochs=3, batch_size=16, progress=False,
                checkpoint_dir=str(tmp_path))
     message = str(stop.value)
-    assert message.startswith(f"a second SIGINT stopped training at once (epoch {epoch}, step {2 * epoch - 1})")
+    assert message.startswith(f"a second SIGINT stopped training at once (in epoch {epoch}, after step {2 * epoch - 1})")
     if epoch == 1:
         assert "this run wrote no checkpoint yet" in message
         assert not (tmp_path / "model.safetensors").exists()

@@ -605,7 +605,7 @@ class Trainer:
     def _forced_stop_message(self, signum: int) -> str:
         """What a second signal's ``KeyboardInterrupt`` says: the fit stopped inside a step (or
         a validation, or a checkpoint), so no checkpoint is written now; where the last one is."""
-        where = f"a second {signal.Signals(signum).name} stopped training at once (epoch {self.epoch + 1}, step {self.step}), without a checkpoint of this point"
+        where = f"a second {signal.Signals(signum).name} stopped training at once (in epoch {self.epoch + 1}, after step {self.step}), without a checkpoint of this point"
         if self._last_saved is None:
             return f"{where}; this run wrote no checkpoint yet (whatever {self.config.checkpoint_dir} held before is unchanged)"
         epoch, step, _ = self._last_saved
