@@ -43,6 +43,13 @@ class MissingDependencyError(GraphSurgeonError, ImportError):
 
 class ConfigError(GraphSurgeonError):
     """A training setting (`graphsurgeon.training.TrainConfig` field, CLI flag) has an invalid value."""
+class NonFiniteLossError(GraphSurgeonError, FloatingPointError):
+    """A task loss became NaN or infinite during training (NaN inputs or targets, a diverging
+    learning rate); the message names the task(s), the epoch and the step.
+
+    Also a ``FloatingPointError``, the builtin for a numeric computation gone non-finite."""
+
+
 class OptionError(GraphSurgeonError):
     """An option has a value outside what it accepts (``granularity=``, ``backend=``,
     ``activation=``, an aggregator's or a method's hyperparameter, an unknown method name).

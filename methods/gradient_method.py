@@ -38,7 +38,13 @@ import torch
 from torch import Tensor, nn
 
 from graphsurgeon.errors import MethodError, TaskSpecError
-from graphsurgeon.methods.aggregation.base import Aggregator, assign_gradient, per_task_gradients, split_parameters
+from graphsurgeon.methods.aggregation.base import (
+    Aggregator,
+    assign_gradient,
+    batched_backward_pays,
+    per_task_gradients,
+    split_parameters,
+)
 from graphsurgeon.methods.aggregation.registry import make_aggregator
 from graphsurgeon.methods.aggregation.weighting import EpochLossMean
 from graphsurgeon.methods.base import Method, Step
@@ -185,7 +191,9 @@ class GradientMethod(Method):
             torch.autograd.backward(total, inputs=shared, retain_graph=bool(specific))
             distributed.all_reduce_gradients(shared)
         elif shared:
-            rows = per_task_gradients(values + ([extra] if extra is not None else []), shared, retain_graph=True)
+            rows = per_task_gradients(
+                values + ([extra] if extra is not None else []), shared, retain_graph=True, batched=batched_backward_pays(shared[0].device)
+            )
             rows = distributed.all_reduce_mean(rows)
             direction = self._aggregate(rows[: len(values)], loss_vec)
             if extra is not None:
@@ -207,7 +215,7 @@ class GradientMethod(Method):
         trunk = [p for d in range(1, depth + 1) for p in net.level(d).parameters() if p.requires_grad]
         in_trunk = {id(p) for p in trunk}
         rest = [p for p in net.parameters() if p.requires_grad and id(p) not in in_trunk]
-        rows = per_task_gradients(values, [rep], retain_graph=True)
+        rows = per_task_gradients(values, [rep], retain_graph=True, batched=batched_backward_pays(rep.device))
         direction = self._aggregate(rows, loss_vec)
         if rest:
             torch.autograd.backward(sum(values), inputs=rest, retain_graph=True)

@@ -35,7 +35,13 @@ import torch
 from torch import Tensor
 
 from graphsurgeon.errors import MethodError, OptionError
-from graphsurgeon.methods.aggregation.base import assign_gradient, per_task_gradients, restoring, split_parameters
+from graphsurgeon.methods.aggregation.base import (
+    assign_gradient,
+    batched_backward_pays,
+    per_task_gradients,
+    restoring,
+    split_parameters,
+)
 from graphsurgeon.methods.base import Step
 from graphsurgeon.methods.gradient_method import GradientMethod
 from graphsurgeon.training import distributed
@@ -96,7 +102,7 @@ class SharpnessAware(GradientMethod):
         shared, specific = split_parameters(net)
         params = shared + specific
         num_shared = sum(p.numel() for p in shared)
-        rows = per_task_gradients(values + ([extra] if extra is not None else []), params)
+        rows = per_task_gradients(values + ([extra] if extra is not None else []), params, batched=batched_backward_pays(params[0].device))
         plain = rows[: len(values)]
         perturbed = self._perturbed_gradients(trainer, step, params, plain, num_shared)
 

@@ -310,3 +310,147 @@ def test_tensorboard_scalars_when_the_package_is_there(tmp_path, monkeypatch):
     off = gs.fit(network("shared"), Quadrants(32, 0), epochs=1, progress=False, checkpoint_dir=str(tmp_path / "off"),
                  tensorboard=False)
     assert off._tensorboard is None and len(written) == 2 * len(scalars)
+
+
+# ---------------------------------------------------------------- the step's host syncs, non-finite losses, signals
+def test_fit_with_a_progress_bar_emits_no_user_warning(tmp_path):
+    """The progress bar's loss used to be ``float`` of a loss that requires grad: a UserWarning
+    every ten steps of every demo run."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for method in (None, GradientMethod("pcgrad", ("top", "left"))):
+            gs.fit(network("shared"), Quadrants(96, 0), Quadrants(16, 1), method=method, epochs=2, batch_size=4,
+                   progress=True, checkpoint_dir=str(tmp_path / str(method)))
+    assert [str(w.message) for w in caught if issubclass(w.category, UserWarning)] == []
+
+
+HOST_SYNCS = ("item", "tolist", "__float__", "__int__", "__bool__", "numpy")
+
+
+@pytest.mark.parametrize("log_every", [1, 5, 64])
+def test_the_loop_synchronises_with_the_host_once_per_logging_interval(monkeypatch, log_every):
+    """Every way a floating-point tensor reaches the host is counted during one epoch of 16
+    steps: one per ``log_every`` steps (the loss sums, the progress bar and the non-finite check
+    share it). The data order's int64 indices are drawn on the host and are not counted."""
+    trainer = gs.Trainer(network("shared"), None, Quadrants(64, 0), None,
+                         gs.TrainConfig(batch_size=4, optimizer="sgd", progress=False, log_every=log_every))
+    calls: list[str] = []
+    for name in HOST_SYNCS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            if self.is_floating_point():  # not the sampler's int64 indices, which live on the host
+                calls.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    losses = trainer.train_epoch()
+    monkeypatch.undo()
+    assert trainer._epoch_batches == 16
+    assert len(calls) == -(-16 // log_every), calls
+    assert set(losses) == {"top", "left"} and all(0 < v < 5 for v in losses.values())
+
+
+def test_the_logged_losses_are_the_step_losses_summed_as_before():
+    """Deferring the sync changes no number: the epoch's losses are the float64 means of the
+    steps' losses, however many steps an interval holds."""
+    seen: list[float] = []
+
+    def loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        value = F.cross_entropy(pred, target)
+        seen.append(value.item())
+        return value
+
+    tasks = {t: gs.Task(None, loss) for t in ("top", "left")}
+    trainer = gs.Trainer(network("shared"), tasks, Quadrants(64, 0), None,
+                         gs.TrainConfig(batch_size=4, progress=False, log_every=3))
+    losses = trainer.train_epoch()
+    total = 0.0
+    for v in seen[0::2]:  # the losses are computed task by task, "top" first
+        total += v
+    assert losses["top"] == total / 16
+
+
+def test_nan_inputs_raise_a_non_finite_loss_error_naming_the_tasks_and_the_step(tmp_path):
+    data = Quadrants(32, 0)
+    data.x[:] = float("nan")
+    with pytest.raises(gs.NonFiniteLossError, match=r"'top', 'left' became non-finite .*epoch 1, step 1 \(batch 1") as error:
+        gs.fit(network("shared"), data, epochs=2, batch_size=4, progress=False, checkpoint_dir=str(tmp_path))
+    assert "no checkpoint of this run was written" in str(error.value)
+    assert not (tmp_path / "model.safetensors").exists()  # the NaN weights were not saved
+
+
+def test_one_task_turning_non_finite_mid_interval_is_named_with_its_step(tmp_path):
+    """The check runs at the interval's sync (step 10 here), and still names step 7 of epoch 2."""
+    calls = {"n": 0}
+
+    def left_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        value = F.cross_entropy(pred, target)
+        return value * float("inf") if calls["n"] == 16 + 7 else value  # 16 steps an epoch
+
+    tasks = {"top": gs.Task(None, F.cross_entropy), "left": gs.Task(None, left_loss)}
+    with pytest.raises(gs.NonFiniteLossError, match=r"the loss of 'left' became non-finite \(left=inf\) at epoch 2, step 23 "
+                                                    r"\(batch 7 of the epoch\).*last checkpoint \(epoch 1, step 16\)"):
+        gs.fit(network("shared"), Quadrants(64, 0), tasks=tasks, epochs=3, batch_size=4, progress=False, log_every=10,
+               checkpoint_dir=str(tmp_path))
+
+
+class SignalAt(gs.Callback):
+    """Sends the process ``signal`` at the end of ``epoch`` (during the loop's epoch-end work)."""
+
+    def __init__(self, epoch: int, signum: int) -> None:
+        self.epoch, self.signum, self.ends = epoch, signum, 0
+
+    def on_epoch_end(self, trainer: gs.Trainer, record: dict) -> None:
+        import os
+
+        if record["epoch"] == self.epoch:
+            os.kill(os.getpid(), self.signum)
+
+    def on_fit_end(self, trainer: gs.Trainer) -> None:
+        self.ends += 1
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_a_signal_during_the_last_epoch_stops_with_a_checkpoint(tmp_path, signame):
+    import signal
+
+    stop = SignalAt(2, getattr(signal, signame))
+    with pytest.raises(KeyboardInterrupt, match="stopped at epoch 2"):
+        gs.fit(network("shared"), Quadrants(32, 0), epochs=2, batch_size=16, progress=False,
+               checkpoint_dir=str(tmp_path), callbacks=[stop])
+    assert stop.ends == 0  # it stopped: the fit did not end normally
+    resumed = gs.Trainer(network("shared"), None, Quadrants(32, 0), None,
+                         gs.TrainConfig(epochs=2, batch_size=16, progress=False, checkpoint_dir=str(tmp_path)))
+    assert resumed.resume() and (resumed.epoch, resumed.step) == (2, 4)
+
+
+@pytest.mark.parametrize("epoch", [1, 2])
+def test_a_second_ctrl_c_says_what_happened_and_where_the_checkpoint_is(tmp_path, epoch):
+    import os
+    import signal
+
+    calls = {"n": 0}
+
+    def top_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == 2 * (epoch - 1) + 2:  # the 2nd step of ``epoch`` (2 steps an epoch)
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C ...
+            os.kill(os.getpid(), signal.SIGINT)  # ... and again, impatiently, within the step
+        return F.cross_entropy(pred, target)
+
+    tasks = {"top": gs.Task(None, top_loss), "left": gs.Task(None, F.cross_entropy)}
+    with pytest.raises(KeyboardInterrupt) as stop:
+        gs.fit(network("shared"), Quadrants(32, 0), tasks=tasks, epochs=3, batch_size=16, progress=False,
+               checkpoint_dir=str(tmp_path))
+    message = str(stop.value)
+    assert message.startswith(f"a second SIGINT stopped training at once (in epoch {epoch}, after step {2 * epoch - 1})")
+    if epoch == 1:
+        assert "this run wrote no checkpoint yet" in message
+        assert not (tmp_path / "model.safetensors").exists()
+    else:
+        assert f"the last checkpoint, in {tmp_path}, is from epoch 1, step 2: rerun with --resume" in message
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers were restored

@@ -10,7 +10,13 @@ import torch
 
 import graphsurgeon as gs
 from graphsurgeon.errors import GraphSurgeonError
-from graphsurgeon.methods.aggregation.base import Aggregator, assign_gradient, per_task_gradients, restoring
+from graphsurgeon.methods.aggregation.base import (
+    Aggregator,
+    assign_gradient,
+    batched_backward_pays,
+    per_task_gradients,
+    restoring,
+)
 from graphsurgeon.methods.aggregation.cagrad import CAGrad
 from graphsurgeon.methods.aggregation.imtl import IMTLG
 from graphsurgeon.methods.aggregation.mgda import MGDA
@@ -638,3 +644,19 @@ def test_loss_weights_are_what_aggregate_uses_and_only_for_loss_weightings():
         assert weights is by_losses.last_weights
     with pytest.raises(gs.GradientError, match="by their gradients"):
         PCGrad(3).loss_weights(losses)
+
+
+@pytest.mark.parametrize("custom_op", [False, True])
+def test_per_task_gradients_one_backward_per_task_equals_the_batched_rows(custom_op, caplog):
+    """``batched=False`` (what the methods use on a CPU) changes the cost, not the rows."""
+    losses, params = _conv_problem(custom_op)
+    batched = per_task_gradients(losses, params, retain_graph=True)
+    with caplog.at_level(logging.DEBUG, logger="graphsurgeon"):
+        looped = per_task_gradients(losses, params, batched=False)
+    torch.testing.assert_close(looped, batched, rtol=1e-6, atol=1e-10)
+    assert not any("one backward per task" in r.getMessage() for r in caplog.records)  # vmap was not tried
+
+
+def test_batched_backward_is_used_off_the_cpu_only():
+    assert not batched_backward_pays(torch.device("cpu")) and not batched_backward_pays("cpu")
+    assert batched_backward_pays(torch.device("cuda"))

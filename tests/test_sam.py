@@ -198,3 +198,20 @@ def test_bad_settings_are_explained():
             SharpnessAware("ew", TASKS, rho=rho)
     with pytest.raises(gs.OptionError, match="unknown aggregator"):
         SharpnessAware("adam", TASKS, rho=0.05)
+
+
+@pytest.mark.parametrize("make_method", [
+    lambda: GradientMethod("pcgrad", TASKS), lambda: GradientMethod("nash_mtl", TASKS),
+    lambda: SharpnessAware("ew", TASKS, rho=0.05), lambda: SharpnessAware("mgda", TASKS, rho=0.05),
+], ids=["pcgrad", "nash_mtl", "sam-ew", "sam-mgda"])
+def test_the_cpu_loop_of_backwards_gives_the_batched_backwards_gradients(monkeypatch, make_method):
+    """On a CPU the methods take one backward per task (`batched_backward_pays`); every gradient
+    they write stays the batched backward's, to 1e-6."""
+    import graphsurgeon.methods.gradient_method as gradient_module
+    import graphsurgeon.methods.sam as sam_module
+
+    looped, *_ = sam_backward("branched", make_method())
+    for module in (gradient_module, sam_module):
+        monkeypatch.setattr(module, "batched_backward_pays", lambda device: True)
+    batched, *_ = sam_backward("branched", make_method())
+    assert_same_grads(looped, batched, rtol=1e-6, atol=1e-6)

@@ -65,6 +65,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+    log_every: int = 10  # steps per host synchronisation of the training losses (progress bar, NaN check)
     checkpoint_dir: str | None = None
     eval_batch_size: int = 256
     optimizer: str | OptimizerFactory = "adam"
@@ -82,7 +83,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise `ConfigError` on the first field with an invalid value (checked once, by `Trainer`)."""
-        for name in ("epochs", "batch_size", "eval_batch_size"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
             _positive_int(name, getattr(self, name), example=10)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             _fail("seed", self.seed, "an int in [0, 2**32), e.g. seed=0 (numpy's generators take no more)")

@@ -54,7 +54,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from graphsurgeon.core.checkpoint import lay_out, load_weights, read_metadata, save
 from graphsurgeon.core.network import MultiTaskNetwork, Task
 from graphsurgeon.core.surgery import carry_optimizer
-from graphsurgeon.errors import CheckpointError, ConfigError
+from graphsurgeon.errors import CheckpointError, ConfigError, NonFiniteLossError
 from graphsurgeon.methods.base import Method, Step
 from graphsurgeon.training import distributed
 from graphsurgeon.training.config import AUTOCAST, TrainConfig
@@ -144,6 +144,7 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self._stop_requested = False  # a signal reached this rank
         self._stopping = False  # every rank agreed to stop
+        self._forced = False  # a second signal stopped the fit mid-step: nothing consistent to save
         self._last_saved: tuple | None = None
         # position inside the current epoch, so that a checkpoint taken mid-epoch resumes exactly
         self._epoch_batches = 0
@@ -320,6 +321,9 @@ class Trainer:
         own_gradients = self.method.reduces_gradients
         model = self.ddp or self.net
         scaler = self._scaler
+        log_every = self.config.log_every
+        window: list[torch.Tensor] = []  # this interval's losses, still on the device
+        names: list[str] = []
         for batch in bar:
             x, targets = self.to_device(batch)
             sync = self.ddp.no_sync() if self.ddp is not None and own_gradients else contextlib.nullcontext()
@@ -338,16 +342,19 @@ class Trainer:
             if not own_gradients:
                 distributed.all_reduce_gradients(list(self.method_parameters()))
             self._optimizer_step()
+            step_names = [*losses, *(["_extra"] if extra is not None else [])]
+            if step_names != names:  # the tasks of a step changed (rare): close the interval first
+                self._flush_losses(window, names, bar)
+                names = step_names
+            values = [*losses.values(), *([extra] if extra is not None else [])]
+            window.append(torch.stack([v.detach().float().reshape(()) for v in values]))
             self.step += 1
             self._epoch_batches += 1
-            for t, v in losses.items():
-                sums[t] = sums.get(t, 0.0) + float(v.detach())
-            if extra is not None:
-                sums["_extra"] = sums.get("_extra", 0.0) + float(extra.detach())
-            if bar is not loader and self._epoch_batches % 10 == 0:  # a progress bar
-                bar.set_postfix(loss=f"{sum(float(v) for v in losses.values()):.3f}")
+            if self._epoch_batches % log_every == 0:
+                self._flush_losses(window, names, bar)
             if self._check_stop():
                 break
+        self._flush_losses(window, names, bar)
         if distributed.is_distributed():
             # every rank leaves with the same buffers (DDP syncs them before each forward, so the
             # last step's BatchNorm update is still per rank) and the same logged losses
@@ -356,6 +363,45 @@ class Trainer:
             mean = distributed.all_reduce_mean(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device))
             sums.update(zip(keys, mean.tolist()))
         return {t: v / max(self._epoch_batches, 1) for t, v in sums.items()}
+
+    def _flush_losses(self, window: list[torch.Tensor], names: Sequence[str], bar: Any) -> None:
+        """Add the interval's losses (``window``: one row per step, on the device) to the epoch's
+        sums, with the one host synchronisation of the interval, and empty ``window``.
+
+        Converting every loss each step would make the host wait for the device every step (and
+        ``float`` of a loss that requires grad warns). The sums are formed here in float64, step
+        by step, as they always were. A non-finite loss stops the fit here, naming its first step
+        (its weights are already lost: the optimizer stepped on its gradient)."""
+        if not window:
+            return
+        rows = torch.stack(window).tolist()
+        first = self.step - len(rows) + 1  # the global step of rows[0]
+        window.clear()
+        for i, row in enumerate(rows):
+            bad = [n for n, v in zip(names, row) if not math.isfinite(v)]
+            if bad:
+                raise NonFiniteLossError(self._non_finite_message(bad, row, names, first + i))
+        sums = self._epoch_sums
+        for row in rows:
+            for name, v in zip(names, row):
+                sums[name] = sums.get(name, 0.0) + v
+        if bar is not None and hasattr(bar, "set_postfix"):  # a progress bar
+            bar.set_postfix(loss=f"{sum(v for n, v in zip(names, rows[-1]) if n != '_extra'):.3f}")
+
+    def _non_finite_message(self, bad: Sequence[str], row: Sequence[float], names: Sequence[str], step: int) -> str:
+        """What `NonFiniteLossError` says: which losses, where, and what to try."""
+        values = ", ".join(f"{n}={v}" for n, v in zip(names, row) if n in bad)
+        which = ", ".join(repr(n) if n != "_extra" else f"the extra loss of {type(self.method).__name__}" for n in bad)
+        batch = self._epoch_batches - (self.step - step)
+        saved = (
+            f"the last checkpoint (epoch {self._last_saved[0]}, step {self._last_saved[1]}) in {self.config.checkpoint_dir} is unchanged"
+            if self._last_saved is not None else "no checkpoint of this run was written"
+        )
+        return (
+            f"the loss of {which} became non-finite ({values}) at epoch {self.epoch + 1}, step {step} "
+            f"(batch {batch} of the epoch); the weights are no longer usable and {saved}. Check that batch's "
+            "inputs and targets for NaN/inf, lower lr, or set grad_clip."
+        )
 
     def _optimizer_step(self) -> None:
         """Unscale (fp16), clip to ``grad_clip`` (the global norm over everything optimized:
@@ -417,7 +463,9 @@ class Trainer:
         previous = self._install_signal_handlers()
         try:
             self.method.on_start(self)
-            while self.epoch < total and not self._check_stop():
+            # the stop check first: a signal during the last epoch's validation, checkpoint or
+            # callbacks stops the fit (it raises) like one during any other epoch
+            while not self._check_stop() and self.epoch < total:
                 start = time.perf_counter()
                 self._sync_scheduler()
                 lr = float(self.optimizer.param_groups[0]["lr"])
@@ -450,7 +498,7 @@ class Trainer:
                 for callback in self.config.callbacks:
                     callback.on_epoch_end(self, record)
         finally:
-            if self._stopping and self._last_saved != self._position():
+            if self._stopping and not self._forced and self._last_saved != self._position():
                 self.save_checkpoint()
             self._restore_signal_handlers(previous)
         if self._stopping:
@@ -541,7 +589,8 @@ class Trainer:
             # a second signal forces the exit; not under torchrun, which forwards the signal it
             # got to workers that often got it already (Ctrl-C reaches the whole process group)
             if self._stop_requested and not distributed.is_distributed():
-                raise KeyboardInterrupt
+                self._forced = True
+                raise KeyboardInterrupt(self._forced_stop_message(signum))
             self._stop_requested = True
 
         previous = {}
@@ -552,6 +601,18 @@ class Trainer:
                 except ValueError:  # not the main thread
                     pass
         return previous
+
+    def _forced_stop_message(self, signum: int) -> str:
+        """What a second signal's ``KeyboardInterrupt`` says: the fit stopped inside a step (or
+        a validation, or a checkpoint), so no checkpoint is written now; where the last one is."""
+        where = f"a second {signal.Signals(signum).name} stopped training at once (in epoch {self.epoch + 1}, after step {self.step}), without a checkpoint of this point"
+        if self._last_saved is None:
+            return f"{where}; this run wrote no checkpoint yet (whatever {self.config.checkpoint_dir} held before is unchanged)"
+        epoch, step, _ = self._last_saved
+        return (
+            f"{where}; the last checkpoint, in {self.config.checkpoint_dir}, is from epoch {epoch}, step {step}: "
+            "rerun with --resume (or fit(..., resume=True)) to continue from there"
+        )
 
     @staticmethod
     def _restore_signal_handlers(previous: dict) -> None:

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from graphsurgeon.errors import GradientError, OptionError
 
-__all__ = ["Aggregator", "assign_gradient", "gram", "per_task_gradients", "split_parameters"]
+__all__ = ["Aggregator", "assign_gradient", "batched_backward_pays", "gram", "per_task_gradients", "split_parameters"]
 
 _log = logging.getLogger("graphsurgeon")
 
@@ -70,8 +70,19 @@ def split_parameters(net: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parame
     return shared, specific
 
 
+def batched_backward_pays(device: torch.device) -> bool:
+    """Whether `per_task_gradients`' one batched backward beats one backward per task on ``device``.
+
+    Not on a CPU: there the T backward passes are compute-bound either way, and vmap's batching
+    rule of ``convolution_backward`` adds a concatenation of the per-row results on top
+    (``benchmarks/step_cost.py``, small ResNet, T = 5, one thread: the loop's step took 0.65x the
+    batched one's). Elsewhere one batched pass keeps the device busy with T times larger kernels.
+    """
+    return torch.device(device).type != "cpu"
+
+
 def per_task_gradients(
-    losses: Sequence[Tensor], params: Sequence[Tensor], retain_graph: bool = False
+    losses: Sequence[Tensor], params: Sequence[Tensor], retain_graph: bool = False, batched: bool = True
 ) -> Tensor:
     """Gradient of each task loss with respect to the shared parameters, one row per task.
 
@@ -90,6 +101,9 @@ def per_task_gradients(
         retain_graph: keep the graph after the last task, e.g. to back-propagate the
             weighted loss into the task heads afterwards. The graph is always kept
             between tasks.
+        batched: try the one batched backward first (``False``: one backward per task,
+            which `batched_backward_pays` prefers on a CPU). A single loss always takes
+            one plain backward: there is nothing to batch.
 
     Returns:
         ``Tensor[T, P]`` with ``P`` the total number of elements of ``params``, on the
@@ -118,25 +132,30 @@ def per_task_gradients(
     by_task: dict[int, Sequence[Tensor | None]] = {}
     if live and differentiable:
         targets = [params[i] for i in live]
-        batched = _batched_gradients([losses[t] for t in differentiable], targets)
-        if batched is not None:
-            by_task = {t: [None if g is None else g[row] for g in batched] for row, t in enumerate(differentiable)}
+        rows_at_once = _batched_gradients([losses[t] for t in differentiable], targets) if batched and len(differentiable) > 1 else None
+        if rows_at_once is not None:
+            by_task = {t: [None if g is None else g[row] for g in rows_at_once] for row, t in enumerate(differentiable)}
         else:
             for t in differentiable:
                 keep = retain_graph or t < differentiable[-1]
                 by_task[t] = torch.autograd.grad(losses[t].reshape(()), targets, retain_graph=keep, allow_unused=True)
-    rows = []
-    for t in range(len(losses)):
-        by_index = dict(zip(live, by_task.get(t, [None] * len(live))))
-        pieces = []
-        for i, p in enumerate(params):
-            g = by_index.get(i)
-            if g is None:
-                pieces.append(torch.zeros(p.numel(), dtype=dtype, device=device))
-            else:
-                pieces.append(g.reshape(-1).to(dtype=dtype, device=device))
-        rows.append(torch.cat(pieces))
-    return torch.stack(rows)
+    # the T x P matrix is materialised once: each gradient is copied straight into its slice
+    out = torch.zeros(len(losses), sum(p.numel() for p in params), dtype=dtype, device=device)
+    for t, grads in by_task.items():
+        offset = 0
+        for p, g in zip(params, _aligned(live, grads, len(params))):
+            if g is not None:
+                out[t, offset : offset + p.numel()].copy_(g.reshape(-1))
+            offset += p.numel()
+    return out
+
+
+def _aligned(live: Sequence[int], grads: Sequence[Tensor | None], count: int) -> list[Tensor | None]:
+    """The gradients of the ``live`` parameters, spread out to all ``count`` (None elsewhere)."""
+    out: list[Tensor | None] = [None] * count
+    for i, g in zip(live, grads):
+        out[i] = g
+    return out
 
 
 def _batched_gradients(losses: Sequence[Tensor], params: Sequence[Tensor]) -> Sequence[Tensor | None] | None:
