@@ -229,6 +229,8 @@ def save(folder: str | os.PathLike, net: MultiTaskNetwork, state: Mapping[str, A
         _point(folder, version.name)
     except OSError as exc:
         _remove(staging)
+        if version.is_dir() and not version.is_symlink() and _pointed(folder) != version.name:
+            _remove(version)  # renamed into place, but LATEST still names the previous checkpoint
         raise CheckpointError(
             f"could not write the checkpoint in {str(folder)!r} ({exc.strerror or exc}); the previous checkpoint "
             f"({_pointed(folder) or 'none'}) is kept. Free space or fix the folder's permissions, then resume."
