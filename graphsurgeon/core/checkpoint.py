@@ -109,12 +109,13 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
             "extra": _json_field(meta, "extra", dict, default="{}"),
             "sha256": _digests(meta),
         }
-    except (_MetadataError, GraphSurgeonError) as exc:
+    except GraphSurgeonError as exc:
         raise CheckpointError(f"checkpoint {str(path)!r} has corrupt metadata ({exc}). Re-save it.") from exc
 
 
-class _MetadataError(Exception):
-    """A metadata field is missing or of the wrong JSON type (`read_metadata` names the file)."""
+class _MetadataError(CheckpointError):
+    """A metadata field is missing or of the wrong JSON type; `read_metadata` re-raises it
+    naming the file."""
 
 
 def _field(meta: Mapping[str, str], name: str, kind: type, default: str | None = None) -> Any:
