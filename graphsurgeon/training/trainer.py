@@ -643,11 +643,13 @@ def _rng_states(device: torch.device) -> dict[str, Any]:
 
 
 def _set_rng_states(states: Mapping[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(states["rng"])
-    if isinstance(states.get("numpy"), tuple):  # checkpoints before full states held only the key
+    """Restore `_rng_states` (decoded from a checkpoint: tuples and arrays as they were saved)."""
+    try:
+        torch.set_rng_state(states["rng"])
         np.random.set_state(states["numpy"])
-    if isinstance(states.get("python"), tuple) and len(states["python"]) == 3:
         random.setstate(states["python"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"the checkpoint's RNG states do not restore ({exc!r}): it is corrupt. Start a fresh run.") from exc
     if "cuda" in states and device.type == "cuda":
         torch.cuda.set_rng_state(states["cuda"], device)
 
