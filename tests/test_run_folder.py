@@ -211,6 +211,7 @@ def test_orphan_temporaries_and_unreferenced_versions_are_removed_on_the_next_sa
     (folder / ".tmp-dead" / "model.safetensors").write_bytes(b"half")
     (folder / ".LATEST-dead").write_text("v000009\n")
     (folder / "v000009").mkdir()  # renamed into place, but LATEST never switched to it
+    (folder / ".metrics.csv.dead.tmp").write_text("epoch\n")  # write_csv's temporary
     (folder / "notes.txt").write_text("mine")  # not the checkpoint's: left alone
     assert run_folder.latest(folder).name == "v000001"
     assert_resumes_to_the_uninterrupted_run(runs, folder)
@@ -224,7 +225,8 @@ def test_a_symlink_planted_at_a_temporary_or_pointer_path_is_never_followed(runs
     victim_dir = tmp_path / "victim_dir"
     victim_dir.mkdir()
     (victim_dir / "keep").write_text("precious")
-    (folder / ".optimizer.pt.tmp").symlink_to(victim)  # the fixed temporary of the old format
+    (folder / ".optimizer.pt.tmp").symlink_to(victim)  # the fixed temporaries of the old format
+    (folder / ".metrics.csv.tmp").symlink_to(victim)
     (folder / "v000002").symlink_to(victim_dir)  # the next version's name
     resumed = trainer(folder)
     assert resumed.resume()

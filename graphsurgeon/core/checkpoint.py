@@ -13,6 +13,7 @@ either loaded exactly or refused with a `CheckpointError` naming what is wrong.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -32,7 +33,7 @@ from graphsurgeon.core.surgery import relayout
 from graphsurgeon.core.tree import TaskTree
 from graphsurgeon.errors import CheckpointError, GraphSurgeonError, TrunkError
 
-__all__ = ["contents", "lay_out", "load", "load_weights", "read_metadata", "save", "tensor_digest"]
+__all__ = ["contents", "lay_out", "load", "load_weights", "read_metadata", "remove_temporaries", "save", "tensor_digest"]
 
 FORMAT = "graphsurgeon-checkpoint/2"
 # files of format 1 carry no tensor hashes; they still load (their data is then unchecked)
@@ -71,6 +72,7 @@ def save(net: MultiTaskNetwork, path: str | os.PathLike, extra: Mapping[str, Any
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors, metadata = contents(net, extra)
+    remove_temporaries(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -82,6 +84,14 @@ def save(net: MultiTaskNetwork, path: str | os.PathLike, extra: Mapping[str, Any
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def remove_temporaries(path: Path) -> None:
+    """Remove the temporaries (``.NAME.*.tmp``, made with ``mkstemp``) that writes of ``path``
+    killed before their rename left behind; a symlink of that name is unlinked, not followed."""
+    for orphan in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        if orphan.is_symlink() or orphan.is_file():
+            orphan.unlink(missing_ok=True)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
