@@ -72,6 +72,8 @@ class Checkpoint:
 
     @property
     def model(self) -> Path:
+        """The network's file (verified against the manifest, loaded by path with
+        `graphsurgeon.core.checkpoint.load_weights`)."""
         return self.folder / MODEL
 
 
@@ -119,7 +121,7 @@ def decode(value: Any, tensors: Mapping[str, torch.Tensor], where: str) -> Any:
         if not isinstance(v, dict):
             return v
         if "__tensor__" in v:
-            if v["__tensor__"] not in tensors:
+            if not isinstance(v["__tensor__"], str) or v["__tensor__"] not in tensors:
                 raise bad(f"tensor {v['__tensor__']!r} is missing")
             return tensors[v["__tensor__"]]
         if "__tuple__" in v:
@@ -339,7 +341,7 @@ def _check(path: Path, size: int, sha256: str, keep: bool) -> bytes | None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         with os.fdopen(fd, "rb") as handle:
-            while total <= size and (chunk := handle.read(min(1 << 24, size + 1 - total) or 1)):
+            while total <= size and (chunk := handle.read(min(1 << 24, size + 1 - total))):
                 digest.update(chunk)
                 total += len(chunk)
                 if keep:

@@ -594,7 +594,7 @@ class Trainer:
         from the checkpoint when it differs from the network's (after a structural edit).
         ``False`` when the folder holds no checkpoint; a corrupt, incomplete or old-format one
         is a `CheckpointError` naming the file (nothing in it is unpickled or executed)."""
-        checkpoint = run_folder.load(self.config.checkpoint_dir or "")
+        checkpoint = run_folder.load(self.config.checkpoint_dir) if self.config.checkpoint_dir else None
         if checkpoint is None:
             return False
         state, opt, path = checkpoint.state, checkpoint.restore, checkpoint.model
