@@ -20,7 +20,7 @@ import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from safetensors import SafetensorError
@@ -29,9 +29,10 @@ from torch import nn
 
 from graphsurgeon.core.build import TaskSpec, multitask
 from graphsurgeon.core.network import MultiTaskNetwork
+from graphsurgeon.core.segments import Granularity
 from graphsurgeon.core.surgery import relayout
 from graphsurgeon.core.tree import TaskTree
-from graphsurgeon.errors import CheckpointError, GraphSurgeonError, TrunkError
+from graphsurgeon.errors import CheckpointError, GraphSurgeonError, OptionError, TrunkError
 
 __all__ = ["contents", "lay_out", "load", "load_weights", "read_metadata", "remove_temporaries", "save", "tensor_digest"]
 
@@ -246,12 +247,19 @@ def load(
     """
     meta = read_metadata(path)
     cfg = meta["config"]
+    wrong = [k for k in ("backbone", "trunk", "granularity") if not isinstance(cfg.get(k, ""), str)]
+    if wrong:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has corrupt metadata (config field {wrong[0]!r} is a "
+            f"{type(cfg[wrong[0]]).__name__}, not a string). Re-save it."
+        )
     saved_backbone = cfg.get("backbone")
     if saved_backbone is not None and saved_backbone != type(model).__name__:
         raise CheckpointError(
             f"checkpoint {str(path)!r} was saved from a {saved_backbone} backbone, not {type(model).__name__}. "
             f"Pass a {saved_backbone} model to load()."
         )
+    saved_granularity = "granularity" not in multitask_kwargs
     try:
         net = multitask(
             model,
@@ -261,6 +269,10 @@ def load(
             sharing="shared",
             **multitask_kwargs,
         )
+    except OptionError as exc:
+        if not saved_granularity or cfg.get("granularity", "block") in get_args(Granularity):
+            raise  # an option the caller passed
+        raise CheckpointError(f"checkpoint {str(path)!r} has corrupt metadata ({exc}). Re-save it.") from exc
     except TrunkError as exc:
         raise CheckpointError(
             f"checkpoint {str(path)!r} ends its trunk at node {cfg.get('trunk')!r}, which this "
