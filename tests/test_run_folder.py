@@ -294,3 +294,18 @@ def test_best_weights_and_metrics_are_kept_next_to_the_checkpoints(tmp_path) -> 
     Trainer(net, {t: Spec for t in net.tasks}, Toy(64), Toy(32, 1), cfg, Method()).fit()
     assert sorted(os.listdir(folder)) == ["LATEST", "best.safetensors", "metrics.csv", "v000002"]
     assert len((folder / "metrics.csv").read_text().splitlines()) == 3
+
+
+@pytest.mark.parametrize(("key", "value"), [("epoch", "1"), ("history", {}), ("method", None), ("step", True), ("epoch_sums", [])])
+def test_a_trainer_state_of_the_wrong_shape_is_refused_even_with_a_matching_manifest(runs, tmp_path, key: str, value) -> None:
+    folder = copy_of_first(runs, tmp_path)
+    version = run_folder.latest(folder)
+    document = json.loads((version / "state.json").read_text())
+    document["trainer"][key] = value
+    data = json.dumps(document).encode()
+    (version / "state.json").write_bytes(data)
+    listing = json.loads((version / "manifest.json").read_text())
+    listing["files"]["state.json"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (version / "manifest.json").write_text(json.dumps(listing))
+    with pytest.raises(CheckpointError, match=rf"lacks \[{key!r}\] or holds them with the wrong type"):
+        trainer(folder).resume()

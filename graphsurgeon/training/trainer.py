@@ -598,9 +598,14 @@ class Trainer:
         if checkpoint is None:
             return False
         state, opt, path = checkpoint.state, checkpoint.restore, checkpoint.model
-        missing = sorted({"epoch", "step", "history", "method"} - set(state)) + sorted({"optimizer", "generator", "rng"} - set(opt))
-        if missing:
-            raise CheckpointError(f"checkpoint {str(checkpoint.folder)!r} lacks {missing}: it is not a trainer checkpoint. Start a fresh run.")
+        kinds = {"epoch": int, "step": int, "epoch_batches": int, "epoch_sums": dict, "history": list, "method": dict}
+        wrong = [k for k, kind in kinds.items() if not isinstance(state.get(k), kind) or isinstance(state.get(k), bool)]
+        wrong += [k for k in ("optimizer", "generator", "rng") if k not in opt]
+        if wrong:
+            raise CheckpointError(
+                f"checkpoint {str(checkpoint.folder)!r} lacks {wrong} or holds them with the wrong type: it is not a "
+                "trainer checkpoint of this graphsurgeon. Start a fresh run."
+            )
         meta = read_metadata(path)
         if not meta["tree"].same_structure(self.net.tree) or meta["tree"] != self.net.tree:
             lay_out(self.net, meta["tree"], path)
@@ -610,8 +615,8 @@ class Trainer:
         _set_rng_states(opt, self.device)
         self.generator.set_state(opt["generator"])
         self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
-        self._epoch_batches = state.get("epoch_batches", 0)
-        self._epoch_sums = dict(state.get("epoch_sums", {}))
+        self._epoch_batches = state["epoch_batches"]
+        self._epoch_sums = dict(state["epoch_sums"])
         self._epoch_generator = opt["generator"] if self._epoch_batches else None
         self._load_schedule(opt)
         self.method.load_state_dict(state["method"])
