@@ -278,9 +278,10 @@ def test_a_damaged_or_swapped_file_is_a_checkpoint_error_naming_it(runs, tmp_pat
     assert str(path) in str(info.value)
 
 
-@pytest.mark.parametrize("pointer", ["../../etc", "v1", "", "v000001/../..", "\xff"])
+@pytest.mark.parametrize("pointer", ["../../etc", "v1", "", "v000001/../..", "\xff", "v000007", "v000008"])
 def test_a_pointer_that_names_no_version_is_refused(runs, tmp_path, pointer: str) -> None:
     folder = copy_of_first(runs, tmp_path)
+    (folder / "v000008").symlink_to(run_folder.latest(folder))  # a version elsewhere is not followed
     (folder / "LATEST").write_bytes(pointer.encode("latin-1"))
     with pytest.raises(CheckpointError, match=r"LATEST"):
         trainer(folder).resume()

@@ -366,8 +366,8 @@ def load(folder: str | os.PathLike) -> Checkpoint | None:
     version = latest(folder)
     if version is None:
         return None
-    if not version.is_dir():
-        raise CheckpointError(f"{str(Path(folder) / POINTER)!r} names {version.name}, which does not exist. Start a fresh run.")
+    if version.is_symlink() or not version.is_dir():  # a version is a folder save made, never a link elsewhere
+        raise CheckpointError(f"{str(Path(folder) / POINTER)!r} names {version.name}, which is not a checkpoint folder. Start a fresh run.")
     data = _verified(version)
     try:
         tensors = load_tensors(data[OPTIMIZER])
