@@ -292,3 +292,121 @@ def test_metadata_is_plain_json_readable_without_loading_weights(merged) -> None
     assert meta["tree"] == net.tree
     assert meta["config"] == json.loads(json.dumps(net.config))
     assert len(meta["fingerprints"]) == net.depth and all(isinstance(f, str) for f in meta["fingerprints"])
+
+
+# ---------------------------------------------------------------------------------- hardening
+def _data_offset(data: bytes) -> int:
+    return 8 + struct.unpack("<Q", data[:8])[0]
+
+
+def test_byte_flips_in_the_tensor_data_are_detected_by_the_hash(merged) -> None:
+    """safetensors checks the layout, not the values: without the stored hash each of these
+    flips loaded a network with one wrong weight."""
+    net, model, _, path = merged
+    data = path.read_bytes()
+    start = _data_offset(data)
+    rng = random.Random(1)
+    for position in rng.sample(range(start, len(data)), 20):
+        flipped = bytearray(data)
+        flipped[position] ^= 1 << rng.randrange(8)
+        path.write_bytes(bytes(flipped))
+        with pytest.raises(CheckpointError, match=r"the data of .* does not match its hash.*Re-save it") as info:
+            gs.load(path, model, make_heads(net.tasks, 3, seed=1))
+        assert str(path) in str(info.value)
+
+
+def test_a_tensor_of_another_dtype_is_refused_not_cast(merged) -> None:
+    net, model, _, path = merged  # saved in float64
+    with pytest.raises(CheckpointError, match=r"(?s): \S+ is torch.float64, the network's is torch.float32.*net.to"):
+        gs.load(path, model.float(), {t: h.float() for t, h in make_heads(net.tasks, 3, seed=1).items()})
+
+
+def _rewrite(path, **fields: str) -> None:
+    """``path`` with its metadata fields replaced (the tensors kept)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(path), metadata={**meta, **fields})
+
+
+_DEEP = "[" * 200_000 + "]" * 200_000
+_TREE = {"tasks": ["a", "b", "c"], "depth": 2, "nodes": [{"id": 0, "depth": 0, "parent": None, "tasks": ["a", "b", "c"]}]}
+_MUTATIONS = {
+    "config": ["[]", '"backbone"', "1", "null", _DEEP, '{"a": ' * 5000 + "1" + "}" * 5000],
+    "extra": ["[]", '"x"', "3", _DEEP],
+    "fingerprints": ["{}", "[1, 2]", '"abc"', _DEEP],
+    "sha256": ["[]", '{"x": 1}', "7", _DEEP],
+    "tree": [
+        "[]", '"tree"', "null", _DEEP, json.dumps({**_TREE, "depth": "2"}), json.dumps({**_TREE, "tasks": "abc"}),
+        json.dumps({**_TREE, "nodes": {"0": 1}}), json.dumps({**_TREE, "nodes": [[0, 0, None, ["a"]]]}),
+        json.dumps({**_TREE, "nodes": [{**_TREE["nodes"][0], "id": "0"}]}),
+        json.dumps({**_TREE, "nodes": [{**_TREE["nodes"][0], "depth": 0.0}]}),
+        json.dumps({**_TREE, "nodes": [{**_TREE["nodes"][0], "tasks": [1, 2]}]}),
+        json.dumps({**_TREE, "depth": True}), json.dumps({"tasks": ["a"]}),
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [(f, v) for f, vs in _MUTATIONS.items() for v in vs],
+    ids=[f"{f}-{i}" for f, vs in _MUTATIONS.items() for i in range(len(vs))],
+)
+def test_metadata_of_the_wrong_json_type_raises_checkpoint_error(merged, field: str, value: str) -> None:
+    net, model, _, path = merged
+    _rewrite(path, **{field: value})
+    with pytest.raises(CheckpointError, match=rf"corrupt metadata .*{field}.*Re-save it") as info:
+        gs.load(path, model, make_heads(net.tasks, 3, seed=1))
+    assert str(path) in str(info.value)
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    max_leaves=8,
+)
+
+
+def _mutated(data: st.DataObject, value):
+    """``value`` with one part of it (possibly all of it) replaced by arbitrary JSON."""
+    if isinstance(value, (dict, list)) and value and data.draw(st.booleans()):
+        key = data.draw(st.sampled_from(list(value) if isinstance(value, dict) else range(len(value))))
+        copy = dict(value) if isinstance(value, dict) else list(value)
+        copy[key] = _mutated(data, value[key])
+        return copy
+    return data.draw(_JSON)
+
+
+@settings(max_examples=examples(40), deadline=None)
+@given(data=st.data())
+def test_any_mutation_of_any_metadata_field_loads_or_raises_checkpoint_error(tmp_path_factory, data: st.DataObject) -> None:
+    """One part of one field of a real checkpoint's metadata replaced by arbitrary JSON: loading
+    gives the saved network or raises `CheckpointError`, nothing else."""
+    from safetensors import safe_open
+
+    net, model, x = _tiny_net()
+    path = gs.save(net, tmp_path_factory.mktemp("meta") / "net.safetensors", extra={"epoch": 1})
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    field = data.draw(st.sampled_from(["tree", "config", "fingerprints", "extra", "sha256"]))
+    _rewrite(path, **{field: json.dumps(_mutated(data, json.loads(meta[field])))})
+    try:
+        loaded = gs.load(path, model, make_heads(net.tasks, 3, seed=0))
+    except CheckpointError:
+        return
+    assert_same_network(loaded, net, x)
+
+
+def test_a_large_tree_validates_in_linear_time() -> None:
+    """Checking a 15,001-node tree scanned every node per node (13 s); it must take well under a second."""
+    import time
+
+    from graphsurgeon.core.tree import TaskTree
+
+    for tasks, depth in ([f"t{i}" for i in range(15_000)], 1), (["a"], 15_000):
+        text = TaskTree.separate(tasks, depth).to_json()
+        start = time.perf_counter()
+        tree = TaskTree.from_json(text)
+        tree.check()
+        assert time.perf_counter() - start < 3.0
+        assert len(tree.nodes) == 15_001 and str(tree).count("\n") == 15_001

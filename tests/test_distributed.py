@@ -4,7 +4,6 @@ The scenarios live in `distributed_worker` (run in 2 forked processes here, and 
 ``torchrun`` for the kill test); the same functions called in this process give the
 single-process reference. Global batch 32 everywhere (16 per rank on 2 ranks).
 """
-import json
 import multiprocessing
 import os
 import signal
@@ -19,10 +18,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from graphsurgeon.core.checkpoint import read_metadata
 from graphsurgeon.core.tree import TaskTree
+from graphsurgeon.errors import CheckpointError
 from graphsurgeon.methods.structure.similarity import CKAAccumulator
-from graphsurgeon.training import distributed
+from graphsurgeon.training import distributed, run_folder
 from graphsurgeon.training.trainer import TrainConfig, Trainer
 
 WORLD = 2
@@ -152,14 +151,18 @@ def test_ranks_batches_together_are_the_single_process_batches(monkeypatch):
 
 
 def _trainer_state(folder: Path) -> dict:
-    return json.loads(read_metadata(folder / "model.safetensors")["extra"]["trainer"])
+    return run_folder.read_state(folder)
 
 
 def _signal_after_first_structural_edit(checkpoint: Path, alive, send) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and alive():
-        if (checkpoint / "model.safetensors").is_file():
-            if any(r.get("structural_phase") for r in _trainer_state(checkpoint)["history"]):
+        if (checkpoint / "LATEST").is_file():
+            try:  # the run may replace the checkpoint while it is read
+                history = _trainer_state(checkpoint)["history"]
+            except CheckpointError:
+                continue
+            if any(r.get("structural_phase") for r in history):
                 time.sleep(0.3)  # most likely lands inside the next epoch (either way must resume exactly)
                 send()
                 return

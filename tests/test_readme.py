@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 import graphsurgeon as gs
+from graphsurgeon.training import run_folder
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -43,6 +44,6 @@ def test_readme_fit_example_trains_and_keeps_the_best_epoch(tmp_path, monkeypatc
     assert [r["epoch"] for r in trainer.history] == [1, 2]
     gs.check(trainer.net)  # whatever MTSL decided, the network is a valid one
     folder = tmp_path / "runs" / "mine"
-    assert (folder / "best.safetensors").is_file() and (folder / "model.safetensors").is_file()
+    assert (folder / "best.safetensors").is_file() and (run_folder.latest(folder) / "model.safetensors").is_file()
     assert len((folder / "metrics.csv").read_text().splitlines()) == 3
     assert trainer.best_record["monitor"] == trainer.best_record["val"]["top"]["accuracy"]

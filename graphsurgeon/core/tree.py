@@ -16,6 +16,7 @@ import json
 import keyword
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from torch import nn
 
@@ -135,17 +136,31 @@ class TaskTree:
         return cls.from_partitions(tasks, shared + [[list(g) for g in groups]] * (depth - split_at + 1))
 
     # ------------------------------------------------------------------ queries
-    def node(self, node_id: int) -> TreeNode:
+    @cached_property
+    def _index(self) -> tuple[dict[int, TreeNode], dict[int, tuple[TreeNode, ...]], dict[int | None, tuple[TreeNode, ...]]]:
+        """Nodes by id (the first of a repeated id), by depth and by parent, in `nodes` order:
+        built once, so that the queries below (and `check` on a checkpoint's tree of thousands
+        of nodes) take linear time instead of scanning every node per query."""
+        by_id: dict[int, TreeNode] = {}
+        by_depth: dict[int, list[TreeNode]] = {}
+        by_parent: dict[int | None, list[TreeNode]] = {}
         for n in self.nodes:
-            if n.id == node_id:
-                return n
-        raise TreeEditError(f"node n{node_id} is not in this tree (nodes: {[n.name for n in self.nodes]}).")
+            by_id.setdefault(n.id, n)
+            by_depth.setdefault(n.depth, []).append(n)
+            by_parent.setdefault(n.parent, []).append(n)
+        return by_id, {d: tuple(v) for d, v in by_depth.items()}, {p: tuple(v) for p, v in by_parent.items()}
+
+    def node(self, node_id: int) -> TreeNode:
+        found = self._index[0].get(node_id)
+        if found is None:
+            raise TreeEditError(f"node n{node_id} is not in this tree (nodes: {[n.name for n in self.nodes]}).")
+        return found
 
     def at_depth(self, depth: int) -> tuple[TreeNode, ...]:
-        return tuple(n for n in self.nodes if n.depth == depth)
+        return self._index[1].get(depth, ())
 
     def children(self, node_id: int) -> tuple[TreeNode, ...]:
-        return tuple(n for n in self.nodes if n.parent == node_id)
+        return self._index[2].get(node_id, ())
 
     def path(self, task: str) -> tuple[TreeNode, ...]:
         """The task's node at depths 0..L."""
@@ -177,6 +192,7 @@ class TaskTree:
         if len(roots) != 1 or roots[0].parent is not None or sorted(roots[0].tasks) != sorted(self.tasks):
             raise InvariantError("depth 0 must be one root node holding every task")
         by_id = {n.id: n for n in self.nodes}
+        task_sets = {n.id: set(n.tasks) for n in self.nodes}  # once per node, not once per child
         for n in self.nodes:
             if not 0 <= n.depth <= self.depth:
                 raise InvariantError(f"{n.name} has depth {n.depth} outside 0..{self.depth}")
@@ -184,7 +200,7 @@ class TaskTree:
                 parent = by_id.get(n.parent)
                 if parent is None or parent.depth != n.depth - 1:
                     raise InvariantError(f"{n.name} at depth {n.depth} has parent {n.parent} not at depth {n.depth - 1}")
-                if not set(n.tasks) <= set(parent.tasks):
+                if not task_sets[n.id] <= task_sets[parent.id]:
                     raise InvariantError(f"{n.name} holds tasks {n.tasks} outside its parent {parent.name} {parent.tasks}")
             if not n.tasks:
                 raise InvariantError(f"{n.name} holds no task")
@@ -319,14 +335,35 @@ class TaskTree:
 
     @classmethod
     def from_dict(cls, data: Mapping) -> TaskTree:
-        try:
-            nodes = tuple(
-                TreeNode(int(n["id"]), int(n["depth"]), None if n["parent"] is None else int(n["parent"]), tuple(n["tasks"]))
-                for n in data["nodes"]
-            )
-            tree = cls(tuple(data["tasks"]), int(data["depth"]), nodes)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InvariantError(f"not a task tree description ({exc!r}); expected TaskTree.to_dict() output.") from exc
+        """The tree `to_dict` described. Every field must have its exact JSON type (a string
+        where an int belongs is an error, not converted): the data may come from a file."""
+
+        def need(value: object, kind: type | tuple[type, ...], what: str) -> object:
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise InvariantError(
+                    f"not a task tree description: {what} is {type(value).__name__} {value!r:.60}; "
+                    "expected TaskTree.to_dict() output."
+                )
+            return value
+
+        def names(value: object, what: str) -> tuple[str, ...]:
+            return tuple(need(t, str, f"a task of {what}") for t in need(value, list, what))
+
+        def node(n: object, i: int) -> TreeNode:
+            n = need(n, dict, f"nodes[{i}]")
+            missing = sorted({"id", "depth", "parent", "tasks"} - set(n))
+            if missing:
+                raise InvariantError(f"not a task tree description: nodes[{i}] lacks {missing}; expected TaskTree.to_dict() output.")
+            parent = None if n["parent"] is None else need(n["parent"], int, f"nodes[{i}].parent")
+            return TreeNode(need(n["id"], int, f"nodes[{i}].id"), need(n["depth"], int, f"nodes[{i}].depth"), parent,
+                            names(n["tasks"], f"nodes[{i}].tasks"))
+
+        data = need(data, dict, "the tree")
+        missing = sorted({"tasks", "depth", "nodes"} - set(data))
+        if missing:
+            raise InvariantError(f"not a task tree description: it lacks {missing}; expected TaskTree.to_dict() output.")
+        nodes = tuple(node(n, i) for i, n in enumerate(need(data["nodes"], list, "nodes")))
+        tree = cls(names(data["tasks"], "tasks"), need(data["depth"], int, "depth"), nodes)
         tree.check()
         return tree
 
@@ -334,6 +371,8 @@ class TaskTree:
     def from_json(cls, text: str) -> TaskTree:
         try:
             data = json.loads(text)
+        except RecursionError:
+            raise InvariantError("task tree JSON nests too deeply to be a task tree. Was it written by TaskTree.to_json()?") from None
         except json.JSONDecodeError as exc:
             raise InvariantError(f"task tree JSON does not parse: {exc}. Was it written by TaskTree.to_json()?") from exc
         return cls.from_dict(data)
@@ -341,12 +380,10 @@ class TaskTree:
     def __str__(self) -> str:
         lines = [f"TaskTree({len(self.tasks)} tasks, depth {self.depth}, {len(self.nodes) - 1} segment copies)"]
 
-        def walk(node: TreeNode, prefix: str, last: bool) -> None:
-            label = f"{node.name} d{node.depth} {{{', '.join(node.tasks)}}}"
-            lines.append(prefix + ("└─ " if last else "├─ ") + label)
+        stack = [(self.at_depth(0)[0], "", True)]  # depth-first without recursion: trees may be deep
+        while stack:
+            node, prefix, last = stack.pop()
+            lines.append(prefix + ("└─ " if last else "├─ ") + f"{node.name} d{node.depth} {{{', '.join(node.tasks)}}}")
             kids = self.children(node.id)
-            for i, k in enumerate(kids):
-                walk(k, prefix + ("   " if last else "│  "), i == len(kids) - 1)
-
-        walk(self.at_depth(0)[0], "", True)
+            stack.extend((k, prefix + ("   " if last else "│  "), i == len(kids) - 1) for i, k in reversed(list(enumerate(kids))))
         return "\n".join(lines)

@@ -11,10 +11,12 @@ import csv
 import logging
 import math
 import os
+import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from graphsurgeon.core.checkpoint import remove_temporaries
 from graphsurgeon.errors import ConfigError
 
 __all__ = ["flatten", "log_epoch", "tensorboard_writer_class", "write_csv"]
@@ -41,12 +43,18 @@ def write_csv(history: Iterable[Mapping[str, Any]], path: Path) -> None:
     columns: dict[str, None] = {}
     for row in rows:
         columns.update(dict.fromkeys(row))
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(columns), restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    # a fresh mkstemp name, not a fixed one a planted symlink could redirect
+    remove_temporaries(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(columns), restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def tensorboard_writer_class(required: bool) -> type | None:

@@ -36,7 +36,6 @@ import contextlib
 import itertools
 import json
 import math
-import os
 import random
 import signal
 import time
@@ -56,7 +55,7 @@ from graphsurgeon.core.network import MultiTaskNetwork, Task
 from graphsurgeon.core.surgery import carry_optimizer
 from graphsurgeon.errors import CheckpointError, ConfigError, NonFiniteLossError
 from graphsurgeon.methods.base import Method, Step
-from graphsurgeon.training import distributed
+from graphsurgeon.training import distributed, run_folder
 from graphsurgeon.training.config import AUTOCAST, TrainConfig
 from graphsurgeon.training.distributed import ShardedSampler
 from graphsurgeon.training.records import flatten, log_epoch, tensorboard_writer_class, write_csv
@@ -620,17 +619,18 @@ class Trainer:
             signal.signal(sig, handler)
 
     def save_checkpoint(self) -> Path | None:
-        """Weights + tree (safetensors) and optimizer/method/RNG state, each written atomically
-        by rank 0 (the others wait for it). A checkpoint taken mid-epoch holds the position in
-        the epoch and the data order's generator state at its start, so resuming replays the
-        same order and skips the batches already trained on."""
+        """Weights + tree, optimizer/schedule/RNG state and the trainer's position, written by
+        rank 0 as one atomic checkpoint (`graphsurgeon.training.run_folder`: no pickle, every
+        file hashed, the previous checkpoint kept until this one is complete); the others wait
+        for it. A checkpoint taken mid-epoch holds the position in the epoch and the data
+        order's generator state at its start, so resuming replays the same order and skips the
+        batches already trained on. Returns the checkpoint folder."""
         if not self.config.checkpoint_dir:
             return None
         folder = Path(self.config.checkpoint_dir)
         self._last_saved = self._position()
         self._sync_scheduler()  # the method may have replaced the optimizer after this epoch's step
         if distributed.is_main():
-            folder.mkdir(parents=True, exist_ok=True)
             state = {
                 "epoch": self.epoch,
                 "step": self.step,
@@ -640,42 +640,44 @@ class Trainer:
                 "method": self.method.state_dict(),
                 "config": self.config.to_dict(),
             }
-            save(self.net, folder / "model.safetensors", extra={"trainer": json.dumps(state, default=_jsonable)})
-            tmp = folder / ".optimizer.pt.tmp"
             generator = self._epoch_generator if self._epoch_batches else self.generator.get_state()
             schedule = {"scheduler": self.scheduler.state_dict()} if self.scheduler is not None else {}
             if self._scaler is not None:
                 schedule["scaler"] = self._scaler.state_dict()
-            torch.save({"optimizer": self.optimizer.state_dict(), "generator": generator, **schedule, **_rng_states(self.device)}, tmp)
-            os.replace(tmp, folder / "optimizer.pt")
+            restore = {"optimizer": self.optimizer.state_dict(), "generator": generator, **schedule, **_rng_states(self.device)}
+            # through JSON as resume reads it: numpy scalars and tensors in the method state become numbers and lists
+            run_folder.save(folder, self.net, json.loads(json.dumps(state, default=_jsonable)), restore)
         distributed.barrier()
         return folder
 
     def resume(self) -> bool:
         """Restore the state `save_checkpoint` wrote (every rank reads it); the tree is rebuilt
-        from the checkpoint when it differs from the network's (after a structural edit)."""
-        folder = Path(self.config.checkpoint_dir or "")
-        path = folder / "model.safetensors"
-        if not path.is_file():
+        from the checkpoint when it differs from the network's (after a structural edit).
+        ``False`` when the folder holds no checkpoint; a corrupt, incomplete or old-format one
+        is a `CheckpointError` naming the file (nothing in it is unpickled or executed)."""
+        checkpoint = run_folder.load(self.config.checkpoint_dir) if self.config.checkpoint_dir else None
+        if checkpoint is None:
             return False
-        meta = read_metadata(path)
-        if "trainer" not in meta["extra"]:
+        state, opt, path = checkpoint.state, checkpoint.restore, checkpoint.model
+        kinds = {"epoch": int, "step": int, "epoch_batches": int, "epoch_sums": dict, "history": list, "method": dict}
+        wrong = [k for k, kind in kinds.items() if not isinstance(state.get(k), kind) or isinstance(state.get(k), bool)]
+        wrong += [k for k in ("optimizer", "generator", "rng") if k not in opt]
+        if wrong:
             raise CheckpointError(
-                f"{path} is a network saved with gs.save, not a training checkpoint (it holds no trainer state); "
-                "load it with gs.load, or resume from the checkpoint folder a Trainer wrote."
+                f"checkpoint {str(checkpoint.folder)!r} lacks {wrong} or holds them with the wrong type: it is not a "
+                "trainer checkpoint of this graphsurgeon. Start a fresh run."
             )
-        state = json.loads(meta["extra"]["trainer"])
+        meta = read_metadata(path)
         if not meta["tree"].same_structure(self.net.tree) or meta["tree"] != self.net.tree:
             lay_out(self.net, meta["tree"], path)
         load_weights(self.net, path)
         self.optimizer = self.make_optimizer()
-        opt = torch.load(folder / "optimizer.pt", weights_only=False)
         self.optimizer.load_state_dict(opt["optimizer"])
         _set_rng_states(opt, self.device)
         self.generator.set_state(opt["generator"])
         self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
-        self._epoch_batches = state.get("epoch_batches", 0)
-        self._epoch_sums = dict(state.get("epoch_sums", {}))
+        self._epoch_batches = state["epoch_batches"]
+        self._epoch_sums = dict(state["epoch_sums"])
         self._epoch_generator = opt["generator"] if self._epoch_batches else None
         self._load_schedule(opt)
         self.method.load_state_dict(state["method"])
@@ -707,11 +709,13 @@ def _rng_states(device: torch.device) -> dict[str, Any]:
 
 
 def _set_rng_states(states: Mapping[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(states["rng"])
-    if isinstance(states.get("numpy"), tuple):  # checkpoints before full states held only the key
+    """Restore `_rng_states` (decoded from a checkpoint: tuples and arrays as they were saved)."""
+    try:
+        torch.set_rng_state(states["rng"])
         np.random.set_state(states["numpy"])
-    if isinstance(states.get("python"), tuple) and len(states["python"]) == 3:
         random.setstate(states["python"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"the checkpoint's RNG states do not restore ({exc!r}): it is corrupt. Start a fresh run.") from exc
     if "cuda" in states and device.type == "cuda":
         torch.cuda.set_rng_state(states["cuda"], device)
 
