@@ -297,8 +297,23 @@ def run_model(
         "export": export,
         "invariants": invariants,
     }
-    for step in STEPS:
-        missing = [k for k in needs[step] if k not in state]
+    run_steps(steps, needs, state, result, progress)
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def run_steps(
+    steps: dict[str, Callable[[], None]],
+    needs: dict[str, tuple[str, ...]],
+    state: dict[str, Any],
+    result: dict[str, Any],
+    progress: Callable[[dict[str, Any]], None] | None,
+) -> None:
+    """Run ``steps`` in order into ``result`` (``steps``, ``step_seconds``, ``ok``): a step whose
+    ``needs`` are missing from ``state`` is skipped, a failing step records its error and the
+    next ones still run. Shared by the torchvision and timm sweeps."""
+    for step, run in steps.items():
+        missing = [k for k in needs.get(step, ()) if k not in state]
         if missing:
             result["steps"][step] = "skipped: " + ("build failed" if "net" in missing else "forward failed")
             continue
@@ -306,7 +321,7 @@ def run_model(
             progress({**result, "running": step})
         t0 = time.perf_counter()
         try:
-            steps[step]()
+            run()
             result["steps"][step] = "ok"
         except Exception as exc:  # a failing step is a result, not a crash
             result["steps"][step] = describe(exc)
@@ -315,8 +330,6 @@ def run_model(
     state.clear()
     gc.collect()
     result["ok"] = all(v == "ok" for v in result["steps"].values())
-    result["seconds"] = round(time.perf_counter() - start, 1)
-    return result
 
 
 # ---------------------------------------------------------------------------------- sweep

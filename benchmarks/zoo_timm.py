@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
 import os
 import platform
@@ -177,21 +176,7 @@ def run_model(name: str, progress: Callable[[dict[str, Any]], None] | None = Non
 
     steps = {"build": build, "modes": modes, "train_step": train_step, "merge": merge, "torchscript": torchscript,
              "export": export, "onnx": onnx, "save_load": save_load}
-    for step in STEPS:
-        if step != "build" and "net" not in state:
-            result["steps"][step] = "skipped: build failed"
-            continue
-        if progress is not None:
-            progress({**result, "running": step})
-        t0 = time.perf_counter()
-        try:
-            steps[step]()
-            result["steps"][step] = "ok"
-        except Exception as exc:  # a failing step is a result, not a crash
-            result["steps"][step] = zoo.describe(exc)
-        result["step_seconds"][step] = round(time.perf_counter() - t0, 2)
-        gc.collect()
-    result["ok"] = all(v == "ok" for v in result["steps"].values())
+    zoo.run_steps(steps, {step: ("net",) for step in STEPS[1:]}, state, result, progress)
     result["seconds"] = round(time.perf_counter() - start, 1)
     return result
 
