@@ -2,7 +2,8 @@
 
 A family is one of timm's model modules (``timm.models.resnet``, ``.vision_transformer``, ...);
 its variant is the one with the fewest parameters (counted on the meta device, so choosing costs
-no memory). Each model (random init, float64, batch 2, 32x32 unless the family needs more)
+no memory). Each model (random init, float64, batch 2, 32x32 unless it does not run on that:
+then its ``pretrained_cfg`` input size)
 runs in its own subprocess through:
 
     build       `graphsurgeon.multitask` with three Linear heads on a branched tree (first half of
@@ -78,14 +79,27 @@ def families() -> dict[str, str]:
     return chosen
 
 
-def build_model(name: str) -> nn.Module:
-    """The timm model for 32x32 inputs where it takes an image size (ViTs and their kin)."""
+def build_model(name: str, size: int = IMAGE_SIZE) -> nn.Module:
+    """The timm model for ``size`` x ``size`` inputs where it takes an image size (ViTs and kin)."""
     import timm
 
     try:
-        return timm.create_model(name, num_classes=0, img_size=IMAGE_SIZE)
+        return timm.create_model(name, num_classes=0, img_size=size)
     except TypeError:  # the family has no img_size argument: convolutional, any size
         return timm.create_model(name, num_classes=0)
+
+
+def input_size(name: str) -> int:
+    """32 where the eager model runs on 32x32 images, else the size it was designed for (its
+    ``pretrained_cfg``): a family that needs more pixels (window attention, two patch sizes) is
+    measured at its own size rather than reported as failing."""
+    model = build_model(name).eval()
+    try:
+        with torch.no_grad():
+            model(torch.randn(BATCH, 3, IMAGE_SIZE, IMAGE_SIZE))
+        return IMAGE_SIZE
+    except Exception:  # whatever the model's own code raises on an input too small for it
+        return int(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224))[-1])
 
 
 def run_model(name: str, progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
@@ -94,14 +108,16 @@ def run_model(name: str, progress: Callable[[dict[str, Any]], None] | None = Non
     result: dict[str, Any] = {"model": name, "steps": {}, "max_diff": {}, "step_seconds": {}, "segments": None,
                               "params": None, "threads": torch.get_num_threads()}
     state: dict[str, Any] = {}
-    x = torch.randn(BATCH, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.float64, generator=torch.Generator().manual_seed(SEED))
+    size = input_size(name)
+    result["image_size"] = size
+    x = torch.randn(BATCH, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(SEED))
 
     def heads(shape: tuple[int, ...]) -> dict[str, nn.Module]:
         return {t: nn.Sequential(nn.Flatten(), nn.LazyLinear(k)).double() for t, k in TASK_OUTPUTS.items()}
 
     def build() -> None:
         torch.manual_seed(SEED)
-        model = build_model(name).double().eval()
+        model = build_model(name, size).double().eval()
         depth = len(gs.segment(gs.trace(model), example_input=x))
         tree = zoo.make_tree("branched", depth) if depth > 1 else "separate"
         net = gs.multitask(model, heads(()), sharing=tree, example_input=x).eval()
@@ -113,7 +129,7 @@ def run_model(name: str, progress: Callable[[dict[str, Any]], None] | None = Non
         worst = 0.0
         for built_in_train in (True, False):
             torch.manual_seed(SEED)
-            model = build_model(name).double().train(built_in_train)
+            model = build_model(name, size).double().train(built_in_train)
             net = gs.multitask(model, {"z": nn.Identity()}, sharing="shared")
             for training in (True, False, True):
                 model.train(training)
@@ -170,7 +186,7 @@ def run_model(name: str, progress: Callable[[dict[str, Any]], None] | None = Non
         with tempfile.TemporaryDirectory() as tmp:
             gs.save(state["net"], Path(tmp) / "net.safetensors")
             torch.manual_seed(SEED + 1)  # another init: the weights must come from the file
-            loaded = gs.load(Path(tmp) / "net.safetensors", build_model(name).double(), heads(()), example_input=x)
+            loaded = gs.load(Path(tmp) / "net.safetensors", build_model(name, size).double(), heads(()), example_input=x)
         with torch.no_grad():
             result["max_diff"]["save_load"] = zoo.compare(loaded.eval()(x), state["out"], 1e-10)
 
@@ -184,12 +200,12 @@ def run_model(name: str, progress: Callable[[dict[str, Any]], None] | None = Non
 def markdown(results: Sequence[dict[str, Any]], chosen: dict[str, str]) -> str:
     import timm
 
-    header = ["family", "model", "segments", *STEPS, "seconds"]
+    header = ["family", "model", "input", "segments", *STEPS, "seconds"]
     lines = [
         "# timm coverage",
         "",
         f"One small variant of every timm architecture family (timm {timm.__version__}, torch {torch.__version__}; "
-        f"random init, float64, `num_classes=0`, batch {BATCH}, {IMAGE_SIZE}x{IMAGE_SIZE}) through the steps of "
+        f"random init, float64, `num_classes=0`, batch {BATCH}, {IMAGE_SIZE}x{IMAGE_SIZE} or the size a family needs) through the steps of "
         "`benchmarks/zoo_timm.py` (see its docstring). Generated by `python benchmarks/zoo_timm.py`.",
         "",
         "| " + " | ".join(header) + " |",
@@ -197,7 +213,7 @@ def markdown(results: Sequence[dict[str, Any]], chosen: dict[str, str]) -> str:
     ]
     family_of = {m: f for f, m in chosen.items()}
     for r in results:
-        row = [family_of.get(r["model"], "?"), f"`{r['model']}`", str(r.get("segments") or "–"),
+        row = [family_of.get(r["model"], "?"), f"`{r['model']}`", f"{r.get('image_size', IMAGE_SIZE)}²", str(r.get("segments") or "–"),
                *(zoo._cell(r["steps"].get(s, "skipped")) for s in STEPS), f"{r.get('seconds', 0):.0f}"]
         lines.append("| " + " | ".join(row) + " |")
     n, ok = len(results), sum(r["ok"] for r in results)
