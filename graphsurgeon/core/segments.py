@@ -23,6 +23,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from graphsurgeon.core.capture import DEFAULT_TRUNK
 from graphsurgeon.core.modes import eval_mode
 from graphsurgeon.core.trace import MODULE_OUTPUTS, get_graph_node_names, graph_signature, qualified_name, resolve_node
 from graphsurgeon.errors import ExampleInputError, OptionError, TraceError, TrunkError
@@ -146,6 +147,8 @@ def find_trunk(gm: fx.GraphModule, trunk: str | None) -> fx.Node:
     """
     if trunk == SPATIAL:
         return _spatial_trunk(gm)
+    if trunk is None and DEFAULT_TRUNK in gm.meta:  # torch.export graphs have no module calls to look for
+        trunk = gm.meta[DEFAULT_TRUNK]
     if trunk is not None:
         node = resolve_node(gm, trunk)
         if node is None or node.op == "output":
@@ -225,6 +228,9 @@ def written_value(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
     writes = False
     if node.op == "call_method" and isinstance(node.target, str):
         writes = node.target.endswith("_") and not node.target.startswith("_")
+    elif isinstance(node.target, torch._ops.OpOverload):  # an aten op (torch.export): its schema says
+        schema_args = node.target._schema.arguments
+        writes = bool(schema_args) and schema_args[0].alias_info is not None and schema_args[0].alias_info.is_write
     elif node.op == "call_function":
         name = getattr(node.target, "__name__", "")
         writes = (

@@ -1,0 +1,281 @@
+"""A second capture path, on ``torch.export``, for backbones ``torch.fx.symbolic_trace`` rejects.
+
+``symbolic_trace`` runs ``forward`` on proxies, so Python control flow on tensor shapes
+(``if x.shape[-1] > 8``), ``len(x)``, iteration over a tensor and third-party code that does
+not accept a proxy all fail. ``torch.export`` (non-strict) runs ``forward`` on fake tensors of
+the example input's shape instead: shapes are concrete, so that code runs, and the graph it
+records is specialised to that shape. ``ep.module()`` is an ``fx.GraphModule`` of aten ops with
+parameters and buffers read by ``get_attr`` and ``nn_module_stack`` on every node, which is
+what `graphsurgeon.segment` needs; this module adds the rest of what `graphsurgeon.core.trace`
+records (qualified node names, module outputs, the other mode's graph, the default trunk).
+
+Train and eval mode. Export captures one mode, and modules whose code reads ``self.training``
+(BatchNorm, Dropout, DropPath) record different aten ops in each (``batch_norm(...,
+training=True)`` plus an in-place ``add_`` on ``num_batches_tracked``, against
+``training=False``). As on the fx path such modules become *leaves*: their nodes are collapsed
+back into one ``call_module`` of the (copied) module itself, which follows the mode at run time,
+so one graph is right in both modes. When the graphs still differ (mode-dependent code in the
+root's own ``forward``, or a module whose nodes cannot be collapsed because it takes or returns
+several values), the other mode's graph is kept in ``gm.meta["graphsurgeon_other_mode"]`` and
+`graphsurgeon.segment` refuses the trunk with the module to fix, exactly as for fx graphs.
+
+Shapes. The graph is valid only for inputs of the example input's shape (a loop over the batch
+is unrolled into that many rows), so the captured graph starts with a shape check that raises
+`ExampleInputError` on any other shape instead of computing a wrong result.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import re
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+import torch
+from torch import fx, nn
+
+from graphsurgeon.core.trace import (
+    MODULE_OUTPUTS,
+    QUALNAME,
+    LeafSpec,
+    _check_leaf_names,
+    _code_reads,
+    graph_signature,
+    trace,
+)
+from graphsurgeon.errors import ExampleInputError, OptionError, TraceError
+
+__all__ = ["CAPTURE_KEY", "DEFAULT_TRUNK", "Capture", "capture_graph", "check_input_shape", "export_trace"]
+
+Capture = Literal["fx", "export", "auto"]
+CAPTURE_KEY = "graphsurgeon_capture"  # gm.meta key: "fx" or "export", how the graph was captured
+DEFAULT_TRUNK = "graphsurgeon_default_trunk"  # gm.meta key: fx name of the trunk for trunk=None
+
+logger = logging.getLogger(__name__)
+
+
+def check_input_shape(x: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """The first node of an exported graph: refuse an input of another shape than the one the
+    graph was captured for, whose specialisations (unrolled loops, taken branches) would silently
+    compute something else."""
+    if tuple(x.shape) != shape:
+        raise ExampleInputError(
+            f"this backbone was captured with torch.export for inputs of shape {shape}, got {tuple(x.shape)}; "
+            "the captured graph is specialised to that shape. Build it again with an example_input of this shape."
+        )
+
+
+def _stack(node: fx.Node) -> list[tuple[str, Any]]:
+    return list(node.meta.get("nn_module_stack", {}).values())
+
+
+def _in_module(node: fx.Node, path: str) -> bool:
+    return any(p == path for p, _ in _stack(node))
+
+
+def _collapse(gm: fx.GraphModule, path: str, module: nn.Module) -> bool:
+    """Replace the nodes that ``module`` (at ``path``) was exported into by one ``call_module``
+    of ``module``; ``False`` (and ``gm`` untouched) when they do not form one call with one input
+    and one output (a module called twice, or taking or returning several values)."""
+    region = [n for n in gm.graph.nodes if n.op == "call_function" and _in_module(n, path)]
+    if not region:
+        return False
+    inside = set(region)
+    own = f"{path}."
+    inputs = {
+        a for n in region for a in n.all_input_nodes
+        if a not in inside and not (a.op == "get_attr" and str(a.target).startswith(own))
+    }
+    outputs = [n for n in region if any(u not in inside for u in n.users)]
+    if len(inputs) != 1 or len(outputs) != 1 or next(iter(inputs)).op == "get_attr":
+        return False
+    (inp,), out = tuple(inputs), outputs[0]
+    parent = gm
+    for part in path.split(".")[:-1]:  # export keeps only the modules that own a tensor
+        if not hasattr(parent, part):
+            parent.add_module(part, nn.Module())
+        parent = getattr(parent, part)
+    setattr(parent, path.rsplit(".", 1)[-1], module)
+    with gm.graph.inserting_before(out):
+        call = gm.graph.call_module(path, (inp,))
+    stack = list(out.meta.get("nn_module_stack", {}).items())
+    depth = next(i for i, (_, (p, _)) in enumerate(stack) if p == path)
+    call.meta["nn_module_stack"] = dict(stack[: depth + 1])  # the call is inside path's parents only
+    out.replace_all_uses_with(call)
+    for n in reversed(region):
+        gm.graph.erase_node(n)
+    for n in [n for n in gm.graph.nodes if n.op == "get_attr" and not n.users and str(n.target).startswith(own)]:
+        gm.graph.erase_node(n)
+    return True
+
+
+def _reads_training(module: nn.Module) -> bool:
+    """Whether the module's class (torch.nn's included: export traces through BatchNorm and
+    Dropout too) reads ``self.training`` anywhere but in ``nn.Module`` itself."""
+    return any(
+        _code_reads(code, "training")
+        for cls in type(module).__mro__
+        if cls not in (nn.Module, object)
+        for value in vars(cls).values()
+        if (code := getattr(value, "__code__", None)) is not None
+    )
+
+
+def _make_leaves(gm: fx.GraphModule, own: nn.Module, paths: Iterable[str]) -> tuple[str, ...]:
+    """Collapse each module of ``paths`` that is not inside an already collapsed one (so the
+    outermost wins); the paths collapsed."""
+    done: list[str] = []
+    for path in sorted(paths, key=lambda p: p.count(".")):
+        if any(path.startswith(f"{d}.") for d in done):
+            continue
+        if _collapse(gm, path, own.get_submodule(path)):
+            done.append(path)
+    return tuple(done)
+
+
+def _name_nodes(gm: fx.GraphModule) -> None:
+    """Qualified names and module outputs, as `graphsurgeon.core.trace` records them: the module
+    path plus the op (``layers.0.linear``), with ``_k`` counting repeats of a name; a collapsed
+    module is named by its path (``bn``), as fx names a leaf module's call."""
+    latest: dict[str, int] = {}
+    outputs: dict[str, str] = {}
+    for n in gm.graph.nodes:
+        stack = _stack(n)
+        if n.op == "call_module":
+            base = str(n.target)
+        else:
+            op = re.sub(r"_[0-9]+$", "", n.name)
+            base = f"{stack[-1][0]}.{op}" if stack and stack[-1][0] else op
+        count = latest.get(base)
+        latest[base] = 0 if count is None else count + 1
+        n.meta[QUALNAME] = base if count is None else f"{base}_{count + 1}"
+        for path, _ in stack:
+            if path and any(not _in_module(u, path) or u.op == "output" for u in n.users):
+                outputs[path] = n.name  # a module's last value used outside it is what it returns
+    gm.meta[MODULE_OUTPUTS] = outputs
+
+
+def _default_trunk(gm: fx.GraphModule) -> str | None:
+    """The input of the last op that reads a parameter (``aten.linear`` of the classifier): what
+    `graphsurgeon.segment`'s default trunk is on fx graphs, where that op is a module call."""
+    parameters = {name for name, _ in gm.named_parameters()}
+    for n in reversed(gm.graph.nodes):
+        if n.op not in ("call_function", "call_module") or not n.all_input_nodes:
+            continue
+        if n.op == "call_module":
+            weighted = any(True for _ in gm.get_submodule(str(n.target)).parameters())
+        else:
+            weighted = any(a.op == "get_attr" and a.target in parameters for a in n.all_input_nodes)
+        if weighted:
+            first = n.all_input_nodes[0]
+            return None if first.op in ("placeholder", "get_attr") else first.name
+    return None
+
+
+def _export_once(
+    model: nn.Module, training: bool, example_input: torch.Tensor, kwargs: Mapping[str, Any]
+) -> tuple[fx.GraphModule, nn.Module]:
+    """``torch.export`` (non-strict) of a private copy of ``model`` in one mode, unlifted, with
+    its shape guard turned into `check_input_shape`; also the copy, whose modules become leaves."""
+    own = copy.deepcopy(model).train(training)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ep = torch.export.export(own, (example_input,), dict(kwargs), strict=False)
+    except Exception as exc:  # export raises many types (UserError, GuardOnDataDependentSymNode, ...)
+        mode = "train" if training else "eval"
+        raise TraceError(
+            f"torch.export cannot capture {type(model).__name__} in {mode} mode: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from exc
+    gm = ep.module()
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for n in list(gm.graph.nodes):
+        if n.op == "call_module" and n.target == "_guards_fn":
+            with gm.graph.inserting_before(n):
+                check = gm.graph.call_function(check_input_shape, (placeholders[0], tuple(example_input.shape)))
+            check.meta["nn_module_stack"] = {}
+            gm.graph.erase_node(n)
+    return gm, own
+
+
+def export_trace(
+    model: nn.Module,
+    *,
+    example_input: torch.Tensor | None,
+    leaf_modules: Iterable[LeafSpec] = (),
+    concrete_args: Mapping[str, Any] | None = None,
+) -> fx.GraphModule:
+    """Capture ``model`` with ``torch.export`` in both modes (see the module docstring).
+
+    ``leaf_modules`` (names or classes) are collapsed into one call each, like the fx path's leaf
+    modules; ``concrete_args`` are passed to ``forward`` as keyword arguments (export bakes
+    non-tensor values into the graph).
+    """
+    if not isinstance(example_input, torch.Tensor):
+        raise TraceError(
+            "capture='export' needs example_input=<a batch>: torch.export runs the model on it and "
+            "specialises the graph to its shape. Pass example_input=torch.randn(...) of the shape you will use."
+        )
+    leaves = tuple(leaf_modules)
+    _check_leaf_names(model, leaves)
+    kwargs = dict(concrete_args or {})
+    captured = {mode: _export_once(model, mode, example_input, kwargs) for mode in (model.training, not model.training)}
+
+    def leaf_paths(own: nn.Module, mode_dependent: bool) -> set[str]:
+        return {
+            name for name, m in own.named_modules()
+            if name and (name in leaves or isinstance(m, tuple(t for t in leaves if isinstance(t, type)))
+                         or (mode_dependent and _reads_training(m)))
+        }
+
+    differ = graph_signature(captured[True][0].graph.nodes) != graph_signature(captured[False][0].graph.nodes)
+    graphs = {}
+    for mode, (exported, own) in captured.items():
+        made = _make_leaves(exported, own, leaf_paths(own, differ))
+        # a plain GraphModule of what the graph reads: ep.module()'s class refuses train()/eval()
+        gm = fx.GraphModule(exported, exported.graph, type(model).__name__).train(mode)
+        _name_nodes(gm)
+        gm.meta["graphsurgeon_root_type"] = type(model)
+        gm.meta["graphsurgeon_leaf_modules"] = made
+        gm.meta[CAPTURE_KEY] = "export"
+        trunk = _default_trunk(gm)
+        if trunk is not None:
+            gm.meta[DEFAULT_TRUNK] = trunk
+        graphs[mode] = gm
+    gm = graphs[model.training]
+    gm.meta["graphsurgeon_other_mode"] = graphs[not model.training]
+    return gm
+
+
+def capture_graph(
+    model: nn.Module,
+    capture: Capture,
+    *,
+    example_input: torch.Tensor | None = None,
+    leaf_modules: Iterable[LeafSpec] = (),
+    concrete_args: Mapping[str, Any] | None = None,
+) -> fx.GraphModule:
+    """The graph of ``model`` by ``capture``: ``"export"``, or ``"auto"`` (fx, and export when fx
+    raises `TraceError`, with a warning that says why; a `TraceError` naming both failures
+    when export fails too)."""
+    if capture == "export":
+        return export_trace(model, example_input=example_input, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    if capture != "auto":
+        raise OptionError(f"capture={capture!r} is not a capture path; pass 'fx' (default), 'export' or 'auto'.")
+    leaves = tuple(leaf_modules)
+    try:
+        return trace(model, leaf_modules=leaves, concrete_args=concrete_args)
+    except TraceError as fx_error:
+        reason = str(fx_error).splitlines()[0]
+        try:
+            gm = export_trace(model, example_input=example_input, leaf_modules=leaves, concrete_args=concrete_args)
+        except TraceError as export_error:
+            raise TraceError(
+                f"neither capture path works for {type(model).__name__}.\n  fx: {fx_error}\n  export: {export_error}"
+            ) from export_error
+        message = f"capture='auto': torch.fx cannot trace {type(model).__name__} ({reason}); captured it with torch.export instead."
+        logger.warning(message)
+        warnings.warn(message, stacklevel=3)
+        return gm
