@@ -173,6 +173,14 @@ def _default_trunk(gm: fx.GraphModule) -> str | None:
     return None
 
 
+def _module_type(root: nn.Module, path: str, recorded: Any) -> Any:
+    """The class of ``root``'s submodule at ``path``; what export recorded when there is none."""
+    try:
+        return type(root.get_submodule(path))
+    except AttributeError:
+        return recorded
+
+
 def _export_once(
     model: nn.Module, training: bool, example_input: torch.Tensor, kwargs: Mapping[str, Any]
 ) -> tuple[fx.GraphModule, nn.Module]:
@@ -190,6 +198,9 @@ def _export_once(
             f"{str(exc).splitlines()[0] if str(exc) else ''}"
         ) from exc
     gm = ep.module()
+    for n in gm.graph.nodes:  # export records module types by name; segment() needs the classes
+        stack = n.meta.get("nn_module_stack", {})
+        n.meta["nn_module_stack"] = {key: (path, _module_type(own, path, kind)) for key, (path, kind) in stack.items()}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for n in list(gm.graph.nodes):
         if n.op == "call_module" and n.target == "_guards_fn":

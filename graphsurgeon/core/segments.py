@@ -423,15 +423,27 @@ def _block_of(node: fx.Node, gm: fx.GraphModule) -> str:
         # the stack holds the original module types; gm's own submodules are plain copies
         parent_type = stack[i - 1][1] if i > 0 else root_type
         if isinstance(parent_type, type) and issubclass(parent_type, _CONTAINERS):
-            primitive = i == len(stack) - 1 and node.op == "call_module" and node.target == qualname
+            primitive = i == len(stack) - 1 and _is_layer_call(node, qualname, stack[i][1])
             # a container of primitive layers (regnet's stem: conv, bn, relu) is one block,
             # unless it is the backbone itself (a user's plain nn.Sequential)
             return stack[i - 1][0] if primitive and i > 0 else qualname
     # no container above: a composite top-level child (GoogLeNet's inception3a) is a block;
     # a primitive top-level layer (ResNet's conv1, bn1) is glue that joins its neighbours
-    if stack and not (len(stack) == 1 and node.op == "call_module" and node.target == stack[0][0]):
+    if stack and not (len(stack) == 1 and _is_layer_call(node, stack[0][0], stack[0][1])):
         return stack[0][0]
     return ""
+
+
+def _is_layer_call(node: fx.Node, qualname: str, module_type: object) -> bool:
+    """Whether ``node`` is the call of a primitive layer at ``qualname``: fx keeps it as one
+    ``call_module``; torch.export records its aten ops inside a torch.nn module type."""
+    if node.op == "call_module":
+        return node.target == qualname
+    return (
+        isinstance(module_type, type)
+        and module_type.__module__.startswith("torch.nn")
+        and not issubclass(module_type, _CONTAINERS)
+    )
 
 
 def _params_of(node: fx.Node, gm: fx.GraphModule) -> list[str]:

@@ -1,0 +1,229 @@
+"""The torch.export capture path (``capture="export"`` / ``"auto"``) for backbones fx rejects.
+
+Two backbones that ``symbolic_trace`` cannot trace (a branch on a tensor's shape plus a loop
+over the batch; a helper calling ``len`` and ``math.sqrt`` on shapes) are built with
+``capture="export"`` and must compute exactly what the model computes: the network's forward
+(eval, float64), the segment chain, train mode (BatchNorm with batch statistics and a running
+mean update), one training step of a branched tree, and ``to_export`` of the result.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import graphsurgeon as gs
+from graphsurgeon import ExampleInputError, TraceError
+
+DTYPE = torch.float64
+
+
+class ShapeBranchLoop(nn.Module):
+    """Branches on a shape and iterates over the batch: fx cannot decide the ``if``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+        self.blocks = nn.Sequential(
+            nn.Sequential(nn.Linear(8, 8), nn.ReLU()),
+            nn.Sequential(nn.Linear(8, 8), nn.Tanh()),
+        )
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        if x.shape[-1] > 8:
+            x = x * 0.5
+        x = x.mean((2, 3))
+        x = torch.stack([row - row.mean() for row in x.unbind(0)])
+        return self.fc(self.blocks(x))
+
+
+def _untraceable_helper(x: torch.Tensor) -> torch.Tensor:
+    """Code fx cannot run on a proxy: ``len`` of a tensor and ``math.sqrt`` of a shape."""
+    return x.reshape(len(x), -1) / math.sqrt(x.shape[-1])
+
+
+class CallsHelper(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.body = nn.Sequential(nn.Linear(4 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 16))
+        self.fc = nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(_untraceable_helper(self.conv(x))))
+
+
+class ValueBranch(nn.Module):
+    """Branches on a tensor's *value*: neither fx nor export can capture it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            x = -x
+        return self.fc(x)
+
+
+CASES = {
+    "shape_branch_loop": (ShapeBranchLoop, (2, 3, 12, 12)),
+    "calls_helper": (CallsHelper, (3, 3, 8, 8)),
+}
+
+
+def _case(name: str) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    cls, shape = CASES[name]
+    return cls().to(DTYPE), torch.randn(*shape, dtype=DTYPE)
+
+
+def _features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What the model's classifier sees: the default trunk's value."""
+    trunk = copy.deepcopy(model)
+    trunk.fc = nn.Identity()
+    with torch.no_grad():
+        return trunk(x)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_fx_rejects_the_model(name):
+    model, _ = _case(name)
+    with pytest.raises(TraceError, match="torch.fx cannot trace"):
+        gs.trace(model)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_equals_the_model_in_eval(name):
+    model, x = _case(name)
+    model.eval()
+    net = gs.multitask(model, {"a": copy.deepcopy(model.fc)}, capture="export", example_input=x)
+    with torch.no_grad():
+        assert torch.equal(net(x)["a"], model(x))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("granularity", ["block", "fine"])
+def test_segment_chain_equals_the_model(name, granularity):
+    model, x = _case(name)
+    model.eval()
+    gm = gs.trace(model, capture="export", example_input=x)
+    segments = gs.segment(gm, None, granularity, example_input=x)
+    assert len(segments) >= 2
+    z = x
+    with torch.no_grad():
+        for s in segments:
+            z = s.module(z)
+    assert torch.equal(z, _features(model, x))
+
+
+def test_block_granularity_cuts_between_the_blocks():
+    model, x = _case("shape_branch_loop")
+    gm = gs.trace(model, capture="export", example_input=x)
+    fine = gs.segment(gm, None, "fine", example_input=x)
+    block = gs.segment(gm, None, "block", example_input=x)
+    assert len(block) == 3 and len(fine) > len(block)  # the stem (with the loop), blocks.0, blocks.1
+    assert gs.get_graph_node_names(gm)[-2:] == ["fc.linear", "output"]
+
+
+def test_batchnorm_follows_the_mode():
+    """BatchNorm exports to different aten ops in each mode; it is kept as one module call, so the
+    network uses batch statistics (and updates the running mean) in train mode only."""
+    model, x = _case("shape_branch_loop")
+    model.train()
+    net = gs.multitask(model, {"a": copy.deepcopy(model.fc)}, capture="export", example_input=x, sharing="shared")
+    reference = copy.deepcopy(model)
+    net.train()
+    assert torch.equal(net(x)["a"], reference(x))
+    bn = next(m for m in net.modules() if isinstance(m, nn.BatchNorm2d))
+    assert torch.equal(bn.running_mean, reference.stem[1].running_mean) and bn.num_batches_tracked.item() == 1
+    net.eval()
+    reference.eval()
+    with torch.no_grad():
+        assert torch.equal(net(x)["a"], reference(x))
+
+
+def test_a_branched_tree_trains_one_step():
+    model, x = _case("shape_branch_loop")
+    gm = gs.trace(model, capture="export", example_input=x)
+    depth = len(gs.segment(gm, None, "block", example_input=x))
+    tree = gs.TaskTree.branched(["a", "b"], depth, [["a"], ["b"]], split_at=2)
+    heads = {"a": nn.Linear(8, 3).to(DTYPE), "b": nn.Linear(8, 1).to(DTYPE)}
+    net = gs.multitask(model, heads, capture="export", example_input=x, sharing=tree)
+    net.train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    optimiser = torch.optim.SGD(net.parameters(), lr=0.1)
+    out = net(x)
+    loss = out["a"].square().mean() + out["b"].square().mean()
+    loss.backward()
+    optimiser.step()
+    after = net.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("heads.a") for k in changed) and any(k.startswith("heads.b") for k in changed)
+    assert sum(1 for k in changed if not k.startswith("heads")) >= 4  # shared and per-branch segments
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_to_export_equals_eager(name):
+    model, x = _case(name)
+    net = gs.multitask(model, {"a": copy.deepcopy(model.fc), "b": nn.Identity()}, capture="export", example_input=x)
+    net.eval()
+    program = gs.to_export(net, x)
+    with torch.no_grad():
+        got, want = program.module()(x), net(x)
+    assert set(got) == set(want) and all(torch.equal(got[t], want[t]) for t in want)
+
+
+def test_auto_falls_back_to_export_and_says_why(caplog):
+    model, x = _case("calls_helper")
+    with caplog.at_level(logging.WARNING, logger="graphsurgeon.core.capture"):
+        with pytest.warns(UserWarning, match=r"capture='auto': torch.fx cannot trace CallsHelper .* torch.export"):
+            net = gs.multitask(model, {"a": copy.deepcopy(model.fc)}, capture="auto", example_input=x)
+    assert any("torch.fx cannot trace" in r.getMessage() for r in caplog.records)
+    model.eval()
+    net.eval()
+    with torch.no_grad():
+        assert torch.equal(net(x)["a"], model(x))
+
+
+def test_auto_keeps_fx_when_fx_works(recwarn):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).to(DTYPE)
+    gm = gs.trace(model, capture="auto", example_input=torch.randn(2, 4, dtype=DTYPE))
+    assert any(n.op == "call_module" for n in gm.graph.nodes)  # fx keeps nn.Linear as a module call
+    assert not [w for w in recwarn if "capture='auto'" in str(w.message)]
+
+
+def test_a_model_neither_path_captures_names_both_failures():
+    torch.manual_seed(0)
+    model, x = ValueBranch().to(DTYPE), torch.randn(2, 4, dtype=DTYPE)
+    with pytest.raises(TraceError, match=r"neither capture path works for ValueBranch") as info:
+        gs.multitask(model, {"a": nn.Identity()}, capture="auto", example_input=x)
+    message = str(info.value)
+    assert "fx: torch.fx cannot trace" in message and "export: torch.export cannot capture ValueBranch" in message
+
+
+def test_export_needs_an_example_input():
+    model, _ = _case("calls_helper")
+    with pytest.raises(TraceError, match="capture='export' needs example_input"):
+        gs.multitask(model, {"a": nn.Identity()}, capture="export")
+
+
+def test_an_input_of_another_shape_is_refused():
+    """The graph is specialised to the example's shape (the loop over the batch is unrolled)."""
+    model, x = _case("shape_branch_loop")
+    net = gs.multitask(model, {"a": nn.Identity()}, capture="export", example_input=x)
+    with pytest.raises(ExampleInputError, match=r"captured with torch.export for inputs of shape \(2, 3, 12, 12\)"):
+        net(torch.randn(3, 3, 12, 12, dtype=DTYPE))
+
+
+def test_an_unknown_capture_is_refused():
+    model, x = _case("calls_helper")
+    with pytest.raises(gs.OptionError, match="capture='jit'"):
+        gs.trace(model, capture="jit", example_input=x)
