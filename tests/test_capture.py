@@ -18,6 +18,7 @@ from torch import nn
 
 import graphsurgeon as gs
 from graphsurgeon import ExampleInputError, TraceError
+from graphsurgeon.core.trace import qualified_name, resolve_node
 
 DTYPE = torch.float64
 
@@ -129,7 +130,7 @@ def test_block_granularity_cuts_between_the_blocks():
     fine = gs.segment(gm, None, "fine", example_input=x)
     block = gs.segment(gm, None, "block", example_input=x)
     assert len(block) == 3 and len(fine) > len(block)  # the stem (with the loop), blocks.0, blocks.1
-    assert gs.get_graph_node_names(gm)[-2:] == ["fc.linear", "output"]
+    assert gs.get_graph_node_names(gm)[-2:] == ["fc", "output"]  # a torch.nn layer is named as by fx
 
 
 def test_batchnorm_follows_the_mode():
@@ -227,3 +228,74 @@ def test_an_unknown_capture_is_refused():
     model, x = _case("calls_helper")
     with pytest.raises(gs.OptionError, match="capture='jit'"):
         gs.trace(model, capture="jit", example_input=x)
+
+
+class RunningMean(nn.Module):
+    """Writes its buffers in place in forward: export records ``add_``/``mul_`` on ``get_attr``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.register_buffer("calls", torch.zeros((), dtype=DTYPE))
+        self.register_buffer("running", torch.zeros((), dtype=DTYPE))
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.add_(1)
+        self.running.mul_(0.9).add_(0.1 * x.detach().mean())
+        return self.fc((self.conv(x) + self.running).mean((2, 3)))
+
+
+def test_buffer_writes_are_kept_as_on_the_fx_path():
+    torch.manual_seed(0)
+    model, x = RunningMean().to(DTYPE), torch.randn(2, 3, 4, 4, dtype=DTYPE)
+    nets = {
+        capture: gs.multitask(model, {"a": nn.Identity()}, capture=capture, example_input=x, granularity="fine")
+        for capture in ("fx", "export")
+    }
+    for _ in range(3):
+        assert torch.equal(nets["export"](x)["a"], nets["fx"](x)["a"])
+    buffers = {c: {k.split(".", 2)[2]: b for k, b in net.named_buffers()} for c, net in nets.items()}
+    assert buffers["export"].keys() == buffers["fx"].keys() == {"calls", "running"}
+    assert all(torch.equal(buffers["export"][k], buffers["fx"][k]) for k in buffers["fx"])
+    assert buffers["export"]["calls"].item() > 3  # every call wrote it, the build's included
+
+
+def test_a_torchvision_resnet_segments_as_on_the_fx_path():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=5).to(DTYPE).eval()
+    x = torch.randn(2, 3, 32, 32, dtype=DTYPE)
+    gm = gs.trace(model, capture="export", example_input=x)
+    segments = gs.segment(gm, None, "block", example_input=x)
+    assert len(segments) == len(gs.segment(gs.trace(model), None, "block", example_input=x))
+    z = x
+    with torch.no_grad():
+        for s in segments:
+            z = s.module(z)
+    assert torch.equal(z, _features(model, x))
+    def op_names(graph: torch.fx.GraphModule) -> list[str]:
+        return [qualified_name(n) for n in graph.graph.nodes if n.op in ("call_function", "call_module")]
+
+    assert op_names(gm) == ["check_input_shape", *op_names(gs.trace(model))]  # trunk= takes the fx names
+    layer4 = gs.segment(gm, "layer4", "block", example_input=x)  # a module path: what layer4 returns
+    assert layer4[-1].output_name == resolve_node(gm, "layer4.1.relu_1").name
+
+
+class DropoutInRoot(nn.Module):
+    """Reads ``self.training`` in the root's own forward, which no leaf module can hide."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(nn.functional.dropout(self.body(x), 0.5, training=self.training))
+
+
+def test_a_trunk_that_depends_on_the_mode_in_the_root_is_refused():
+    torch.manual_seed(0)
+    model, x = DropoutInRoot().to(DTYPE).train(), torch.randn(2, 4, dtype=DTYPE)
+    with pytest.raises(TraceError, match="differently in train and eval mode"):
+        gs.multitask(model, {"a": nn.Identity()}, capture="export", example_input=x)

@@ -46,7 +46,7 @@ from graphsurgeon.core.trace import (
 )
 from graphsurgeon.errors import ExampleInputError, OptionError, TraceError
 
-__all__ = ["CAPTURE_KEY", "DEFAULT_TRUNK", "Capture", "capture_graph", "check_input_shape", "export_trace"]
+__all__ = ["CAPTURE_KEY", "DEFAULT_TRUNK", "Capture", "capture_graph", "check_input_shape", "export_trace", "is_torch_layer"]
 
 Capture = Literal["fx", "export", "auto"]
 CAPTURE_KEY = "graphsurgeon_capture"  # gm.meta key: "fx" or "export", how the graph was captured
@@ -134,18 +134,32 @@ def _make_leaves(gm: fx.GraphModule, own: nn.Module, paths: Iterable[str]) -> tu
     return tuple(done)
 
 
+def is_torch_layer(module_type: object) -> bool:
+    """Whether a module class is one of torch.nn's layers (not a container): fx keeps such a
+    module as one ``call_module``, export records its aten ops inside it."""
+    return (
+        isinstance(module_type, type)
+        and module_type.__module__.startswith("torch.nn")
+        and not issubclass(module_type, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+    )
+
+
 def _name_nodes(gm: fx.GraphModule) -> None:
-    """Qualified names and module outputs, as `graphsurgeon.core.trace` records them: the module
-    path plus the op (``layers.0.linear``), with ``_k`` counting repeats of a name; a collapsed
-    module is named by its path (``bn``), as fx names a leaf module's call."""
+    """Qualified names and module outputs, as `graphsurgeon.core.trace` records them, so that
+    ``trunk=`` takes the same names on both paths: a torch.nn layer's ops and a collapsed module
+    are named by the module's path (``layer4.1.relu_1``, ``bn1``), as fx names a module call,
+    parameters and buffers by theirs, other ops by the path plus the op (``mean``,
+    ``layer1.0.add``), with ``_k`` counting repeats of a name."""
     latest: dict[str, int] = {}
     outputs: dict[str, str] = {}
     for n in gm.graph.nodes:
         stack = _stack(n)
-        if n.op == "call_module":
+        if n.op in ("call_module", "get_attr"):
             base = str(n.target)
+        elif stack and stack[-1][0] and is_torch_layer(stack[-1][1]):
+            base = stack[-1][0]
         else:
-            op = re.sub(r"_[0-9]+$", "", n.name)
+            op = re.sub(r"_[0-9]+$", "", n.name).rstrip("_")  # add_ is fx's add (of +=)
             base = f"{stack[-1][0]}.{op}" if stack and stack[-1][0] else op
         count = latest.get(base)
         latest[base] = 0 if count is None else count + 1

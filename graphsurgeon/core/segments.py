@@ -23,7 +23,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from graphsurgeon.core.capture import DEFAULT_TRUNK
+from graphsurgeon.core.capture import DEFAULT_TRUNK, is_torch_layer
 from graphsurgeon.core.modes import eval_mode
 from graphsurgeon.core.trace import MODULE_OUTPUTS, get_graph_node_names, graph_signature, qualified_name, resolve_node
 from graphsurgeon.errors import ExampleInputError, OptionError, TraceError, TrunkError
@@ -439,11 +439,7 @@ def _is_layer_call(node: fx.Node, qualname: str, module_type: object) -> bool:
     ``call_module``; torch.export records its aten ops inside a torch.nn module type."""
     if node.op == "call_module":
         return node.target == qualname
-    return (
-        isinstance(module_type, type)
-        and module_type.__module__.startswith("torch.nn")
-        and not issubclass(module_type, _CONTAINERS)
-    )
+    return is_torch_layer(module_type)
 
 
 def _params_of(node: fx.Node, gm: fx.GraphModule) -> list[str]:
