@@ -299,3 +299,14 @@ def test_a_trunk_that_depends_on_the_mode_in_the_root_is_refused():
     model, x = DropoutInRoot().to(DTYPE).train(), torch.randn(2, 4, dtype=DTYPE)
     with pytest.raises(TraceError, match="differently in train and eval mode"):
         gs.multitask(model, {"a": nn.Identity()}, capture="export", example_input=x)
+
+
+def test_a_checkpoint_loads_back_with_the_same_capture(tmp_path):
+    model, x = _case("shape_branch_loop")
+    net = gs.multitask(model, {"a": copy.deepcopy(model.fc)}, capture="export", example_input=x)
+    gs.save(net, tmp_path / "run")
+    loaded = gs.load(tmp_path / "run", model, {"a": nn.Linear(8, 3).to(DTYPE)}, capture="export", example_input=x)
+    net.eval()
+    loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x)["a"], net(x)["a"])
