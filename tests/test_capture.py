@@ -310,3 +310,53 @@ def test_a_checkpoint_loads_back_with_the_same_capture(tmp_path):
     loaded.eval()
     with torch.no_grad():
         assert torch.equal(loaded(x)["a"], net(x)["a"])
+
+
+class CallsTwice(nn.Module):
+    """Calls one BatchNorm twice: each call becomes its own module call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+        self.bn = nn.BatchNorm1d(4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(x) > 1:  # len of a tensor: fx cannot trace it
+            x = self.bn(self.bn(x))
+        return self.fc(self.body(x))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_a_module_called_twice_is_called_twice(training):
+    torch.manual_seed(0)
+    model, x = CallsTwice().to(DTYPE).train(training), torch.randn(3, 4, dtype=DTYPE)
+    gm = gs.trace(model, capture="export", example_input=x)
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["bn", "bn"]
+    net = gs.multitask(model, {"a": copy.deepcopy(model.fc)}, capture="export", example_input=x, granularity="fine")
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        assert torch.equal(net(x)["a"], reference(x))
+
+
+class WritesThroughAView(nn.Module):
+    """Writes one entry of a buffer (``aten.select`` then ``add_`` after export)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("seen", torch.zeros(2, dtype=DTYPE))
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen[len(x) % 2] += 1
+        return self.fc(x * 2)
+
+
+def test_a_buffer_written_through_a_view_is_written():
+    torch.manual_seed(0)
+    model, x = WritesThroughAView().to(DTYPE), torch.randn(3, 4, dtype=DTYPE)
+    net = gs.multitask(model, {"a": nn.Identity()}, capture="export", example_input=x, sharing="shared")
+    (seen,) = (b for name, b in net.named_buffers() if name.endswith("seen"))
+    before = seen[1].item()
+    net(x)
+    assert seen[1].item() == before + 1 and seen[0].item() == 0

@@ -46,7 +46,7 @@ from graphsurgeon.core.trace import (
 )
 from graphsurgeon.errors import ExampleInputError, OptionError, TraceError
 
-__all__ = ["CAPTURE_KEY", "DEFAULT_TRUNK", "Capture", "capture_graph", "check_input_shape", "export_trace", "is_torch_layer"]
+__all__ = ["CAPTURE_KEY", "DEFAULT_TRUNK", "Capture", "capture_graph", "check_input_shape", "export_trace", "is_torch_layer", "is_view", "writes_first_argument"]
 
 Capture = Literal["fx", "export", "auto"]
 CAPTURE_KEY = "graphsurgeon_capture"  # gm.meta key: "fx" or "export", how the graph was captured
@@ -74,37 +74,81 @@ def _in_module(node: fx.Node, path: str) -> bool:
     return any(p == path for p, _ in _stack(node))
 
 
-def _collapse(gm: fx.GraphModule, path: str, module: nn.Module) -> bool:
-    """Replace the nodes that ``module`` (at ``path``) was exported into by one ``call_module``
-    of ``module``; ``False`` (and ``gm`` untouched) when they do not form one call with one input
-    and one output (a module called twice, or taking or returning several values)."""
-    region = [n for n in gm.graph.nodes if n.op == "call_function" and _in_module(n, path)]
-    if not region:
-        return False
-    inside = set(region)
+def _calls_of(gm: fx.GraphModule, path: str) -> list[tuple[list[fx.Node], fx.Node, fx.Node]] | None:
+    """Each call of the module at ``path`` as (its nodes, its one input, its one output), in
+    order; ``None`` when a call takes or returns several values (or reads another module's
+    state), so that it cannot be one ``call_module``. Export tells the calls of a module apart
+    by their ``nn_module_stack`` key (``L__self__bn``, ``L__self__bn@1``)."""
+    regions: dict[str, list[fx.Node]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function":
+            key = next((k for k, (p, _) in n.meta.get("nn_module_stack", {}).items() if p == path), None)
+            if key is not None:
+                regions.setdefault(key, []).append(n)
     own = f"{path}."
-    inputs = {
-        a for n in region for a in n.all_input_nodes
-        if a not in inside and not (a.op == "get_attr" and str(a.target).startswith(own))
-    }
-    outputs = [n for n in region if any(u not in inside for u in n.users)]
-    if len(inputs) != 1 or len(outputs) != 1 or next(iter(inputs)).op == "get_attr":
+
+    def state(a: fx.Node) -> bool:
+        """The module's own parameter or buffer, or an in-place write to one (a second call's
+        ``add_`` on ``num_batches_tracked`` reads the first call's)."""
+        while a.op == "call_function" and writes_first_argument(a) and isinstance(a.args[0], fx.Node):
+            a = a.args[0]
+        return a.op == "get_attr" and str(a.target).startswith(own)
+
+    calls = []
+    for region in regions.values():
+        inside = set(region)
+        inputs = {a for n in region for a in n.all_input_nodes if a not in inside and not state(a)}
+        outputs = [n for n in region if not state(n) and any(u not in inside for u in n.users)]
+        if len(inputs) != 1 or len(outputs) != 1 or next(iter(inputs)).op == "get_attr":
+            return None
+        calls.append((region, next(iter(inputs)), outputs[0]))
+    return calls
+
+
+def writes_first_argument(node: fx.Node) -> bool:
+    """Whether an aten op writes its first argument in place (its schema says ``Tensor(a!)``)."""
+    if not isinstance(node.target, torch._ops.OpOverload):
         return False
-    (inp,), out = tuple(inputs), outputs[0]
+    arguments = node.target._schema.arguments
+    return bool(arguments) and arguments[0].alias_info is not None and arguments[0].alias_info.is_write
+
+
+def is_view(node: fx.Node) -> bool:
+    """Whether an aten op returns a view of its first argument (``aten.select``, ``aten.view``:
+    its schema's result is ``Tensor(a)``), so that writing to its result writes to that argument."""
+    if not isinstance(node.target, torch._ops.OpOverload):
+        return False
+    returns = node.target._schema.returns
+    return bool(returns) and returns[0].alias_info is not None and not returns[0].alias_info.is_write
+
+
+def _collapse(gm: fx.GraphModule, path: str, module: nn.Module) -> bool:
+    """Replace the nodes of every call of ``module`` (at ``path``) by one ``call_module`` of
+    ``module`` each; ``False`` (and ``gm`` untouched) when a call cannot be one (see `_calls_of`)
+    or the module was not called."""
+    calls = _calls_of(gm, path)
+    if not calls:
+        return False
     parent = gm
     for part in path.split(".")[:-1]:  # export keeps only the modules that own a tensor
         if not hasattr(parent, part):
             parent.add_module(part, nn.Module())
         parent = getattr(parent, part)
     setattr(parent, path.rsplit(".", 1)[-1], module)
-    with gm.graph.inserting_before(out):
-        call = gm.graph.call_module(path, (inp,))
-    stack = list(out.meta.get("nn_module_stack", {}).items())
-    depth = next(i for i, (_, (p, _)) in enumerate(stack) if p == path)
-    call.meta["nn_module_stack"] = dict(stack[: depth + 1])  # the call is inside path's parents only
-    out.replace_all_uses_with(call)
-    for n in reversed(region):
-        gm.graph.erase_node(n)
+    replaced: dict[fx.Node, fx.Node] = {}  # an earlier call's output node -> its call_module
+    for _, inp, out in calls:
+        with gm.graph.inserting_before(out):
+            call = gm.graph.call_module(path, (replaced.get(inp, inp),))
+        replaced[out] = call
+        stack = list(out.meta["nn_module_stack"].items())
+        depth = next(i for i, (_, (p, _)) in enumerate(stack) if p == path)
+        call.meta["nn_module_stack"] = dict(stack[: depth + 1])  # the call is inside path's parents only
+        out.replace_all_uses_with(call)
+    erased = {n for region, _, _ in calls for n in region}
+    for n in reversed(gm.graph.nodes):  # later calls read earlier ones' state writes: erase them first
+        if n in erased:
+            gm.graph.erase_node(n)
+    own = f"{path}."
     for n in [n for n in gm.graph.nodes if n.op == "get_attr" and not n.users and str(n.target).startswith(own)]:
         gm.graph.erase_node(n)
     return True

@@ -23,7 +23,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from graphsurgeon.core.capture import DEFAULT_TRUNK, is_torch_layer
+from graphsurgeon.core.capture import DEFAULT_TRUNK, is_torch_layer, is_view, writes_first_argument
 from graphsurgeon.core.modes import eval_mode
 from graphsurgeon.core.trace import MODULE_OUTPUTS, get_graph_node_names, graph_signature, qualified_name, resolve_node
 from graphsurgeon.errors import ExampleInputError, OptionError, TraceError, TrunkError
@@ -229,8 +229,7 @@ def written_value(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
     if node.op == "call_method" and isinstance(node.target, str):
         writes = node.target.endswith("_") and not node.target.startswith("_")
     elif isinstance(node.target, torch._ops.OpOverload):  # an aten op (torch.export): its schema says
-        schema_args = node.target._schema.arguments
-        writes = bool(schema_args) and schema_args[0].alias_info is not None and schema_args[0].alias_info.is_write
+        writes = writes_first_argument(node)
     elif node.op == "call_function":
         name = getattr(node.target, "__name__", "")
         writes = (
@@ -249,6 +248,7 @@ def _memory_owner(value: fx.Node) -> fx.Node:
     while (
         (value.op == "call_method" and value.target in _VIEW_METHODS)
         or (value.op == "call_function" and value.target in (operator.getitem, torch.flatten, torch.reshape))
+        or is_view(value)
     ) and value.args and isinstance(value.args[0], fx.Node):
         value = value.args[0]
     return value
