@@ -360,3 +360,41 @@ def test_a_buffer_written_through_a_view_is_written():
     before = seen[1].item()
     net(x)
     assert seen[1].item() == before + 1 and seen[0].item() == 0
+
+
+class TwoOutputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.a(x), self.b(x)
+
+
+class WithTwoOutputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pair = TwoOutputs()
+        self.body = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.pair(x)
+        return self.fc(self.body(a * b / math.sqrt(x.shape[-1])))
+
+
+def test_leaf_modules_are_kept_as_one_call():
+    torch.manual_seed(0)
+    model, x = WithTwoOutputs().to(DTYPE).eval(), torch.randn(2, 4, dtype=DTYPE)
+    gm = gs.trace(model, capture="export", example_input=x, leaf_modules=["body"])
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["body"]
+    net = gs.multitask(model, {"a": copy.deepcopy(model.fc)}, capture="export", example_input=x, leaf_modules=[nn.Sequential])
+    with torch.no_grad():
+        assert torch.equal(net(x)["a"], model(x))
+
+
+def test_a_leaf_module_that_is_not_one_tensor_call_is_refused():
+    torch.manual_seed(0)
+    model, x = WithTwoOutputs().to(DTYPE), torch.randn(2, 4, dtype=DTYPE)
+    with pytest.raises(TraceError, match=r"leaf_modules names 'pair' \(TwoOutputs\).*one tensor"):
+        gs.trace(model, capture="export", example_input=x, leaf_modules=["pair"])

@@ -166,13 +166,20 @@ def _reads_training(module: nn.Module) -> bool:
     )
 
 
-def _make_leaves(gm: fx.GraphModule, own: nn.Module, paths: Iterable[str]) -> tuple[str, ...]:
+def _make_leaves(gm: fx.GraphModule, own: nn.Module, paths: Iterable[str], required: set[str]) -> tuple[str, ...]:
     """Collapse each module of ``paths`` that is not inside an already collapsed one (so the
-    outermost wins); the paths collapsed."""
+    outermost wins); the paths collapsed. A ``required`` one (a user's leaf module) that is
+    called but cannot be one call is an error: silently tracing through it is not what was asked."""
     done: list[str] = []
     for path in sorted(paths, key=lambda p: p.count(".")):
         if any(path.startswith(f"{d}.") for d in done):
             continue
+        if path in required and _calls_of(gm, path) is None:
+            raise TraceError(
+                f"leaf_modules names {path!r} ({type(own.get_submodule(path)).__name__}), but with capture='export' a "
+                "leaf module must take one tensor and return one tensor in each call, and this one does not. "
+                "Fix: drop it from leaf_modules, or name a submodule of it that does."
+            )
         if _collapse(gm, path, own.get_submodule(path)):
             done.append(path)
     return tuple(done)
@@ -292,17 +299,19 @@ def export_trace(
     kwargs = dict(concrete_args or {})
     captured = {mode: _export_once(model, mode, example_input, kwargs) for mode in (model.training, not model.training)}
 
-    def leaf_paths(own: nn.Module, mode_dependent: bool) -> set[str]:
-        return {
-            name for name, m in own.named_modules()
-            if name and (name in leaves or isinstance(m, tuple(t for t in leaves if isinstance(t, type)))
-                         or (mode_dependent and _reads_training(m)))
-        }
+    leaf_types = tuple(t for t in leaves if isinstance(t, type))
+
+    def user_leaves(own: nn.Module) -> set[str]:
+        return {name for name, m in own.named_modules() if name and (name in leaves or isinstance(m, leaf_types))}
+
+    def mode_dependent(own: nn.Module) -> set[str]:
+        return {name for name, m in own.named_modules() if name and _reads_training(m)}
 
     differ = graph_signature(captured[True][0].graph.nodes) != graph_signature(captured[False][0].graph.nodes)
     graphs = {}
     for mode, (exported, own) in captured.items():
-        made = _make_leaves(exported, own, leaf_paths(own, differ))
+        required = user_leaves(own)
+        made = _make_leaves(exported, own, required | (mode_dependent(own) if differ else set()), required)
         # a plain GraphModule of what the graph reads: ep.module()'s class refuses train()/eval()
         gm = fx.GraphModule(exported, exported.graph, type(model).__name__).train(mode)
         _name_nodes(gm)
