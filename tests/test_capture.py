@@ -398,3 +398,18 @@ def test_a_leaf_module_that_is_not_one_tensor_call_is_refused():
     model, x = WithTwoOutputs().to(DTYPE), torch.randn(2, 4, dtype=DTYPE)
     with pytest.raises(TraceError, match=r"leaf_modules names 'pair' \(TwoOutputs\).*one tensor"):
         gs.trace(model, capture="export", example_input=x, leaf_modules=["pair"])
+
+
+def test_the_batch_stays_dynamic_unless_the_code_fixes_it():
+    torch.manual_seed(0)
+    model, x = WithTwoOutputs().to(DTYPE).eval(), torch.randn(2, 4, dtype=DTYPE)
+    net = gs.multitask(model, {"a": copy.deepcopy(model.fc)}, capture="export", example_input=x)
+    other = torch.randn(5, 4, dtype=DTYPE)
+    with torch.no_grad():
+        assert torch.equal(net(other)["a"], model(other))
+    with pytest.raises(ExampleInputError, match=r"inputs of shape \(\*, 4\)"):
+        net(torch.randn(5, 5, dtype=DTYPE))
+    fixed, y = _case("calls_helper")  # len(x) fixes the batch
+    fixed_net = gs.multitask(fixed, {"a": nn.Identity()}, capture="export", example_input=y)
+    with pytest.raises(ExampleInputError, match=r"inputs of shape \(3, 3, 8, 8\)"):
+        fixed_net(torch.randn(5, 3, 8, 8, dtype=DTYPE))

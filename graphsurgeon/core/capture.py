@@ -19,9 +19,11 @@ root's own ``forward``, or a module whose nodes cannot be collapsed because it t
 several values), the other mode's graph is kept in ``gm.meta["graphsurgeon_other_mode"]`` and
 `graphsurgeon.segment` refuses the trunk with the module to fix, exactly as for fx graphs.
 
-Shapes. The graph is valid only for inputs of the example input's shape (a loop over the batch
-is unrolled into that many rows), so the captured graph starts with a shape check that raises
-`ExampleInputError` on any other shape instead of computing a wrong result.
+Shapes. The batch dimension is exported as dynamic (``Dim.AUTO``); every other dimension, and
+the batch too where the code specialises it (a loop over the rows is unrolled into that many),
+is fixed to the example input's. The graph is valid only for such inputs, so it starts with a
+shape check that raises `ExampleInputError` on any other shape instead of computing a wrong
+result.
 """
 from __future__ import annotations
 
@@ -46,22 +48,23 @@ from graphsurgeon.core.trace import (
 )
 from graphsurgeon.errors import ExampleInputError, OptionError, TraceError
 
-__all__ = ["CAPTURE_KEY", "DEFAULT_TRUNK", "Capture", "capture_graph", "check_input_shape", "export_trace", "is_torch_layer", "is_view", "writes_first_argument"]
+__all__ = ["DEFAULT_TRUNK", "Capture", "capture_graph", "check_input_shape", "export_trace", "is_torch_layer", "is_view", "writes_first_argument"]
 
 Capture = Literal["fx", "export", "auto"]
-CAPTURE_KEY = "graphsurgeon_capture"  # gm.meta key: "fx" or "export", how the graph was captured
 DEFAULT_TRUNK = "graphsurgeon_default_trunk"  # gm.meta key: fx name of the trunk for trunk=None
 
 logger = logging.getLogger(__name__)
 
 
-def check_input_shape(x: torch.Tensor, shape: tuple[int, ...]) -> None:
+def check_input_shape(x: torch.Tensor, shape: tuple[int | None, ...]) -> None:
     """The first node of an exported graph: refuse an input of another shape than the one the
-    graph was captured for, whose specialisations (unrolled loops, taken branches) would silently
+    graph was captured for (``None``: a dimension export kept dynamic, the batch unless the code
+    specialised it), whose specialisations (unrolled loops, taken branches) would silently
     compute something else."""
-    if tuple(x.shape) != shape:
+    if x.dim() != len(shape) or any(want is not None and got != want for got, want in zip(x.shape, shape)):
+        wanted = "(" + ", ".join("*" if d is None else str(d) for d in shape) + ")"
         raise ExampleInputError(
-            f"this backbone was captured with torch.export for inputs of shape {shape}, got {tuple(x.shape)}; "
+            f"this backbone was captured with torch.export for inputs of shape {wanted}, got {tuple(x.shape)}; "
             "the captured graph is specialised to that shape. Build it again with an example_input of this shape."
         )
 
@@ -246,6 +249,16 @@ def _module_type(root: nn.Module, path: str, recorded: Any) -> Any:
         return recorded
 
 
+def _static_shape(ep: torch.export.ExportedProgram) -> tuple[int | None, ...]:
+    """The input's shape as the program fixes it, ``None`` for a dimension it keeps dynamic: one
+    whose symbol has a range (a symbol the code specialised, by a loop over it, has none)."""
+    value = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name == ep.graph_signature.user_inputs[0])
+    return tuple(
+        None if isinstance(d, torch.SymInt) and d.node.expr in ep.range_constraints else int(d)
+        for d in value.meta["val"].shape
+    )
+
+
 def _export_once(
     model: nn.Module, training: bool, example_input: torch.Tensor, kwargs: Mapping[str, Any]
 ) -> tuple[fx.GraphModule, nn.Module]:
@@ -255,7 +268,9 @@ def _export_once(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ep = torch.export.export(own, (example_input,), dict(kwargs), strict=False)
+            # the batch dimension stays dynamic unless the code specialises it (a loop over rows)
+            batch = {0: torch.export.Dim.AUTO} if example_input.dim() else None
+            ep = torch.export.export(own, (example_input,), dict(kwargs), dynamic_shapes=(batch,), strict=False)
     except Exception as exc:  # export raises many types (UserError, GuardOnDataDependentSymNode, ...)
         mode = "train" if training else "eval"
         raise TraceError(
@@ -270,7 +285,8 @@ def _export_once(
     for n in list(gm.graph.nodes):
         if n.op == "call_module" and n.target == "_guards_fn":
             with gm.graph.inserting_before(n):
-                check = gm.graph.call_function(check_input_shape, (placeholders[0], tuple(example_input.shape)))
+                static = _static_shape(ep)
+                check = gm.graph.call_function(check_input_shape, (placeholders[0], static))
             check.meta["nn_module_stack"] = {}
             gm.graph.erase_node(n)
     return gm, own
@@ -317,7 +333,6 @@ def export_trace(
         _name_nodes(gm)
         gm.meta["graphsurgeon_root_type"] = type(model)
         gm.meta["graphsurgeon_leaf_modules"] = made
-        gm.meta[CAPTURE_KEY] = "export"
         trunk = _default_trunk(gm)
         if trunk is not None:
             gm.meta[DEFAULT_TRUNK] = trunk
