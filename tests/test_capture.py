@@ -53,7 +53,7 @@ class CallsHelper(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3)
-        self.body = nn.Sequential(nn.Linear(4 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 16))
+        self.body = nn.Sequential(nn.Linear(4 * 6 * 6, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 16))
         self.fc = nn.Linear(16, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -413,3 +413,16 @@ def test_the_batch_stays_dynamic_unless_the_code_fixes_it():
     fixed_net = gs.multitask(fixed, {"a": nn.Identity()}, capture="export", example_input=y)
     with pytest.raises(ExampleInputError, match=r"inputs of shape \(3, 3, 8, 8\)"):
         fixed_net(torch.randn(5, 3, 8, 8, dtype=DTYPE))
+
+
+def test_dropout_follows_the_mode():
+    model, x = _case("calls_helper")
+    gm = gs.trace(model, capture="export", example_input=x)
+    assert "body.2" in [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    net = gs.multitask(model, {"a": nn.Identity()}, capture="export", example_input=x, granularity="fine")
+    net.train()
+    torch.manual_seed(1)
+    first = net(x)["a"]
+    assert not torch.equal(first, net(x)["a"])  # a fresh mask per call
+    net.eval()
+    assert torch.equal(net(x)["a"], net(x)["a"])

@@ -48,7 +48,16 @@ from graphsurgeon.core.trace import (
 )
 from graphsurgeon.errors import ExampleInputError, OptionError, TraceError
 
-__all__ = ["DEFAULT_TRUNK", "Capture", "capture_graph", "check_input_shape", "export_trace", "is_torch_layer", "is_view", "writes_first_argument"]
+__all__ = [
+    "DEFAULT_TRUNK",
+    "Capture",
+    "capture_graph",
+    "check_input_shape",
+    "export_trace",
+    "is_torch_layer",
+    "is_view",
+    "writes_first_argument",
+]
 
 Capture = Literal["fx", "export", "auto"]
 DEFAULT_TRUNK = "graphsurgeon_default_trunk"  # gm.meta key: fx name of the trunk for trunk=None
