@@ -426,3 +426,14 @@ def test_dropout_follows_the_mode():
     assert not torch.equal(first, net(x)["a"])  # a fresh mask per call
     net.eval()
     assert torch.equal(net(x)["a"], net(x)["a"])
+
+
+def test_block_granularity_of_a_sequential_backbone_is_fx_s():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(4, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 4), nn.ReLU()), nn.Linear(4, 4), nn.Linear(4, 2)
+    ).to(DTYPE)
+    x = torch.randn(2, 4, dtype=DTYPE)
+    exported = gs.segment(gs.trace(model, capture="export", example_input=x), None, "block", example_input=x)
+    traced = gs.segment(gs.trace(model), None, "block", example_input=x)
+    assert len(exported) == len(traced) > 1

@@ -287,9 +287,12 @@ def _export_once(
             f"{str(exc).splitlines()[0] if str(exc) else ''}"
         ) from exc
     gm = ep.module()
-    for n in gm.graph.nodes:  # export records module types by name; segment() needs the classes
+    for n in gm.graph.nodes:
+        # as fx records it: the root is not on the stack, and the types are classes, not names
         stack = n.meta.get("nn_module_stack", {})
-        n.meta["nn_module_stack"] = {key: (path, _module_type(own, path, kind)) for key, (path, kind) in stack.items()}
+        n.meta["nn_module_stack"] = {
+            key: (path, _module_type(own, path, kind)) for key, (path, kind) in stack.items() if path
+        }
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for n in list(gm.graph.nodes):
         if n.op == "call_module" and n.target == "_guards_fn":
