@@ -250,12 +250,13 @@ def _default_trunk(gm: fx.GraphModule) -> str | None:
     return None
 
 
-def _module_type(root: nn.Module, path: str, recorded: Any) -> Any:
-    """The class of ``root``'s submodule at ``path``; what export recorded when there is none."""
+def _module_type(root: nn.Module, path: str) -> type[nn.Module] | None:
+    """The class of ``root``'s submodule at ``path``; ``None`` for a path export made up
+    (``_empty_nn_module_stack_from_metadata_hook``)."""
     try:
         return type(root.get_submodule(path))
     except AttributeError:
-        return recorded
+        return None
 
 
 def _static_shape(ep: torch.export.ExportedProgram) -> tuple[int | None, ...]:
@@ -268,18 +269,32 @@ def _static_shape(ep: torch.export.ExportedProgram) -> tuple[int | None, ...]:
     )
 
 
+def _export(own: nn.Module, example_input: torch.Tensor, kwargs: Mapping[str, Any]) -> torch.export.ExportedProgram:
+    """Export with a dynamic batch where that costs no cut points, else with a static one.
+
+    A batch the code loops over is specialised by export itself (``Dim.AUTO``). A batch the graph
+    computes with (ViT's ``reshape(n, ...)`` reads ``sym_size``) is a value live across every
+    cut point, which would leave one segment: then the whole shape is fixed to the example's.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if example_input.dim():
+            batch = ({0: torch.export.Dim.AUTO},)
+            ep = torch.export.export(own, (example_input,), dict(kwargs), dynamic_shapes=batch, strict=False)
+            if not any(isinstance(n.meta.get("val"), torch.SymInt) for n in ep.graph.nodes):
+                return ep
+        return torch.export.export(own, (example_input,), dict(kwargs), strict=False)
+
+
 def _export_once(
     model: nn.Module, training: bool, example_input: torch.Tensor, kwargs: Mapping[str, Any]
 ) -> tuple[fx.GraphModule, nn.Module]:
     """``torch.export`` (non-strict) of a private copy of ``model`` in one mode, unlifted, with
-    its shape guard turned into `check_input_shape`; also the copy, whose modules become leaves."""
+    `check_input_shape` in place of export's own guards; also the copy, whose modules become
+    leaves."""
     own = copy.deepcopy(model).train(training)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            # the batch dimension stays dynamic unless the code specialises it (a loop over rows)
-            batch = {0: torch.export.Dim.AUTO} if example_input.dim() else None
-            ep = torch.export.export(own, (example_input,), dict(kwargs), dynamic_shapes=(batch,), strict=False)
+        ep = _export(own, example_input, kwargs)
     except Exception as exc:  # export raises many types (UserError, GuardOnDataDependentSymNode, ...)
         mode = "train" if training else "eval"
         raise TraceError(
@@ -289,18 +304,14 @@ def _export_once(
     gm = ep.module()
     for n in gm.graph.nodes:
         # as fx records it: the root is not on the stack, and the types are classes, not names
-        stack = n.meta.get("nn_module_stack", {})
-        n.meta["nn_module_stack"] = {
-            key: (path, _module_type(own, path, kind)) for key, (path, kind) in stack.items() if path
-        }
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for n in list(gm.graph.nodes):
-        if n.op == "call_module" and n.target == "_guards_fn":
-            with gm.graph.inserting_before(n):
-                static = _static_shape(ep)
-                check = gm.graph.call_function(check_input_shape, (placeholders[0], static))
-            check.meta["nn_module_stack"] = {}
-            gm.graph.erase_node(n)
+        stack = ((key, path, _module_type(own, path)) for key, (path, _) in n.meta.get("nn_module_stack", {}).items())
+        n.meta["nn_module_stack"] = {key: (path, kind) for key, path, kind in stack if path and kind is not None}
+    for n in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
+        gm.graph.erase_node(n)  # export's guards module (torch >= 2.9); the shape check replaces it
+    placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    with gm.graph.inserting_after(placeholder):
+        check = gm.graph.call_function(check_input_shape, (placeholder, _static_shape(ep)))
+    check.meta["nn_module_stack"] = {}
     return gm, own
 
 
