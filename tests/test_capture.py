@@ -437,3 +437,22 @@ def test_block_granularity_of_a_sequential_backbone_is_fx_s():
     exported = gs.segment(gs.trace(model, capture="export", example_input=x), None, "block", example_input=x)
     traced = gs.segment(gs.trace(model), None, "block", example_input=x)
     assert len(exported) == len(traced) > 1
+
+
+def test_a_small_vit_segments_as_on_the_fx_path():
+    """MultiheadAttention takes (q, k, v): it is not collapsed into a one-argument call, and the
+    batch size ViT reshapes with is fixed rather than left live across every cut."""
+    vision_transformer = pytest.importorskip("torchvision.models.vision_transformer")
+    torch.manual_seed(0)
+    model = vision_transformer.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=3, num_heads=2, hidden_dim=16, mlp_dim=32
+    ).to(DTYPE).eval()
+    x = torch.randn(2, 3, 32, 32, dtype=DTYPE)
+    segments = gs.segment(gs.trace(model, capture="export", example_input=x), None, "block", example_input=x)
+    assert len(segments) == len(gs.segment(gs.trace(model), None, "block", example_input=x))
+    z = x
+    for s in segments:  # with grad: eager MultiheadAttention's no-grad fast path is another kernel
+        z = s.module(z)
+    reference = copy.deepcopy(model)
+    reference.heads = nn.Identity()
+    assert torch.equal(z, reference(x))

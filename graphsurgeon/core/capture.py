@@ -28,6 +28,7 @@ result.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import re
 import warnings
@@ -134,12 +135,23 @@ def is_view(node: fx.Node) -> bool:
     return bool(returns) and returns[0].alias_info is not None and not returns[0].alias_info.is_write
 
 
+def _takes_one_argument(module: nn.Module) -> bool:
+    """Whether ``module(x)`` is a whole call: its forward has exactly one required argument. The
+    graph does not say how the call passed its values (MultiheadAttention's ``(x, x, x)``)."""
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(1 for p in params if p.kind in positional and p.default is p.empty) == 1
+
+
 def _collapse(gm: fx.GraphModule, path: str, module: nn.Module) -> bool:
     """Replace the nodes of every call of ``module`` (at ``path``) by one ``call_module`` of
     ``module`` each; ``False`` (and ``gm`` untouched) when a call cannot be one (see `_calls_of`)
     or the module was not called."""
     calls = _calls_of(gm, path)
-    if not calls:
+    if not calls or not _takes_one_argument(module):
         return False
     parent = gm
     for part in path.split(".")[:-1]:  # export keeps only the modules that own a tensor
@@ -186,7 +198,7 @@ def _make_leaves(gm: fx.GraphModule, own: nn.Module, paths: Iterable[str], requi
     for path in sorted(paths, key=lambda p: p.count(".")):
         if any(path.startswith(f"{d}.") for d in done):
             continue
-        if path in required and _calls_of(gm, path) is None:
+        if path in required and (_calls_of(gm, path) is None or not _takes_one_argument(own.get_submodule(path))):
             raise TraceError(
                 f"leaf_modules names {path!r} ({type(own.get_submodule(path)).__name__}), but with capture='export' a "
                 "leaf module must take one tensor and return one tensor in each call, and this one does not. "
