@@ -19,11 +19,16 @@ root's own ``forward``, or a module whose nodes cannot be collapsed because it t
 several values), the other mode's graph is kept in ``gm.meta["graphsurgeon_other_mode"]`` and
 `graphsurgeon.segment` refuses the trunk with the module to fix, exactly as for fx graphs.
 
-Shapes. The batch dimension is exported as dynamic (``Dim.AUTO``); every other dimension, and
-the batch too where the code specialises it (a loop over the rows is unrolled into that many),
-is fixed to the example input's. The graph is valid only for such inputs, so it starts with a
-shape check that raises `ExampleInputError` on any other shape instead of computing a wrong
-result.
+A module is collapsed only when each of its calls is one tensor in, one tensor out, and its
+``forward`` takes one required argument (the graph does not record how a call passed its values:
+MultiheadAttention's ``(x, x, x)`` stays traced through). A leaf module gets the module's own
+keyword defaults, which is what torch.nn's mode-dependent layers are called with.
+
+Shapes. The batch dimension is exported as dynamic (``Dim.AUTO``) unless the code specialises it
+(a loop over the rows is unrolled into that many) or the graph computes with it (a live batch
+size would leave no cut point); every other dimension is fixed to the example input's. The graph
+is valid only for such inputs, so it starts with a shape check that raises `ExampleInputError`
+on any other shape instead of computing a wrong result.
 """
 from __future__ import annotations
 
