@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import logging
 import re
 import warnings
 from collections.abc import Iterable, Mapping
@@ -67,9 +66,6 @@ __all__ = [
 
 Capture = Literal["fx", "export", "auto"]
 DEFAULT_TRUNK = "graphsurgeon_default_trunk"  # gm.meta key: fx name of the trunk for trunk=None
-
-logger = logging.getLogger(__name__)
-
 
 def check_input_shape(x: torch.Tensor, shape: tuple[int | None, ...]) -> None:
     """The first node of an exported graph: refuse an input of another shape than the one the
@@ -390,9 +386,12 @@ def capture_graph(
     leaf_modules: Iterable[LeafSpec] = (),
     concrete_args: Mapping[str, Any] | None = None,
 ) -> fx.GraphModule:
-    """The graph of ``model`` by ``capture``: ``"export"``, or ``"auto"`` (fx, and export when fx
-    raises `TraceError`, with a warning that says why; a `TraceError` naming both failures
-    when export fails too)."""
+    """The graph of ``model`` by ``capture``: ``"fx"``, ``"export"``, or ``"auto"`` (fx, and export
+    when fx raises `TraceError`, with one ``UserWarning`` that says why, so that a fallback the
+    user did not ask for by name is never silent; a `TraceError` naming both failures when
+    export fails too)."""
+    if capture == "fx":
+        return trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
     if capture == "export":
         return export_trace(model, example_input=example_input, leaf_modules=leaf_modules, concrete_args=concrete_args)
     if capture != "auto":
@@ -408,7 +407,9 @@ def capture_graph(
             raise TraceError(
                 f"neither capture path works for {type(model).__name__}.\n  fx: {fx_error}\n  export: {export_error}"
             ) from export_error
-        message = f"capture='auto': torch.fx cannot trace {type(model).__name__} ({reason}); captured it with torch.export instead."
-        logger.warning(message)
-        warnings.warn(message, stacklevel=3)
+        warnings.warn(
+            f"capture='auto': torch.fx cannot trace {type(model).__name__} ({reason}); captured it with "
+            "torch.export instead.",
+            stacklevel=3,
+        )
         return gm
