@@ -103,6 +103,7 @@ def multitask(
     example_input: torch.Tensor | None = None,
     leaf_modules: Iterable[LeafSpec] = (),
     concrete_args: Mapping[str, Any] | None = None,
+    capture: Literal["fx", "export", "auto"] = "fx",
 ) -> MultiTaskNetwork:
     """Turn ``model`` into a multi-task network with one head per task.
 
@@ -120,9 +121,12 @@ def multitask(
         example_input: one input batch; when given, cut points are checked to carry tensors and
             every head is run once, so a head that does not fit fails here, not in training.
         leaf_modules, concrete_args: passed to `graphsurgeon.core.trace`.
+        capture: how the backbone becomes a graph: ``"fx"`` (``symbolic_trace``), ``"export"``
+            (``torch.export``, for shape-dependent control flow or code fx cannot proxy; needs
+            ``example_input``) or ``"auto"`` (fx, else export); see `graphsurgeon.core.capture`.
     """
     _task_pairs(tasks)  # fail on bad names or specs before the (slower) trace
-    gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args, capture=capture, example_input=example_input)
     segments = segment(gm, trunk, granularity, example_input=example_input)
     shape = _trunk_shape(segments, example_input) if example_input is not None else None
     specs = normalise_tasks(tasks, trunk_shape=shape)

@@ -23,6 +23,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from graphsurgeon.core.capture import DEFAULT_TRUNK, is_torch_layer, is_view, writes_first_argument
 from graphsurgeon.core.modes import eval_mode
 from graphsurgeon.core.trace import MODULE_OUTPUTS, get_graph_node_names, graph_signature, qualified_name, resolve_node
 from graphsurgeon.errors import ExampleInputError, OptionError, TraceError, TrunkError
@@ -146,6 +147,8 @@ def find_trunk(gm: fx.GraphModule, trunk: str | None) -> fx.Node:
     """
     if trunk == SPATIAL:
         return _spatial_trunk(gm)
+    if trunk is None and DEFAULT_TRUNK in gm.meta:  # torch.export graphs have no module calls to look for
+        trunk = gm.meta[DEFAULT_TRUNK]
     if trunk is not None:
         node = resolve_node(gm, trunk)
         if node is None or node.op == "output":
@@ -225,6 +228,8 @@ def written_value(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
     writes = False
     if node.op == "call_method" and isinstance(node.target, str):
         writes = node.target.endswith("_") and not node.target.startswith("_")
+    elif isinstance(node.target, torch._ops.OpOverload):  # an aten op (torch.export): its schema says
+        writes = writes_first_argument(node)
     elif node.op == "call_function":
         name = getattr(node.target, "__name__", "")
         writes = (
@@ -243,6 +248,7 @@ def _memory_owner(value: fx.Node) -> fx.Node:
     while (
         (value.op == "call_method" and value.target in _VIEW_METHODS)
         or (value.op == "call_function" and value.target in (operator.getitem, torch.flatten, torch.reshape))
+        or is_view(value)
     ) and value.args and isinstance(value.args[0], fx.Node):
         value = value.args[0]
     return value
@@ -417,15 +423,23 @@ def _block_of(node: fx.Node, gm: fx.GraphModule) -> str:
         # the stack holds the original module types; gm's own submodules are plain copies
         parent_type = stack[i - 1][1] if i > 0 else root_type
         if isinstance(parent_type, type) and issubclass(parent_type, _CONTAINERS):
-            primitive = i == len(stack) - 1 and node.op == "call_module" and node.target == qualname
+            primitive = i == len(stack) - 1 and _is_layer_call(node, qualname, stack[i][1])
             # a container of primitive layers (regnet's stem: conv, bn, relu) is one block,
             # unless it is the backbone itself (a user's plain nn.Sequential)
             return stack[i - 1][0] if primitive and i > 0 else qualname
     # no container above: a composite top-level child (GoogLeNet's inception3a) is a block;
     # a primitive top-level layer (ResNet's conv1, bn1) is glue that joins its neighbours
-    if stack and not (len(stack) == 1 and node.op == "call_module" and node.target == stack[0][0]):
+    if stack and not (len(stack) == 1 and _is_layer_call(node, stack[0][0], stack[0][1])):
         return stack[0][0]
     return ""
+
+
+def _is_layer_call(node: fx.Node, qualname: str, module_type: object) -> bool:
+    """Whether ``node`` is the call of a primitive layer at ``qualname``: fx keeps it as one
+    ``call_module``; torch.export records its aten ops inside a torch.nn module type."""
+    if node.op == "call_module":
+        return node.target == qualname
+    return is_torch_layer(module_type)
 
 
 def _params_of(node: fx.Node, gm: fx.GraphModule) -> list[str]:

@@ -12,7 +12,7 @@ import inspect
 import re
 import traceback
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import fx, nn
@@ -288,6 +288,8 @@ def trace(
     *,
     leaf_modules: Iterable[LeafSpec] = (),
     concrete_args: Mapping[str, Any] | None = None,
+    capture: Literal["fx", "export", "auto"] = "fx",
+    example_input: torch.Tensor | None = None,
 ) -> fx.GraphModule:
     """Symbolically trace ``model`` into an ``fx.GraphModule`` that is right in both modes.
 
@@ -313,6 +315,10 @@ def trace(
             data-dependent control flow.
         concrete_args: values to specialise ``forward``'s arguments to (as in ``fx.symbolic_trace``);
             arguments with a default that are not named here are specialised to their default.
+        capture: ``"fx"`` (``symbolic_trace``, the default), ``"export"`` (``torch.export``, for
+            models fx cannot trace: see `graphsurgeon.core.capture`) or ``"auto"`` (fx, falling
+            back to export with a warning).
+        example_input: one input batch; needed by ``capture="export"`` (export specialises on it).
 
     Raises:
         TraceError: naming the innermost module being traced, the offending source line, and
@@ -322,6 +328,12 @@ def trace(
         raise TraceError(
             f"trace() needs an nn.Module, got {type(model).__name__}. "
             "Pass the backbone module itself (e.g. torchvision.models.resnet18())."
+        )
+    if capture != "fx":  # --- the torch.export capture path; imported here: capture.py imports this module
+        from graphsurgeon.core.capture import capture_graph
+
+        return capture_graph(
+            model, capture, example_input=example_input, leaf_modules=leaf_modules, concrete_args=concrete_args
         )
     leaves = tuple(leaf_modules)
     _check_leaf_names(model, leaves)
