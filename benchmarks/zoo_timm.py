@@ -130,7 +130,9 @@ def run_model(name: str, progress: Callable[[dict[str, Any]], None] | None = Non
         for built_in_train in (True, False):
             torch.manual_seed(SEED)
             model = build_model(name, size).double().train(built_in_train)
-            net = gs.multitask(model, {"z": nn.Identity()}, sharing="shared")
+            # the trunk at the model's own output: the check is about modes, not the default trunk
+            output = gs.get_graph_node_names(model)[-1]
+            net = gs.multitask(model, {"z": nn.Identity()}, sharing="shared", trunk=output)
             for training in (True, False, True):
                 model.train(training)
                 net.train(training)
