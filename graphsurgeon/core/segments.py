@@ -24,7 +24,14 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from graphsurgeon.core.modes import eval_mode
-from graphsurgeon.core.trace import MODULE_OUTPUTS, get_graph_node_names, graph_signature, qualified_name, resolve_node
+from graphsurgeon.core.trace import (
+    DEFAULT_TRUNK,
+    MODULE_OUTPUTS,
+    get_graph_node_names,
+    graph_signature,
+    qualified_name,
+    resolve_node,
+)
 from graphsurgeon.errors import ExampleInputError, OptionError, TraceError, TrunkError
 
 __all__ = ["Segment", "cut_points", "find_trunk", "fingerprint", "segment"]
@@ -136,8 +143,10 @@ def find_trunk(gm: fx.GraphModule, trunk: str | None) -> fx.Node:
     ``"spatial"`` picks the last feature map before the classifier (dense tasks; needs shapes,
     i.e. ``example_input``).
 
-    ``None`` picks the input of the final classifier: the last parametrised module on the way
-    to the output (``fc`` in ResNet, ``heads.head`` in ViT), so that the default trunk is what
+    ``None`` picks, for a Hugging Face model, its ``pooler_output`` (else its
+    ``last_hidden_state``: see `graphsurgeon.core.trace._record_output_fields`); for any other
+    model, the input of the final classifier: the last parametrised module on the way to the
+    output (``fc`` in ResNet, ``heads.head`` in ViT), so that the default trunk is what
     the backbone's own classifier saw. A model whose final module call is an ``nn.Identity``
     and whose last parametrised module is not an ``nn.Linear`` has had its classifier removed
     (timm's ``num_classes=0``, ``model.fc = nn.Identity()``): its own output is already the
@@ -169,6 +178,9 @@ def find_trunk(gm: fx.GraphModule, trunk: str | None) -> fx.Node:
                 "Name a node after the first layer (see graphsurgeon.get_graph_node_names(model))."
             )
         return node
+    default = gm.meta.get(DEFAULT_TRUNK)
+    if default is not None:  # a Hugging Face model's pooled (or per-token) output
+        return next(n for n in gm.graph.nodes if n.name == default)
     output = next(n for n in gm.graph.nodes if n.op == "output")
     leaves = _value_nodes(output)
     if not leaves:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from graphsurgeon.errors import TraceError
+from graphsurgeon.errors import MissingDependencyError, TraceError
 
 __all__ = ["bound_arguments", "get_graph_node_names", "graph_signature", "qualified_name", "resolve_node", "trace"]
 
@@ -26,6 +26,8 @@ LeafSpec = str | type[nn.Module]
 
 QUALNAME = "graphsurgeon_qualname"  # node.meta key of a node's torchvision-style qualified name
 MODULE_OUTPUTS = "graphsurgeon_module_outputs"  # gm.meta key: module path -> fx name of its output
+OUTPUT_FIELDS = "graphsurgeon_output_fields"  # gm.meta key: field of a dict output -> fx name of its value
+DEFAULT_TRUNK = "graphsurgeon_default_trunk"  # gm.meta key: fx name of the trunk when trunk=None
 
 
 class _NamingTracer(fx.Tracer):
@@ -210,7 +212,8 @@ def _trace_once(
     attention biases would keep an fx ``Proxy``, so a second trace fails).
     """
     own = copy.deepcopy(model).train(training)
-    tracer = _NamingTracer(leaf_modules, autowrap_functions)
+    hf = _transformers_tracer(own, leaf_modules, autowrap_functions, concrete_args)
+    tracer, concrete_args = hf if hf is not None else (_NamingTracer(leaf_modules, autowrap_functions), concrete_args)
     try:
         graph = tracer.trace(own, concrete_args=dict(concrete_args) if concrete_args else None)
     except Exception as exc:  # fx raises many types (TraceError, TypeError, RuntimeError, ...)
@@ -240,7 +243,86 @@ def _trace_once(
     # block granularity needs to know whether the root is a container (nn.Sequential backbone)
     gm.meta["graphsurgeon_root_type"] = type(model)
     gm.meta[MODULE_OUTPUTS] = {path: node.name for path, node in tracer.module_outputs.items()}
+    if hf is not None:
+        _record_output_fields(gm)
     return gm
+
+
+def _transformers_tracer(
+    own: nn.Module,
+    leaf_modules: tuple[LeafSpec, ...],
+    autowrap_functions: tuple[Callable, ...],
+    concrete_args: Mapping[str, Any] | None,
+) -> tuple[fx.Tracer, dict[str, Any]] | None:
+    """The tracer and concrete arguments for a Hugging Face ``PreTrainedModel``; ``None`` for others.
+
+    Plain torch.fx cannot trace a transformers model: its forward reads input shapes as Python
+    ints (``input_ids.size()``), checks dtypes and builds ``ModelOutput`` objects. transformers'
+    own ``HFTracer`` runs every op on meta-device dummy inputs alongside the proxies, so those
+    reads see concrete values; it is combined here with `_NamingTracer` so that nodes get the
+    same qualified names, leaf modules and error reports as any other backbone.
+
+    HFTracer generates a dummy input for every forward argument not in ``concrete_args``, so
+    every argument except the one tensor input (``input_ids``, ``pixel_values``: see
+    `_tensor_input`) is bound to its default (no ``attention_mask``), as
+    ``transformers.utils.fx.symbolic_trace(model, input_names=[...])`` does. ``use_cache`` is
+    switched off on the private copy ``own``, as symbolic_trace does: a key/value cache would
+    be a second output that no task consumes. Only transformers is imported here, and only for
+    a model whose class comes from it: transformers stays an optional dependency.
+    """
+    if not type(own).__module__.startswith("transformers."):
+        return None
+    import transformers
+
+    if not isinstance(own, transformers.PreTrainedModel):
+        return None
+    name = type(own).__name__
+    try:
+        from transformers.utils import fx as hf_fx
+    except ImportError as exc:  # transformers 5 dropped its torch.fx tracer
+        raise MissingDependencyError(
+            f"{name} is a transformers model, and tracing it needs transformers' torch.fx tracer "
+            f"(transformers.utils.fx), which transformers {transformers.__version__} no longer has. "
+            "Fix: pip install 'graphsurgeon[transformers]' (transformers>=4.45,<4.52)."
+        ) from exc
+    if not hf_fx.is_model_supported(own):
+        raise TraceError(
+            f"transformers' torch.fx tracer does not support {name}, so graphsurgeon cannot trace it. "
+            "Fix: use an architecture it lists (transformers.utils.fx._SUPPORTED_MODELS: BertModel, "
+            "GPT2Model, ViTModel, ...), or wrap the model in a plain nn.Module whose forward(x) is traceable."
+        )
+    tensor = _tensor_input(own)
+    params = inspect.signature(own.forward).parameters.values()
+    bound = {p.name: p.default for p in params if p.name != tensor and p.default is not p.empty}
+    bound.update(concrete_args or {})
+    if getattr(own.config, "use_cache", False):
+        own.config.use_cache = False
+
+    class _HFNamingTracer(_NamingTracer, hf_fx.HFTracer):
+        """`_NamingTracer`'s names and leaves on top of HFTracer's meta-tensor shape tracking."""
+
+    return _HFNamingTracer(leaf_modules, autowrap_functions), bound
+
+
+def _record_output_fields(gm: fx.GraphModule) -> None:
+    """Name the fields of a dict output (HFTracer turns a ``ModelOutput`` into a dict), and
+    pick the default trunk among them.
+
+    ``trunk="pooler_output"`` / ``trunk="last_hidden_state"`` then mean what the model's own
+    output calls them. The default is the pooled output when there is one (BERT's and ViT's
+    pooler: one vector per example, what a classification head expects), else the per-token
+    ``last_hidden_state`` (GPT-2): the classifier-based default of `find_trunk` would pick
+    a node inside the last block, since these models have no classifier.
+    """
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    value = output.args[0]
+    if not isinstance(value, dict):
+        return
+    fields = {key: node.name for key, node in value.items() if isinstance(key, str) and isinstance(node, fx.Node)}
+    gm.meta[OUTPUT_FIELDS] = fields
+    default = fields.get("pooler_output", fields.get("last_hidden_state"))
+    if default is not None:
+        gm.meta[DEFAULT_TRUNK] = default
 
 
 def _reads_training(module: nn.Module) -> bool:
@@ -376,7 +458,8 @@ def get_graph_node_names(model: nn.Module | fx.GraphModule, **trace_kwargs: Any)
 
 def resolve_node(gm: fx.GraphModule, name: str) -> fx.Node | None:
     """The node ``name`` means in ``gm``: a qualified node name (see `get_graph_node_names`),
-    else a module path (the module's output), else an fx node name; ``None`` when none matches.
+    else a module path (the module's output), else a field of a dict output (a Hugging Face
+    model's ``pooler_output``), else an fx node name; ``None`` when none matches.
 
     Qualified names come first because they are the documented ones: a top-level
     ``flatten`` is torchvision's ``flatten`` even when fx calls an earlier, nested flatten
@@ -390,6 +473,9 @@ def resolve_node(gm: fx.GraphModule, name: str) -> fx.Node | None:
     output = gm.meta.get(MODULE_OUTPUTS, {}).get(name)
     if output is not None and output in by_name:
         return by_name[output]
+    field = gm.meta.get(OUTPUT_FIELDS, {}).get(name)
+    if field is not None and field in by_name:
+        return by_name[field]
     return by_name.get(name)
 
 
