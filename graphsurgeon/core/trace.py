@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import inspect
 import re
+import sys
 import traceback
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -267,14 +268,11 @@ def _transformers_tracer(
     `_tensor_input`) is bound to its default (no ``attention_mask``), as
     ``transformers.utils.fx.symbolic_trace(model, input_names=[...])`` does. ``use_cache`` is
     switched off on the private copy ``own``, as symbolic_trace does: a key/value cache would
-    be a second output that no task consumes. Only transformers is imported here, and only for
-    a model whose class comes from it: transformers stays an optional dependency.
+    be a second output that no task consumes. transformers is never imported here: a
+    ``PreTrainedModel`` exists only once its user has imported it, so it stays optional.
     """
-    if not type(own).__module__.startswith("transformers."):
-        return None
-    import transformers
-
-    if not isinstance(own, transformers.PreTrainedModel):
+    transformers = sys.modules.get("transformers")  # a PreTrainedModel exists only once it is imported
+    if transformers is None or not isinstance(own, transformers.PreTrainedModel):
         return None
     name = type(own).__name__
     try:
