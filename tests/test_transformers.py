@@ -156,6 +156,21 @@ def test_save_load_round_trip(case, tmp_path) -> None:
         assert torch.equal(got[t], want[t]), t
 
 
+def test_nodes_are_named_by_module_path_and_layers_are_traced_through() -> None:
+    """BertEncoder reads ``self.training`` (for gradient checkpointing) but traces the same in
+    both modes: only the attention modules (dropout on the attention weights) become leaves, so
+    the encoder's layers stay visible; the names are the modules' own, even though HFTracer runs
+    leaf modules a second time on meta tensors to learn their shapes."""
+    config = transformers.BertConfig(
+        hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100,
+        attention_probs_dropout_prob=0.1,  # the attention's dropout: its graph depends on the mode
+    )
+    names = gs.get_graph_node_names(transformers.BertModel(config).eval())
+    assert "encoder.layer.1.attention.self" in names  # a leaf: one node
+    assert "encoder.layer.1.output.dense" in names and "pooler.dense" in names
+    assert "encoder" not in names and not any(n.startswith("encoder.layer.1.attention.self.") for n in names)
+
+
 def test_trunk_names_the_output_fields() -> None:
     model = _bert().double().eval()
     names = gs.get_graph_node_names(model)

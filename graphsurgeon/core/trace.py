@@ -64,8 +64,10 @@ class _NamingTracer(fx.Tracer):
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
         path = self.path_of_module(m)
         self.module_path.append((path, m))
-        out = super().call_module(m, forward, args, kwargs)
-        self.module_path.pop()
+        try:
+            out = super().call_module(m, forward, args, kwargs)
+        finally:  # a failure caught further up (HFTracer's shape inference) must not leave it pushed
+            self.module_path.pop()
         if isinstance(out, fx.Proxy) and path:
             self.module_outputs[path] = out.node  # a module called twice: its last call counts
         return out
@@ -299,6 +301,13 @@ def _transformers_tracer(
     class _HFNamingTracer(_NamingTracer, hf_fx.HFTracer):
         """`_NamingTracer`'s names and leaves on top of HFTracer's meta-tensor shape tracking."""
 
+        def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+            # HFTracer runs a leaf module's forward on meta tensors to learn its output's shape;
+            # the submodules called then are not part of the graph and must not enter the path
+            if getattr(self, "_disable_call_module", False):
+                return forward(*args, **kwargs)
+            return super().call_module(m, forward, args, kwargs)
+
     return _HFNamingTracer(leaf_modules, autowrap_functions), bound
 
 
@@ -374,9 +383,10 @@ def trace(
     A graph records one path through Python control flow, so a module that branches on
     ``self.training`` would run the tracing mode's path forever (batch statistics in eval, or
     no dropout in training). The model is therefore traced in train *and* eval mode (as
-    torchvision's ``create_feature_extractor`` does); when the graphs differ, every submodule
-    whose own code reads ``self.training`` becomes a leaf module (one call that follows the
-    module's mode at run time) and the model is traced again. Differences that remain (in the
+    torchvision's ``create_feature_extractor`` does); when the graphs differ, the innermost
+    submodules whose own code reads ``self.training`` become leaf modules (one call that follows
+    the module's mode at run time) and the model is traced again; if the graphs still differ,
+    every such submodule becomes a leaf. Differences that remain (in the
     root's own ``forward``, e.g. an auxiliary classifier) are checked against the trunk by
     `graphsurgeon.segment`, which refuses a trunk whose computation depends on the mode.
     The user's model is never modified: a copy is traced.
@@ -412,12 +422,22 @@ def trace(
     def trace_both(leaves: tuple[LeafSpec, ...]) -> dict[bool, fx.GraphModule]:
         return {mode: _trace_once(model, mode, leaves, args, autowrap) for mode in (model.training, not model.training)}
 
+    def differ(graphs: dict[bool, fx.GraphModule]) -> bool:
+        return graph_signature(graphs[True].graph.nodes) != graph_signature(graphs[False].graph.nodes)
+
     graphs = trace_both(leaves)
-    if graph_signature(graphs[True].graph.nodes) != graph_signature(graphs[False].graph.nodes):
+    if differ(graphs):
         mode_dependent = tuple(name for name, m in model.named_modules() if name and _reads_training(m))
-        if mode_dependent:
-            leaves = leaves + mode_dependent
-            graphs = trace_both(leaves)
+        # the innermost readers first: an outer one often reads the mode for a branch that
+        # leaves the graph alone (BertEncoder's gradient checkpointing), and keeping it whole
+        # would hide every layer inside it from segmentation
+        innermost = tuple(n for n in mode_dependent if not any(o.startswith(n + ".") for o in mode_dependent))
+        for extra in dict.fromkeys((innermost, mode_dependent)):
+            if extra:
+                graphs = trace_both(leaves + extra)
+                if not differ(graphs):
+                    break
+        leaves = leaves + extra
     gm = graphs[model.training]
     gm.meta["graphsurgeon_other_mode"] = graphs[not model.training]
     gm.meta["graphsurgeon_leaf_modules"] = leaves
