@@ -64,6 +64,9 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], str 
     "bert-pooled": (_bert, _tokens, None, "pooler_output"),
     "bert-tokens": (_bert, _tokens, "last_hidden_state", "last_hidden_state"),
     "gpt2-tokens": (_gpt2, _tokens, None, "last_hidden_state"),
+    # ln_f's output is last_hidden_state before its reshape to the input's shape, which would
+    # keep the input's shape live across every block: cutting earlier gives a segment per block
+    "gpt2-ln_f": (_gpt2, _tokens, "ln_f", "last_hidden_state"),
     "vit-pooled": (_vit, _pixels, "pooler_output", "pooler_output"),
     "vit-tokens": (_vit, _pixels, "last_hidden_state", "last_hidden_state"),
 }
@@ -169,6 +172,25 @@ def test_nodes_are_named_by_module_path_and_layers_are_traced_through() -> None:
     assert "encoder.layer.1.attention.self" in names  # a leaf: one node
     assert "encoder.layer.1.output.dense" in names and "pooler.dense" in names
     assert "encoder" not in names and not any(n.startswith("encoder.layer.1.attention.self.") for n in names)
+
+
+def test_gpt2_cut_before_its_final_reshape_has_a_segment_per_block() -> None:
+    model, x = _gpt2().double().eval(), _tokens()
+    assert len(gs.multitask(model, _heads(), example_input=x).segments) == 1
+    assert len(gs.multitask(model, _heads(), trunk="ln_f", example_input=x).segments) >= 3
+
+
+def test_dropout_inside_a_leaf_attention_follows_the_mode() -> None:
+    config = transformers.BertConfig(
+        hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.5,
+    )
+    model, x = transformers.BertModel(config).double().eval(), _tokens()
+    net, heads = _build(model, x, None)
+    with torch.no_grad():
+        _assert_equal(net.eval()(x), _reference(model, heads, x, "pooler_output"), "eval mode")
+        first, second = net.train()(x), net(x)
+    assert not torch.equal(first["cls"], second["cls"]), "no dropout in train mode"
 
 
 def test_trunk_names_the_output_fields() -> None:
