@@ -26,6 +26,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from graphsurgeon.core.modes import eval_mode
 from graphsurgeon.core.trace import (
     DEFAULT_TRUNK,
+    LOOPED_CONTAINERS,
     MODULE_OUTPUTS,
     get_graph_node_names,
     graph_signature,
@@ -418,17 +419,22 @@ def cut_points(order: Sequence[fx.Node], trunk: fx.Node) -> dict[int, fx.Node]:
 def _block_of(node: fx.Node, gm: fx.GraphModule) -> str:
     """The module block a node belongs to: the outermost module whose parent is a container.
 
-    ResNet's BasicBlocks are children of a ``Sequential``; a composite module directly under
+    ResNet's BasicBlocks are children of a ``Sequential``, a Hugging Face model's layers elements
+    of a ``ModuleList`` its forward loops over; a composite module directly under
     the root (GoogLeNet's inception blocks) is a block too; primitive layers and glue code at
     the top level (ResNet's stem conv/bn/relu, pooling, flatten) belong to the block ``""``. Only the original module *types* are
     consulted (from ``nn_module_stack``): the GraphModule's own submodules are plain copies.
     """
     stack = list(node.meta.get("nn_module_stack", {}).values())
     root_type = gm.meta.get("graphsurgeon_root_type", nn.Module)
+    looped = gm.meta.get(LOOPED_CONTAINERS, frozenset())
     for i, (qualname, _) in enumerate(stack):
         # the stack holds the original module types; gm's own submodules are plain copies
         parent_type = stack[i - 1][1] if i > 0 else root_type
-        if isinstance(parent_type, type) and issubclass(parent_type, _CONTAINERS):
+        # a ModuleList that forward loops over (BertEncoder.layer) is never called, so it is not
+        # on the stack: its elements are recognised by their path
+        in_looped = "." in qualname and qualname.rsplit(".", 1)[0] in looped
+        if in_looped or (isinstance(parent_type, type) and issubclass(parent_type, _CONTAINERS)):
             primitive = i == len(stack) - 1 and node.op == "call_module" and node.target == qualname
             # a container of primitive layers (regnet's stem: conv, bn, relu) is one block,
             # unless it is the backbone itself (a user's plain nn.Sequential)

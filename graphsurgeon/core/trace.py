@@ -29,6 +29,7 @@ QUALNAME = "graphsurgeon_qualname"  # node.meta key of a node's torchvision-styl
 MODULE_OUTPUTS = "graphsurgeon_module_outputs"  # gm.meta key: module path -> fx name of its output
 OUTPUT_FIELDS = "graphsurgeon_output_fields"  # gm.meta key: field of a dict output -> fx name of its value
 DEFAULT_TRUNK = "graphsurgeon_default_trunk"  # gm.meta key: fx name of the trunk when trunk=None
+LOOPED_CONTAINERS = "graphsurgeon_looped_containers"  # gm.meta key: paths of ModuleLists / ModuleDicts
 
 
 class _NamingTracer(fx.Tracer):
@@ -245,6 +246,8 @@ def _trace_once(
         ) from exc
     # block granularity needs to know whether the root is a container (nn.Sequential backbone)
     gm.meta["graphsurgeon_root_type"] = type(model)
+    # ... and which modules are lists that forward loops over (never called: not in nn_module_stack)
+    gm.meta[LOOPED_CONTAINERS] = frozenset(p for p, m in model.named_modules() if isinstance(m, nn.ModuleList | nn.ModuleDict))
     gm.meta[MODULE_OUTPUTS] = {path: node.name for path, node in tracer.module_outputs.items()}
     if hf is not None:
         _record_output_fields(gm)
