@@ -273,8 +273,9 @@ def _transformers_tracer(
     `_tensor_input`) is bound to its default (no ``attention_mask``), as
     ``transformers.utils.fx.symbolic_trace(model, input_names=[...])`` does. ``use_cache`` is
     switched off on the private copy ``own``, as symbolic_trace does: a key/value cache would
-    be a second output that no task consumes. transformers is never imported here: a
-    ``PreTrainedModel`` exists only once its user has imported it, so it stays optional.
+    be a second output that no task consumes. transformers is looked up, never imported, to
+    recognise a model: a ``PreTrainedModel`` exists only once its user has imported
+    transformers, so it stays an optional dependency.
     """
     transformers = sys.modules.get("transformers")  # a PreTrainedModel exists only once it is imported
     if transformers is None or not isinstance(own, transformers.PreTrainedModel):
@@ -286,7 +287,7 @@ def _transformers_tracer(
         raise MissingDependencyError(
             f"{name} is a transformers model, and tracing it needs transformers' torch.fx tracer "
             f"(transformers.utils.fx), which transformers {transformers.__version__} no longer has. "
-            "Fix: pip install 'graphsurgeon[transformers]' (transformers>=4.45,<4.52)."
+            "Fix: pip install 'graphsurgeon[transformers]' (transformers>=4.45,<4.48)."
         ) from exc
     if not hf_fx.is_model_supported(own):
         raise TraceError(
