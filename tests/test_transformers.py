@@ -180,6 +180,12 @@ def test_gpt2_cut_before_its_final_reshape_has_a_segment_per_block() -> None:
     assert len(gs.multitask(model, _heads(), trunk="ln_f", example_input=x).segments) >= 3
 
 
+def test_vit_cuts_between_its_encoder_layers() -> None:
+    """ViTEncoder loops over a ModuleList of layers: each is a block of its own."""
+    net = gs.multitask(_vit().double().eval(), _heads(), example_input=_pixels())
+    assert len(net.segments) >= 2 + 2  # embeddings, the two layers, (layernorm, pooler)
+
+
 def test_dropout_inside_a_leaf_attention_follows_the_mode() -> None:
     config = transformers.BertConfig(
         hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100,
