@@ -16,6 +16,7 @@ import torchvision.models.feature_extraction
 from torch import nn
 
 import graphsurgeon as gs
+from graphsurgeon.core.trace import trace
 from graphsurgeon.errors import TraceError
 
 DTYPE = torch.float64
@@ -235,3 +236,48 @@ def test_timm_cnns_match_in_both_modes():
                 expected = model(x)
                 torch.manual_seed(2)
                 assert torch.equal(net(x)["a"], expected), (name, built_in_train, mode)
+
+
+class _Dropping(nn.Module):
+    """Dropout in its own code: its graph depends on the mode."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, 0.5, self.training)
+
+
+class _CheckpointingStage(nn.Module):
+    """Reads ``self.training`` for a branch that is off (as BertEncoder's gradient checkpointing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.checkpointing = False
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), _Dropping()) for _ in range(3)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = torch.utils.checkpoint.checkpoint(block, x) if self.checkpointing and self.training else block(x)
+        return x
+
+
+class _LoopedBackbone(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stage = _CheckpointingStage()
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.stage(x))
+
+
+def test_only_the_innermost_mode_readers_become_leaves_when_that_suffices():
+    gm = trace(_LoopedBackbone())
+    assert gm.meta["graphsurgeon_leaf_modules"] == ("stage.blocks.0.1", "stage.blocks.1.1", "stage.blocks.2.1")
+    assert "stage.blocks.2.0" in gs.get_graph_node_names(gm)  # the stage is traced through
+
+
+def test_elements_of_a_looped_module_list_are_blocks():
+    gm = trace(_LoopedBackbone())
+    x = torch.randn(4, 8)
+    assert len(gs.segment(gm, granularity="block", example_input=x)) == 3  # before: one (the stage)
+    net = gs.multitask(_LoopedBackbone().eval(), {"a": nn.Linear(8, 2), "b": nn.Linear(8, 3)}, example_input=x)
+    assert len(net.segments) == 3

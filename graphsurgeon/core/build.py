@@ -113,8 +113,11 @@ def multitask(
             also be a factory ``f(trunk_shape) -> nn.Module`` (needs ``example_input``).
         trunk: where the shared backbone ends: a qualified node name from
             `graphsurgeon.get_graph_node_names` (``"layer4.1.relu_1"``), a module path
-            (``"layer4"``: its output) or an fx node name; default: the final classifier's input,
-            or the model's output when its classifier was replaced by ``nn.Identity``.
+            (``"layer4"``: its output), a field of a Hugging Face model's output
+            (``"pooler_output"``, ``"last_hidden_state"``) or an fx node name; default: the final
+            classifier's input, or the model's output when its classifier was replaced by
+            ``nn.Identity``; for a Hugging Face model, ``pooler_output`` if it has one, else
+            ``last_hidden_state``.
         sharing: ``"separate"`` (a copy of every segment per task: MTSL's start), ``"shared"``
             (hard sharing), or a `TaskTree` of depth ``len(segments)``.
         granularity: ``"block"`` or ``"fine"`` segments (see `graphsurgeon.segment`).

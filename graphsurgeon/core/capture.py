@@ -43,6 +43,7 @@ import torch
 from torch import fx, nn
 
 from graphsurgeon.core.trace import (
+    DEFAULT_TRUNK,
     MODULE_OUTPUTS,
     QUALNAME,
     LeafSpec,
@@ -54,7 +55,6 @@ from graphsurgeon.core.trace import (
 from graphsurgeon.errors import ExampleInputError, OptionError, TraceError
 
 __all__ = [
-    "DEFAULT_TRUNK",
     "Capture",
     "capture_graph",
     "check_input_shape",
@@ -65,7 +65,6 @@ __all__ = [
 ]
 
 Capture = Literal["fx", "export", "auto"]
-DEFAULT_TRUNK = "graphsurgeon_default_trunk"  # gm.meta key: fx name of the trunk for trunk=None
 
 def check_input_shape(x: torch.Tensor, shape: tuple[int | None, ...]) -> None:
     """The first node of an exported graph: refuse an input of another shape than the one the

@@ -23,9 +23,17 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from graphsurgeon.core.capture import DEFAULT_TRUNK, is_torch_layer, is_view, writes_first_argument
+from graphsurgeon.core.capture import is_torch_layer, is_view, writes_first_argument
 from graphsurgeon.core.modes import eval_mode
-from graphsurgeon.core.trace import MODULE_OUTPUTS, get_graph_node_names, graph_signature, qualified_name, resolve_node
+from graphsurgeon.core.trace import (
+    DEFAULT_TRUNK,
+    LOOPED_CONTAINERS,
+    MODULE_OUTPUTS,
+    get_graph_node_names,
+    graph_signature,
+    qualified_name,
+    resolve_node,
+)
 from graphsurgeon.errors import ExampleInputError, OptionError, TraceError, TrunkError
 
 __all__ = ["Segment", "cut_points", "find_trunk", "fingerprint", "segment"]
@@ -137,8 +145,10 @@ def find_trunk(gm: fx.GraphModule, trunk: str | None) -> fx.Node:
     ``"spatial"`` picks the last feature map before the classifier (dense tasks; needs shapes,
     i.e. ``example_input``).
 
-    ``None`` picks the input of the final classifier: the last parametrised module on the way
-    to the output (``fc`` in ResNet, ``heads.head`` in ViT), so that the default trunk is what
+    ``None`` picks, for a Hugging Face model, its ``pooler_output`` (else its
+    ``last_hidden_state``: see `graphsurgeon.core.trace._record_output_fields`); for any other
+    model, the input of the final classifier: the last parametrised module on the way to the
+    output (``fc`` in ResNet, ``heads.head`` in ViT), so that the default trunk is what
     the backbone's own classifier saw. A model whose final module call is an ``nn.Identity``
     and whose last parametrised module is not an ``nn.Linear`` has had its classifier removed
     (timm's ``num_classes=0``, ``model.fc = nn.Identity()``): its own output is already the
@@ -147,7 +157,9 @@ def find_trunk(gm: fx.GraphModule, trunk: str | None) -> fx.Node:
     """
     if trunk == SPATIAL:
         return _spatial_trunk(gm)
-    if trunk is None and DEFAULT_TRUNK in gm.meta:  # torch.export graphs have no module calls to look for
+    if trunk is None and DEFAULT_TRUNK in gm.meta:
+        # the capture chose it: torch.export graphs have no module calls to look for, and a
+        # Hugging Face model's default is its pooled (or per-token) output
         trunk = gm.meta[DEFAULT_TRUNK]
     if trunk is not None:
         node = resolve_node(gm, trunk)
@@ -412,17 +424,22 @@ def cut_points(order: Sequence[fx.Node], trunk: fx.Node) -> dict[int, fx.Node]:
 def _block_of(node: fx.Node, gm: fx.GraphModule) -> str:
     """The module block a node belongs to: the outermost module whose parent is a container.
 
-    ResNet's BasicBlocks are children of a ``Sequential``; a composite module directly under
+    ResNet's BasicBlocks are children of a ``Sequential``, a Hugging Face model's layers elements
+    of a ``ModuleList`` its forward loops over; a composite module directly under
     the root (GoogLeNet's inception blocks) is a block too; primitive layers and glue code at
     the top level (ResNet's stem conv/bn/relu, pooling, flatten) belong to the block ``""``. Only the original module *types* are
     consulted (from ``nn_module_stack``): the GraphModule's own submodules are plain copies.
     """
     stack = list(node.meta.get("nn_module_stack", {}).values())
     root_type = gm.meta.get("graphsurgeon_root_type", nn.Module)
+    looped = gm.meta.get(LOOPED_CONTAINERS, frozenset())
     for i, (qualname, _) in enumerate(stack):
         # the stack holds the original module types; gm's own submodules are plain copies
         parent_type = stack[i - 1][1] if i > 0 else root_type
-        if isinstance(parent_type, type) and issubclass(parent_type, _CONTAINERS):
+        # a ModuleList that forward loops over (BertEncoder.layer) is never called, so it is not
+        # on the stack: its elements are recognised by their path
+        in_looped = "." in qualname and qualname.rsplit(".", 1)[0] in looped
+        if in_looped or (isinstance(parent_type, type) and issubclass(parent_type, _CONTAINERS)):
             primitive = i == len(stack) - 1 and _is_layer_call(node, qualname, stack[i][1])
             # a container of primitive layers (regnet's stem: conv, bn, relu) is one block,
             # unless it is the backbone itself (a user's plain nn.Sequential)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import inspect
 import re
+import sys
 import traceback
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
@@ -17,7 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import fx, nn
 
-from graphsurgeon.errors import TraceError
+from graphsurgeon.errors import MissingDependencyError, TraceError
 
 __all__ = ["bound_arguments", "get_graph_node_names", "graph_signature", "qualified_name", "resolve_node", "trace"]
 
@@ -26,6 +27,9 @@ LeafSpec = str | type[nn.Module]
 
 QUALNAME = "graphsurgeon_qualname"  # node.meta key of a node's torchvision-style qualified name
 MODULE_OUTPUTS = "graphsurgeon_module_outputs"  # gm.meta key: module path -> fx name of its output
+OUTPUT_FIELDS = "graphsurgeon_output_fields"  # gm.meta key: field of a dict output -> fx name of its value
+DEFAULT_TRUNK = "graphsurgeon_default_trunk"  # gm.meta key: fx name of the trunk when trunk=None
+LOOPED_CONTAINERS = "graphsurgeon_looped_containers"  # gm.meta key: paths of ModuleLists / ModuleDicts
 
 
 class _NamingTracer(fx.Tracer):
@@ -61,8 +65,10 @@ class _NamingTracer(fx.Tracer):
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
         path = self.path_of_module(m)
         self.module_path.append((path, m))
-        out = super().call_module(m, forward, args, kwargs)
-        self.module_path.pop()
+        try:
+            out = super().call_module(m, forward, args, kwargs)
+        finally:  # a failure caught further up (HFTracer's shape inference) must not leave it pushed
+            self.module_path.pop()
         if isinstance(out, fx.Proxy) and path:
             self.module_outputs[path] = out.node  # a module called twice: its last call counts
         return out
@@ -210,7 +216,8 @@ def _trace_once(
     attention biases would keep an fx ``Proxy``, so a second trace fails).
     """
     own = copy.deepcopy(model).train(training)
-    tracer = _NamingTracer(leaf_modules, autowrap_functions)
+    hf = _transformers_tracer(own, leaf_modules, autowrap_functions, concrete_args)
+    tracer, concrete_args = hf if hf is not None else (_NamingTracer(leaf_modules, autowrap_functions), concrete_args)
     try:
         graph = tracer.trace(own, concrete_args=dict(concrete_args) if concrete_args else None)
     except Exception as exc:  # fx raises many types (TraceError, TypeError, RuntimeError, ...)
@@ -239,8 +246,94 @@ def _trace_once(
         ) from exc
     # block granularity needs to know whether the root is a container (nn.Sequential backbone)
     gm.meta["graphsurgeon_root_type"] = type(model)
+    # ... and which modules are lists that forward loops over (never called: not in nn_module_stack)
+    gm.meta[LOOPED_CONTAINERS] = frozenset(p for p, m in model.named_modules() if isinstance(m, nn.ModuleList | nn.ModuleDict))
     gm.meta[MODULE_OUTPUTS] = {path: node.name for path, node in tracer.module_outputs.items()}
+    if hf is not None:
+        _record_output_fields(gm)
     return gm
+
+
+def _transformers_tracer(
+    own: nn.Module,
+    leaf_modules: tuple[LeafSpec, ...],
+    autowrap_functions: tuple[Callable, ...],
+    concrete_args: Mapping[str, Any] | None,
+) -> tuple[fx.Tracer, dict[str, Any]] | None:
+    """The tracer and concrete arguments for a Hugging Face ``PreTrainedModel``; ``None`` for others.
+
+    Plain torch.fx cannot trace a transformers model: its forward reads input shapes as Python
+    ints (``input_ids.size()``), checks dtypes and builds ``ModelOutput`` objects. transformers'
+    own ``HFTracer`` runs every op on meta-device dummy inputs alongside the proxies, so those
+    reads see concrete values; it is combined here with `_NamingTracer` so that nodes get the
+    same qualified names, leaf modules and error reports as any other backbone.
+
+    HFTracer generates a dummy input for every forward argument not in ``concrete_args``, so
+    every argument except the one tensor input (``input_ids``, ``pixel_values``: see
+    `_tensor_input`) is bound to its default (no ``attention_mask``), as
+    ``transformers.utils.fx.symbolic_trace(model, input_names=[...])`` does. ``use_cache`` is
+    switched off on the private copy ``own``, as symbolic_trace does: a key/value cache would
+    be a second output that no task consumes. transformers is looked up, never imported, to
+    recognise a model: a ``PreTrainedModel`` exists only once its user has imported
+    transformers, so it stays an optional dependency.
+    """
+    transformers = sys.modules.get("transformers")  # a PreTrainedModel exists only once it is imported
+    if transformers is None or not isinstance(own, transformers.PreTrainedModel):
+        return None
+    name = type(own).__name__
+    try:
+        from transformers.utils import fx as hf_fx
+    except ImportError as exc:  # transformers 5 dropped its torch.fx tracer
+        raise MissingDependencyError(
+            f"{name} is a transformers model, and tracing it needs transformers' torch.fx tracer "
+            f"(transformers.utils.fx), which transformers {transformers.__version__} no longer has. "
+            "Fix: pip install 'graphsurgeon[transformers]' (transformers>=4.45,<4.48)."
+        ) from exc
+    if not hf_fx.is_model_supported(own):
+        raise TraceError(
+            f"transformers' torch.fx tracer does not support {name}, so graphsurgeon cannot trace it. "
+            "Fix: use an architecture it lists (transformers.utils.fx._SUPPORTED_MODELS: BertModel, "
+            "GPT2Model, ViTModel, ...), or wrap the model in a plain nn.Module whose forward(x) is traceable."
+        )
+    tensor = _tensor_input(own)
+    params = inspect.signature(own.forward).parameters.values()
+    bound = {p.name: p.default for p in params if p.name != tensor and p.default is not p.empty}
+    bound.update(concrete_args or {})
+    if getattr(own.config, "use_cache", False):
+        own.config.use_cache = False
+
+    class _HFNamingTracer(_NamingTracer, hf_fx.HFTracer):
+        """`_NamingTracer`'s names and leaves on top of HFTracer's meta-tensor shape tracking."""
+
+        def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+            # HFTracer runs a leaf module's forward on meta tensors to learn its output's shape;
+            # the submodules called then are not part of the graph and must not enter the path
+            if getattr(self, "_disable_call_module", False):
+                return forward(*args, **kwargs)
+            return super().call_module(m, forward, args, kwargs)
+
+    return _HFNamingTracer(leaf_modules, autowrap_functions), bound
+
+
+def _record_output_fields(gm: fx.GraphModule) -> None:
+    """Name the fields of a dict output (HFTracer turns a ``ModelOutput`` into a dict), and
+    pick the default trunk among them.
+
+    ``trunk="pooler_output"`` / ``trunk="last_hidden_state"`` then mean what the model's own
+    output calls them. The default is the pooled output when there is one (BERT's and ViT's
+    pooler: one vector per example, what a classification head expects), else the per-token
+    ``last_hidden_state`` (GPT-2): the classifier-based default of `find_trunk` would pick
+    a node inside the last block, since these models have no classifier.
+    """
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    value = output.args[0]
+    if not isinstance(value, dict):
+        return
+    fields = {key: node.name for key, node in value.items() if isinstance(key, str) and isinstance(node, fx.Node)}
+    gm.meta[OUTPUT_FIELDS] = fields
+    default = fields.get("pooler_output", fields.get("last_hidden_state"))
+    if default is not None:
+        gm.meta[DEFAULT_TRUNK] = default
 
 
 def _reads_training(module: nn.Module) -> bool:
@@ -296,9 +389,10 @@ def trace(
     A graph records one path through Python control flow, so a module that branches on
     ``self.training`` would run the tracing mode's path forever (batch statistics in eval, or
     no dropout in training). The model is therefore traced in train *and* eval mode (as
-    torchvision's ``create_feature_extractor`` does); when the graphs differ, every submodule
-    whose own code reads ``self.training`` becomes a leaf module (one call that follows the
-    module's mode at run time) and the model is traced again. Differences that remain (in the
+    torchvision's ``create_feature_extractor`` does); when the graphs differ, the innermost
+    submodules whose own code reads ``self.training`` become leaf modules (one call that follows
+    the module's mode at run time) and the model is traced again; if the graphs still differ,
+    every such submodule becomes a leaf. Differences that remain (in the
     root's own ``forward``, e.g. an auxiliary classifier) are checked against the trunk by
     `graphsurgeon.segment`, which refuses a trunk whose computation depends on the mode.
     The user's model is never modified: a copy is traced.
@@ -344,12 +438,22 @@ def trace(
     def trace_both(leaves: tuple[LeafSpec, ...]) -> dict[bool, fx.GraphModule]:
         return {mode: _trace_once(model, mode, leaves, args, autowrap) for mode in (model.training, not model.training)}
 
+    def differ(graphs: dict[bool, fx.GraphModule]) -> bool:
+        return graph_signature(graphs[True].graph.nodes) != graph_signature(graphs[False].graph.nodes)
+
     graphs = trace_both(leaves)
-    if graph_signature(graphs[True].graph.nodes) != graph_signature(graphs[False].graph.nodes):
+    if differ(graphs):
         mode_dependent = tuple(name for name, m in model.named_modules() if name and _reads_training(m))
-        if mode_dependent:
-            leaves = leaves + mode_dependent
-            graphs = trace_both(leaves)
+        # the innermost readers first: an outer one often reads the mode for a branch that
+        # leaves the graph alone (BertEncoder's gradient checkpointing), and keeping it whole
+        # would hide every layer inside it from segmentation
+        innermost = tuple(n for n in mode_dependent if not any(o.startswith(n + ".") for o in mode_dependent))
+        for extra in dict.fromkeys((innermost, mode_dependent)):
+            if extra:
+                graphs = trace_both(leaves + extra)
+                if not differ(graphs):
+                    break
+        leaves = leaves + extra
     gm = graphs[model.training]
     gm.meta["graphsurgeon_other_mode"] = graphs[not model.training]
     gm.meta["graphsurgeon_leaf_modules"] = leaves
@@ -388,7 +492,8 @@ def get_graph_node_names(model: nn.Module | fx.GraphModule, **trace_kwargs: Any)
 
 def resolve_node(gm: fx.GraphModule, name: str) -> fx.Node | None:
     """The node ``name`` means in ``gm``: a qualified node name (see `get_graph_node_names`),
-    else a module path (the module's output), else an fx node name; ``None`` when none matches.
+    else a module path (the module's output), else a field of a dict output (a Hugging Face
+    model's ``pooler_output``), else an fx node name; ``None`` when none matches.
 
     Qualified names come first because they are the documented ones: a top-level
     ``flatten`` is torchvision's ``flatten`` even when fx calls an earlier, nested flatten
@@ -402,6 +507,9 @@ def resolve_node(gm: fx.GraphModule, name: str) -> fx.Node | None:
     output = gm.meta.get(MODULE_OUTPUTS, {}).get(name)
     if output is not None and output in by_name:
         return by_name[output]
+    field = gm.meta.get(OUTPUT_FIELDS, {}).get(name)
+    if field is not None and field in by_name:
+        return by_name[field]
     return by_name.get(name)
 
 

@@ -1,0 +1,237 @@
+"""Hugging Face backbones (BERT, GPT-2, ViT) through `gs.multitask`, end to end.
+
+Each model is built from a tiny config (no model hub), in float64 with every dropout
+probability 0, so that the multi-task network must reproduce the model's own output exactly in
+both modes: any op that tracing dropped, duplicated or froze to the tracing mode shows.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import graphsurgeon as gs
+from graphsurgeon.errors import MissingDependencyError, TraceError, TrunkError
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers.utils.fx", reason="transformers >= 5 has no torch.fx tracer")
+
+HIDDEN = 32
+
+
+def _bert() -> nn.Module:
+    config = transformers.BertConfig(
+        hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    return transformers.BertModel(config)
+
+
+def _gpt2() -> nn.Module:
+    config = transformers.GPT2Config(
+        n_embd=HIDDEN, n_layer=2, n_head=2, vocab_size=100, n_positions=16, bos_token_id=0, eos_token_id=0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        # under tracing, GPT-2's SDPA path builds its causal mask with torch.full(..., finfo(float64).min)
+        # in the default dtype, float32, which overflows (a transformers 4.x bug): eager attention
+        # takes the mask from its buffer
+        attn_implementation="eager",
+    )
+    return transformers.GPT2Model(config)
+
+
+def _vit() -> nn.Module:
+    config = transformers.ViTConfig(
+        hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=16,
+        patch_size=8, num_channels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    return transformers.ViTModel(config)
+
+
+def _tokens() -> torch.Tensor:
+    return torch.randint(0, 100, (3, 7), generator=torch.Generator().manual_seed(0))
+
+
+def _pixels() -> torch.Tensor:
+    return torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+# (model factory, input factory, trunk= value, ModelOutput field the trunk is); None = the default
+CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], str | None, str]] = {
+    "bert-pooled": (_bert, _tokens, None, "pooler_output"),
+    "bert-tokens": (_bert, _tokens, "last_hidden_state", "last_hidden_state"),
+    "gpt2-tokens": (_gpt2, _tokens, None, "last_hidden_state"),
+    # ln_f's output is last_hidden_state before its reshape to the input's shape, which would
+    # keep the input's shape live across every block: cutting earlier gives a segment per block
+    "gpt2-ln_f": (_gpt2, _tokens, "ln_f", "last_hidden_state"),
+    "vit-pooled": (_vit, _pixels, "pooler_output", "pooler_output"),
+    "vit-tokens": (_vit, _pixels, "last_hidden_state", "last_hidden_state"),
+}
+
+
+def _heads() -> dict[str, nn.Module]:
+    """A classifier and a small MLP; both act on the last dimension, so they fit a pooled
+    (batch, hidden) trunk and a per-token (batch, tokens, hidden) one alike."""
+    torch.manual_seed(1)
+    return {
+        "cls": nn.Linear(HIDDEN, 3).double(),
+        "tag": nn.Sequential(nn.Linear(HIDDEN, 16), nn.Tanh(), nn.Linear(16, 5)).double(),
+    }
+
+
+@pytest.fixture(params=list(CASES), scope="module")
+def case(request: pytest.FixtureRequest) -> tuple[nn.Module, torch.Tensor, str | None, str]:
+    make_model, make_input, trunk, field = CASES[request.param]
+    torch.manual_seed(0)
+    return make_model().double().eval(), make_input(), trunk, field
+
+
+def _reference(model: nn.Module, heads: dict[str, nn.Module], x: torch.Tensor, field: str) -> dict[str, torch.Tensor]:
+    name = "pixel_values" if x.is_floating_point() else "input_ids"
+    with torch.no_grad():
+        features = model(**{name: x})[field]
+        return {t: head(features) for t, head in heads.items()}
+
+
+def _build(model: nn.Module, x: torch.Tensor, trunk: str | None) -> tuple[gs.MultiTaskNetwork, dict[str, nn.Module]]:
+    heads = _heads()
+    net = gs.multitask(model, copy.deepcopy(heads), trunk=trunk, example_input=x)
+    return net, heads
+
+
+def _assert_equal(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str) -> None:
+    assert set(got) == set(want), what
+    for t in want:
+        assert got[t].shape == want[t].shape, (what, t)
+        torch.testing.assert_close(got[t], want[t], rtol=0, atol=1e-10, msg=f"{what}: task {t}")
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_outputs_equal_the_models_own(case, mode: str) -> None:
+    model, x, trunk, field = case
+    net, heads = _build(model, x, trunk)
+    model = copy.deepcopy(model).train(mode == "train")
+    net.train(mode == "train")
+    with torch.no_grad():
+        got = net(x)
+    _assert_equal(got, _reference(model, heads, x, field), f"{mode} mode")
+
+
+def test_one_training_step_moves_the_parameters(case) -> None:
+    model, x, trunk, _ = case
+    net, _ = _build(model, x, trunk)
+    net.train()
+    before = [p.detach().clone() for p in net.parameters()]
+    optimiser = torch.optim.SGD(net.parameters(), lr=0.1)
+    loss = sum(out.pow(2).mean() for out in net(x).values())
+    assert torch.isfinite(loss)
+    optimiser.zero_grad()
+    loss.backward()
+    optimiser.step()
+    moved = [not torch.equal(b, p) for b, p in zip(before, net.parameters(), strict=True)]
+    assert sum(moved) > len(moved) // 2, f"only {sum(moved)} of {len(moved)} parameters moved"
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+def test_export_equals_eager(case) -> None:
+    model, x, trunk, _ = case
+    net, _ = _build(model, x, trunk)
+    net.eval()
+    program = gs.to_export(net, x)
+    with torch.no_grad():
+        _assert_equal(program.module()(x), net(x), "torch.export")
+
+
+def test_save_load_round_trip(case, tmp_path) -> None:
+    model, x, trunk, _ = case
+    net, _ = _build(model, x, trunk)
+    with torch.no_grad():  # weights that differ from a fresh build, so a load that did nothing shows
+        for i, p in enumerate(net.parameters()):
+            p.add_(0.001 * (i + 1))
+    path = gs.save(net.eval(), tmp_path / "net.safetensors")
+    loaded = gs.load(path, model, _heads()).eval()
+    with torch.no_grad():
+        got, want = loaded(x), net(x)
+    for t in want:
+        assert torch.equal(got[t], want[t]), t
+
+
+def test_nodes_are_named_by_module_path_and_layers_are_traced_through() -> None:
+    """BertEncoder reads ``self.training`` (for gradient checkpointing) but traces the same in
+    both modes: only the attention modules (dropout on the attention weights) become leaves, so
+    the encoder's layers stay visible; the names are the modules' own, even though HFTracer runs
+    leaf modules a second time on meta tensors to learn their shapes."""
+    config = transformers.BertConfig(
+        hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100,
+        attention_probs_dropout_prob=0.1,  # the attention's dropout: its graph depends on the mode
+    )
+    names = gs.get_graph_node_names(transformers.BertModel(config).eval())
+    assert "encoder.layer.1.attention.self" in names  # a leaf: one node
+    assert "encoder.layer.1.output.dense" in names and "pooler.dense" in names
+    assert "encoder" not in names and not any(n.startswith("encoder.layer.1.attention.self.") for n in names)
+
+
+def test_gpt2_cut_before_its_final_reshape_has_a_segment_per_block() -> None:
+    model, x = _gpt2().double().eval(), _tokens()
+    assert len(gs.multitask(model, _heads(), example_input=x).segments) == 1
+    assert len(gs.multitask(model, _heads(), trunk="ln_f", example_input=x).segments) >= 3
+
+
+def test_vit_cuts_between_its_encoder_layers() -> None:
+    """ViTEncoder loops over a ModuleList of layers: each is a block of its own."""
+    net = gs.multitask(_vit().double().eval(), _heads(), example_input=_pixels())
+    assert len(net.segments) >= 2 + 2  # embeddings, the two layers, (layernorm, pooler)
+
+
+def test_dropout_inside_a_leaf_attention_follows_the_mode() -> None:
+    config = transformers.BertConfig(
+        hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.5,
+    )
+    model, x = transformers.BertModel(config).double().eval(), _tokens()
+    net, heads = _build(model, x, None)
+    with torch.no_grad():
+        _assert_equal(net.eval()(x), _reference(model, heads, x, "pooler_output"), "eval mode")
+        first, second = net.train()(x), net(x)
+    assert not torch.equal(first["cls"], second["cls"]), "no dropout in train mode"
+
+
+def test_trunk_names_the_output_fields() -> None:
+    model = _bert().double().eval()
+    names = gs.get_graph_node_names(model)
+    assert "pooler_output" not in names  # a field of the output, not a node: resolved separately
+    with pytest.raises(TrunkError, match="pooler_outptu"):
+        gs.multitask(model, _heads(), trunk="pooler_outptu")
+
+
+class _TinyConfig(transformers.PretrainedConfig):
+    model_type = "graphsurgeon-tiny"
+
+
+class _TinyModel(transformers.PreTrainedModel):
+    """A PreTrainedModel that transformers' fx tracer does not list as supported."""
+
+    config_class = _TinyConfig
+
+    def __init__(self, config: _TinyConfig) -> None:
+        super().__init__(config)
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.linear(input_ids)
+
+
+def test_an_unsupported_pretrained_model_is_a_trace_error_naming_it() -> None:
+    with pytest.raises(TraceError, match="does not support _TinyModel.*Fix:"):
+        gs.multitask(_TinyModel(_TinyConfig()), _heads())
+
+
+def test_a_transformers_without_its_fx_tracer_says_which_to_install(monkeypatch) -> None:
+    """transformers 5 removed ``transformers.utils.fx``: the error says which version to pin."""
+    monkeypatch.delattr(transformers.utils, "fx")
+    monkeypatch.setitem(sys.modules, "transformers.utils.fx", None)
+    with pytest.raises(MissingDependencyError, match=r"BertModel.*graphsurgeon\[transformers\]"):
+        gs.multitask(_bert(), _heads())
