@@ -51,6 +51,7 @@ class _NamingTracer(fx.Tracer):
         self._leaf_names = {m for m in leaf_modules if isinstance(m, str)}
         self._leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self.module_path: list[tuple[str, nn.Module]] = []
+        self.failure: tuple[BaseException, str, nn.Module] | None = None
         self.module_outputs: dict[str, fx.Node] = {}
         # the latest qualified name recorded under each key (the name, and the name less its _k)
         self._latest: dict[str, str] = {}
@@ -67,7 +68,13 @@ class _NamingTracer(fx.Tracer):
         self.module_path.append((path, m))
         try:
             out = super().call_module(m, forward, args, kwargs)
-        finally:  # a failure caught further up (HFTracer's shape inference) must not leave it pushed
+        except Exception as exc:
+            # the innermost module a failure came from (outer frames see the same exception):
+            # the path is popped below, since HFTracer catches some failures and goes on
+            if self.failure is None or self.failure[0] is not exc:
+                self.failure = (exc, path, m)
+            raise
+        finally:
             self.module_path.pop()
         if isinstance(out, fx.Proxy) and path:
             self.module_outputs[path] = out.node  # a module called twice: its last call counts
@@ -221,7 +228,10 @@ def _trace_once(
     try:
         graph = tracer.trace(own, concrete_args=dict(concrete_args) if concrete_args else None)
     except Exception as exc:  # fx raises many types (TraceError, TypeError, RuntimeError, ...)
-        path, module = tracer.module_path[-1] if tracer.module_path else ("", model)
+        if tracer.failure is not None and tracer.failure[0] is exc:
+            path, module = tracer.failure[1], tracer.failure[2]
+        else:
+            path, module = tracer.module_path[-1] if tracer.module_path else ("", model)
         where = f"module {path!r} ({type(module).__name__})" if path else f"the top-level {type(model).__name__}.forward"
         location = _user_frame(exc, module)
         fix = (
