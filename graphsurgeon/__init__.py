@@ -1,7 +1,8 @@
 """graphsurgeon: multi-task networks from any traceable PyTorch backbone.
 
 Data flows one way: model → `trace` → `segment` → `TaskTree` → `MultiTaskNetwork` →
-(train, surgery)* → `materialize` / `to_export` / `to_torchscript`.
+(train, surgery)* → `materialize` / `to_export` / `to_torchscript`. `merge_trained` starts the
+same flow from several separately trained models of one architecture.
 
 Layers (each subpackage exports its public names):
     ``graphsurgeon.core``      the engine: tracing, segments, tree, network, surgery, export
@@ -43,6 +44,7 @@ from graphsurgeon.errors import (
     HeadMismatchError,
     HeadsInputError,
     InvariantError,
+    MergeError,
     MethodError,
     MissingDependencyError,
     NonFiniteLossError,
@@ -52,6 +54,7 @@ from graphsurgeon.errors import (
     TreeEditError,
     TrunkError,
 )
+from graphsurgeon.methods.structure.merge_trained import MergeBudget, MergeConfig, MergeResult, merge_trained
 from graphsurgeon.training import Callback, TrainConfig, Trainer, fit
 
 __version__ = "0.2.0"
@@ -68,6 +71,10 @@ __all__ = [
     "HeadMismatchError",
     "HeadsInputError",
     "InvariantError",
+    "MergeBudget",
+    "MergeConfig",
+    "MergeError",
+    "MergeResult",
     "MethodError",
     "MissingDependencyError",
     "MultiTaskNetwork",
@@ -91,6 +98,7 @@ __all__ = [
     "load",
     "materialise",
     "materialize",
+    "merge_trained",
     "multitask",
     "save",
     "segment",

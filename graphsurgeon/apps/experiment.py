@@ -22,7 +22,7 @@ from torch.utils.data import Dataset, Subset
 
 from graphsurgeon.apps.models import make_head, small_resnet
 from graphsurgeon.core.build import multitask
-from graphsurgeon.core.modes import eval_mode
+from graphsurgeon.core.invariants import count_flops
 from graphsurgeon.core.network import MultiTaskNetwork
 from graphsurgeon.data.tasks import TaskInfo
 from graphsurgeon.errors import CheckpointError, TaskSpecError
@@ -281,16 +281,6 @@ def delta_m(results: Mapping[str, Mapping[str, float]], baseline: Mapping[str, M
         if changes:
             per_task.append(sum(changes) / len(changes))
     return 100.0 * sum(per_task) / max(len(per_task), 1)
-
-
-def count_flops(net: nn.Module, example: torch.Tensor) -> int:
-    """Forward FLOPs for one sample (torch's flop counter)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with eval_mode(net), counter, torch.no_grad():
-        net(example[:1])
-    return int(counter.get_total_flops())
 
 
 def _multimnist(cfg: ExperimentConfig, split: str, size: int | None) -> Dataset:

@@ -4,7 +4,10 @@ MTSL does not simply average the members: the group node G is trained so that, f
 member t, a channel gate g_t = sigmoid(MLP(GAP(F_G))) recovers the member's features,
 minimising Σ_t MSE(F_t, g_t ⊙ F_G). The gates let one shared representation serve members
 that weight channels differently; they are discarded after the phase (the children
-downstream adapt during the next task-learning phase).
+downstream adapt during the next task-learning phase). Without gates (``gated=False``) the
+group node is fitted to every member's features as they are, the least-squares stand-in for
+all of them: what a merge of trained models needs, where no task learning follows to adapt the
+children to features a gate would have rescaled (`graphsurgeon.methods.structure.merge_trained`).
 """
 from __future__ import annotations
 
@@ -76,12 +79,15 @@ class Amalgamation:
         lr: Adam learning rate for the group node and the gates (a separate optimizer).
         progress: wraps each epoch's batches (e.g. a tqdm factory) or ``None``.
         reduction: the gates' hidden width is channels // reduction (1: the official C).
+        gated: learn a channel gate per member (MTSL); ``False`` fits the group node to the
+            members' features directly.
     """
 
     batches: Callable[[], Iterable[torch.Tensor]]
     epochs: int = 1
     lr: float = 1e-3
     reduction: int = 1
+    gated: bool = True
     progress: Callable[[Iterable], Iterable] | None = None
     history: list[dict] = field(default_factory=list)
     gates: list[ChannelGate] | None = field(default=None, repr=False)
@@ -117,12 +123,14 @@ class Amalgamation:
                     inp = net.features(x, depth=depth - 1)[parent]
                     targets = [m(inp) for m in members]
                 fg = group(inp)
-                if gates is None:
-                    channels = global_avg_pool(fg).shape[1]
-                    gates = [ChannelGate(channels, self.reduction).to(device) for _ in members]
-                    params = list(group.parameters()) + [p for g in gates for p in g.parameters()]
+                if opt is None:
+                    if self.gated:
+                        channels = global_avg_pool(fg).shape[1]
+                        gates = [ChannelGate(channels, self.reduction).to(device) for _ in members]
+                    params = list(group.parameters()) + [p for g in gates or () for p in g.parameters()]
                     opt = torch.optim.Adam(params, lr=self.lr)
-                loss = sum(F.mse_loss(gate(fg), t) for gate, t in zip(gates, targets))
+                preds = [gate(fg) for gate in gates] if gates is not None else [fg] * len(targets)
+                loss = sum(F.mse_loss(pred, t) for pred, t in zip(preds, targets))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 # under torchrun each rank distils on its share of the batches: average the

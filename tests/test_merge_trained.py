@@ -1,0 +1,121 @@
+"""`merge_trained`: separately trained models of one architecture merged where they agree."""
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import Dataset
+
+import graphsurgeon as gs
+from graphsurgeon.apps.models import SmallResNet
+
+
+def error(p, t):
+    return float(F.mse_loss(p, t))
+
+
+# each task's target is its own model's output: every original scores 0 and any change a merge
+# makes to a task's function is a drop
+SPEC = gs.Task(head=None, loss=F.mse_loss, metrics={"error": error}, higher_is_better={"error": False})
+
+
+def tiny(seed: int, widths=(4, 8, 8, 8)) -> nn.Module:
+    torch.manual_seed(seed)
+    return SmallResNet(1, widths, num_classes=3).eval()
+
+
+class OwnOutputs(Dataset):
+    """Inputs, and for each task its own model's output on them."""
+
+    def __init__(self, models, n=48, seed=0):
+        self.x = torch.rand(n, 1, 12, 12, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            self.y = {t: m(self.x) for t, m in models.items()}
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], {t: y[i] for t, y in self.y.items()}
+
+
+def config(**kw):
+    return gs.MergeConfig(similarity_samples=48, train=gs.TrainConfig(batch_size=16, progress=False), **kw)
+
+
+def test_copies_of_one_model_merge_into_hard_sharing_with_the_original_outputs():
+    model = tiny(0)
+    models = {t: copy.deepcopy(model) for t in ("a", "b", "c")}
+    data = OwnOutputs(models)
+    result = gs.merge_trained(models, data=data, tasks={t: SPEC for t in models}, config=config())
+    net = result.net
+    assert all(len(net.tree.at_depth(d)) == 1 for d in range(1, net.depth + 1))  # hard sharing
+    merges = [p for p in result.curve if p["kind"] == "merge"]
+    assert len(merges) == net.depth and all(p["accepted"] and not p["distilled"] for p in merges)
+    gs.check(net)
+    with torch.no_grad(), gs.core.eval_mode(net):
+        out = net(data.x)
+        expected = model(data.x)
+    for t in models:
+        assert torch.equal(out[t], expected)
+    assert result.curve[-1]["parameters"] < result.curve[0]["parameters"]
+    assert result.curve[-1]["flops"] < result.curve[0]["flops"]
+
+
+def test_the_separate_start_reproduces_every_model():
+    models = {"a": tiny(0), "b": tiny(1)}
+    data = OwnOutputs(models)
+    result = gs.merge_trained(models, data=data, tasks={t: SPEC for t in models}, config=config(threshold=2.0))
+    assert result.net.tree.same_structure(gs.TaskTree.separate(["a", "b"], result.net.depth))
+    assert result.original["a"]["error"] == pytest.approx(0.0, abs=1e-12)
+    with torch.no_grad(), gs.core.eval_mode(result.net):
+        out = result.net(data.x)
+        for t, m in models.items():
+            torch.testing.assert_close(out[t], m(data.x))
+
+
+def test_models_of_different_architectures_are_refused():
+    models = {"a": tiny(0), "b": tiny(1, widths=(4, 8, 16, 8))}
+    data = OwnOutputs(models)
+    with pytest.raises(gs.MergeError, match=r"segment \d+ .* task 'b' differs from the model of task 'a'.*one architecture"):
+        gs.merge_trained(models, data=data, tasks={t: SPEC for t in models}, config=config())
+
+
+def test_the_budget_undoes_a_merge_that_drops_a_task_past_its_tolerance():
+    models = {"a": tiny(0), "b": tiny(1)}
+    data = OwnOutputs(models)
+    # a threshold below any CKA: MTSL's rule merges the two at the first depth; only the budget stops it
+    strict = gs.merge_trained(
+        models, data=data, tasks={t: SPEC for t in models}, budget=gs.MergeBudget(tolerance=0.0), config=config(threshold=-2.0)
+    )
+    tried = [p for p in strict.curve if p["kind"] == "merge"]
+    assert len(tried) == 1 and not tried[0]["accepted"] and tried[0]["violations"]
+    assert all(tried[0]["drops"][t] > 0 for t in tried[0]["violations"])
+    assert strict.net.tree.same_structure(gs.TaskTree.separate(["a", "b"], strict.net.depth))
+    assert strict.final == strict.original  # undone: the originals, exactly
+    loose = gs.merge_trained(
+        models, data=data, tasks={t: SPEC for t in models}, budget=gs.MergeBudget(tolerance=math.inf), config=config(threshold=-2.0, finetune_epochs=1)
+    )
+    assert len(loose.net.tree.at_depth(1)) == 1 and all(p["accepted"] for p in loose.curve if p["kind"] == "merge")
+    assert loose.curve[-1]["kind"] == "finetune" and loose.final == loose.curve[-1]["results"]
+
+
+def test_a_parameter_target_stops_merging_once_reached():
+    model = tiny(0)
+    models = {t: copy.deepcopy(model) for t in ("a", "b")}
+    data = OwnOutputs(models)
+    full = sum(p.numel() for p in gs.merge_trained(models, data=data, tasks={t: SPEC for t in models}, config=config(threshold=2.0)).net.parameters())
+    first_segment = sum(p.numel() for p in gs.segment(gs.trace(model))[0].module.parameters())
+    budget = gs.MergeBudget(max_parameters=full - first_segment)
+    result = gs.merge_trained(models, data=data, tasks={t: SPEC for t in models}, budget=budget, config=config())
+    assert "parameter target" in result.stopped
+    assert len([p for p in result.curve if p["kind"] == "merge"]) == 1
+    assert len(result.net.tree.at_depth(1)) == 1 and len(result.net.tree.at_depth(2)) == 2
+
+
+def test_without_losses_for_the_tasks_the_error_says_what_to_pass():
+    models = {"a": tiny(0), "b": tiny(1)}
+    with pytest.raises(gs.MergeError, match="tasks="):
+        gs.merge_trained(models, data=OwnOutputs(models))
