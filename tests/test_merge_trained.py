@@ -1,5 +1,6 @@
 """`merge_trained`: separately trained models of one architecture merged where they agree."""
 import copy
+import json
 import math
 
 import pytest
@@ -95,6 +96,7 @@ def test_the_budget_undoes_a_merge_that_drops_a_task_past_its_tolerance():
     assert all(tried[0]["drops"][t] > 0 for t in tried[0]["violations"])
     assert strict.net.tree.same_structure(gs.TaskTree.separate(["a", "b"], strict.net.depth))
     assert strict.final == strict.original  # undone: the originals, exactly
+    gs.check(strict.net)
     loose = gs.merge_trained(
         models, data=data, tasks={t: SPEC for t in models}, budget=gs.MergeBudget(tolerance=math.inf), config=config(threshold=-2.0, finetune_epochs=1)
     )
@@ -119,3 +121,30 @@ def test_without_losses_for_the_tasks_the_error_says_what_to_pass():
     models = {"a": tiny(0), "b": tiny(1)}
     with pytest.raises(gs.MergeError, match="tasks="):
         gs.merge_trained(models, data=OwnOutputs(models))
+
+
+
+def test_the_command_line_merges_model_files_and_saves_a_loadable_network(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from graphsurgeon.__main__ import main
+    from graphsurgeon.apps.models import small_resnet
+
+    torch.manual_seed(0)
+    model = small_resnet(1)  # --backbone small_resnet; MultiMNIST's left and right have 10 classes
+    files = []
+    for t in ("left", "right"):
+        files.append(str(tmp_path / f"{t}.safetensors"))
+        save_file(model.state_dict(), files[-1])
+    sizes = ["--train-size", "32", "--val-size", "16", "--test-size", "16", "--similarity-samples", "32"]
+    assert main(["merge", "--models", *files, "--tasks", "left", "--out", str(tmp_path / "bad")]) == 2
+    assert "--tasks names 1 tasks ['left'] for 2 --models" in capsys.readouterr().err
+    out = tmp_path / "run"
+    assert main(["merge", "--models", *files, "--data", "multimnist", *sizes, "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert all(len(p) == 1 for p in results["tree_partitions"])  # one model twice: hard sharing
+    assert results["test"]["merged"] == results["test"]["original"]
+    assert results["parameters"]["merged"] < results["parameters"]["original"]
+    heads = {t: nn.Linear(32, 10) for t in ("left", "right")}
+    loaded = gs.load(out / "merged.safetensors", small_resnet(1), heads)
+    assert loaded.tree.partitions() == tuple(tuple(tuple(b) for b in p) for p in results["tree_partitions"])

@@ -1,4 +1,5 @@
-"""Command line: ``python -m graphsurgeon demo`` and ``python -m graphsurgeon train ...``."""
+"""Command line: ``python -m graphsurgeon demo``, ``python -m graphsurgeon train ...`` and
+``python -m graphsurgeon merge --models a.safetensors b.safetensors ...``."""
 from __future__ import annotations
 
 import argparse
@@ -80,6 +81,81 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a run that --out already holds")
     p.add_argument("--no-progress", action="store_true")
     return p
+
+
+def _merge_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("merge", help="merge separately trained single-task models into one multi-task network")
+    p.error = types.MethodType(_Parser.error, p)  # type: ignore[method-assign]  # one-line errors here too
+    from graphsurgeon.apps.experiment import DATASETS
+
+    p.add_argument("--models", nargs="+", required=True, metavar="PATH",
+                   help="one state dict per task (.safetensors, or .pth/.pt read with weights_only=True): a whole "
+                        "--backbone with its own classifier for that task")
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated task of each model, in --models order (default: the files' names without suffix)")
+    p.add_argument("--backbone", default="small_resnet", help="small_resnet or a torchvision model name")
+    p.add_argument("--data", default="multimnist", choices=list(DATASETS))
+    p.add_argument("--data-root", default=None, help="folder of a downloaded dataset (not needed for embedded data)")
+    p.add_argument("--trunk", default=None, help="node where the backbone ends (default: the classifier's input)")
+    p.add_argument("--train-size", type=int, default=None, help="samples for the CKA, the amalgamation and the fine-tune")
+    p.add_argument("--val-size", type=int, default=None, help="samples the budget is measured on")
+    p.add_argument("--test-size", type=int, default=None, help="samples the originals and the merged network are scored on")
+    p.add_argument("--tolerance", type=float, default=0.01,
+                   help="largest drop of any task's validation metric vs its model that a merge may cause (0.01: 1 %%)")
+    p.add_argument("--absolute", action="store_true", help="--tolerance is in the metric's units, not relative")
+    p.add_argument("--max-params", type=int, default=None, help="stop merging at this many parameters")
+    p.add_argument("--max-flops", type=int, default=None, help="stop merging at this many forward FLOPs per sample")
+    p.add_argument("--threshold", type=float, default=0.8, help="MTSL's CKA threshold for a group to merge")
+    p.add_argument("--similarity-samples", type=int, default=800, help="training samples the CKA is measured on")
+    p.add_argument("--distill-epochs", type=int, default=1, help="amalgamation epochs per merge")
+    p.add_argument("--finetune-epochs", type=int, default=0, help="joint training of the merged network afterwards")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the amalgamation and the fine-tune")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="run folder (default runs/merge-<data>-<seed>)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run that --out already holds")
+    return p
+
+
+def _merge(args) -> int:
+    from graphsurgeon.apps.experiment import ExperimentConfig, run_merge
+    from graphsurgeon.errors import ConfigError
+    from graphsurgeon.methods.structure.merge_trained import MergeBudget, MergeConfig
+    from graphsurgeon.training.trainer import TrainConfig
+
+    names = args.tasks.split(",") if args.tasks else [Path(m).name.split(".")[0] for m in args.models]
+    if len(names) != len(args.models) or len(set(names)) != len(names):
+        raise ConfigError(
+            f"--tasks names {len(names)} tasks {names} for {len(args.models)} --models; give one distinct task per "
+            "model, in the same order (e.g. --tasks left,right)."
+        )
+    for path in args.models:
+        if not Path(path).is_file():
+            raise ConfigError(f"--models {path!r}: no such file; pass the state dict file of each trained model.")
+    for flag, value in {"--train-size": args.train_size, "--val-size": args.val_size, "--test-size": args.test_size,
+                        "--similarity-samples": args.similarity_samples, "--distill-epochs": args.distill_epochs,
+                        "--batch-size": args.batch_size}.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} {value} is not valid; use a positive int.")
+    if args.finetune_epochs < 0:
+        raise ConfigError(f"--finetune-epochs {args.finetune_epochs} is not valid; use 0 (no fine-tune) or more.")
+    out = args.out or f"runs/merge-{args.data}-{args.seed}"
+    _check_out(Path(out), resume=False, overwrite=args.overwrite)
+    train = TrainConfig(epochs=max(args.finetune_epochs, 1), lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                        device=args.device, progress=False)
+    train.validate()
+    cfg = ExperimentConfig(backbone=args.backbone, data=args.data, data_root=args.data_root, tasks=names, trunk=args.trunk,
+                           train_size=args.train_size, val_size=args.val_size, test_size=args.test_size, train=train,
+                           out_dir=out)
+    budget = MergeBudget(tolerance=args.tolerance, relative=not args.absolute, max_parameters=args.max_params,
+                         max_flops=args.max_flops)
+    merge = MergeConfig(threshold=args.threshold, similarity_samples=args.similarity_samples, distill_epochs=args.distill_epochs,
+                        distill_lr=args.lr, finetune_epochs=args.finetune_epochs, train=train)
+    results = run_merge(cfg, dict(zip(names, args.models)), budget, merge)
+    print(results["tree"])
+    print(json.dumps({k: results[k] for k in ("test", "parameters", "flops", "stopped")}, indent=1))
+    return 0
 
 
 def _config(args):
@@ -243,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--no-progress", action="store_true")
     demo.add_argument("--quick", action="store_true", help="tiny data and schedule: a smoke run in seconds")
     _train_parser(sub)
+    _merge_parser(sub)
     args = parser.parse_args(argv)
     try:
         return _dispatch(args)
@@ -260,6 +337,8 @@ def _dispatch(args) -> int:
 
         run_demo(Path(args.out), seed=args.seed, progress=not args.no_progress, quick=args.quick)
         return 0
+    if args.command == "merge":
+        return _merge(args)
     from graphsurgeon.apps.experiment import run
     from graphsurgeon.training import distributed
 

@@ -27,9 +27,13 @@ from graphsurgeon.core.network import MultiTaskNetwork
 from graphsurgeon.data.tasks import TaskInfo
 from graphsurgeon.errors import CheckpointError, TaskSpecError
 from graphsurgeon.methods.base import Method
+from graphsurgeon.methods.structure.merge_trained import MergeBudget, MergeConfig, merge_trained
 from graphsurgeon.training.trainer import TrainConfig, Trainer, seed_everything
 
-__all__ = ["DATASETS", "METHODS", "METHOD_REGISTRY", "ExperimentConfig", "MethodEntry", "build_network", "count_flops", "delta_m", "run"]
+__all__ = [
+    "DATASETS", "METHODS", "METHOD_REGISTRY", "ExperimentConfig", "MethodEntry", "build_network", "count_flops", "delta_m",
+    "run", "run_merge",
+]
 
 
 
@@ -84,14 +88,17 @@ class GreyToRGB(nn.Module):
         return self.model(x.expand(-1, 3, -1, -1))
 
 
-def make_backbone(name: str, in_channels: int, image_size: int) -> nn.Module:
-    """``small_resnet`` or any torchvision classification model name (random init)."""
+def make_backbone(name: str, in_channels: int, image_size: int, num_classes: int | None = None) -> nn.Module:
+    """``small_resnet`` or any torchvision classification model name (random init), with its own
+    classifier of ``num_classes`` outputs (default: the model's default)."""
     if name == "small_resnet":
-        return small_resnet(in_channels)
+        return small_resnet(in_channels, num_classes=num_classes or 10)
     available = torchvision.models.list_models(module=torchvision.models)
     if name not in available:
         raise TaskSpecError(f"unknown backbone {name!r}; use 'small_resnet' or one of torchvision's: {available[:8]}...")
-    kwargs = {"image_size": image_size} if name.startswith("vit") else {}
+    kwargs: dict[str, Any] = {"image_size": image_size} if name.startswith("vit") else {}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
     model = torchvision.models.get_model(name, weights=None, **kwargs)
     return GreyToRGB(model) if in_channels == 1 else model
 
@@ -418,3 +425,70 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+def run_merge(
+    cfg: ExperimentConfig,
+    model_files: Mapping[str, str | Path],
+    budget: MergeBudget | None = None,
+    merge: MergeConfig | None = None,
+) -> dict[str, Any]:
+    """Merge trained single-task models (``{task: state dict file}``, each a whole ``cfg.backbone``
+    with its own classifier for that task of ``cfg.data``) into one multi-task network.
+
+    The budget is measured on the validation split, the CKA, amalgamation and fine-tune use the
+    training split, and the test split scores the originals and the merged network. Writes
+    ``results.json``, ``tree.txt`` and the merged network (``merged.safetensors``, `graphsurgeon.load`
+    reads it) to ``cfg.out_dir``; returns the results with the `MergeResult` under ``"merge"``.
+    """
+    from graphsurgeon.core.checkpoint import save
+
+    seed_everything(cfg.train.seed)
+    data, task_info = _datasets(cfg)
+    unknown = [t for t in model_files if t not in task_info]
+    if unknown:
+        raise TaskSpecError(f"models are given for tasks {unknown}, which {cfg.data!r} does not have; name them after its tasks {sorted(task_info)}.")
+    dense = [t for t in model_files if task_info[t].kind != "classification"]
+    if dense:
+        raise TaskSpecError(
+            f"tasks {dense} are not classification tasks: a model file holds a backbone and its classifier, so "
+            "merging from files takes classification tasks; call graphsurgeon.merge_trained with heads= for others."
+        )
+    example = data["train"][0][0][None]
+    models = {}
+    for t, path in model_files.items():
+        models[t] = make_backbone(cfg.backbone, example.shape[1], example.shape[-1], num_classes=task_info[t].num_outputs)
+        load_backbone_weights(models[t], path)
+    start = time.perf_counter()
+    result = merge_trained(
+        models, data=data["train"], val=data["val"], tasks={t: task_info[t] for t in models}, budget=budget,
+        config=merge, trunk=cfg.trunk, granularity=cfg.granularity,
+    )
+    seconds = time.perf_counter() - start
+    device = cfg.train.device if merge is None else merge.train.device
+    test = {
+        name: Trainer(net, None, data["train"], None, TrainConfig(progress=False, device=device)).evaluate(data["test"])
+        for name, net in (("original", result.separate), ("merged", result.net))
+    }
+    results = {
+        "tasks": list(models),
+        "metric": result.metric,
+        "validation": {"original": result.original, "merged": result.final},
+        "test": test,
+        "parameters": {"original": result.curve[0]["parameters"], "merged": sum(p.numel() for p in result.net.parameters())},
+        "flops": {"original": result.curve[0]["flops"], "merged": count_flops(result.net, example.to(device))},
+        "tree": str(result.net.tree),
+        "tree_partitions": result.net.tree.partitions(),
+        "curve": [{k: v for k, v in point.items() if k != "results"} for point in result.curve],
+        "decisions": result.decisions,
+        "stopped": result.stopped,
+        "merge_seconds": seconds,
+    }
+    if cfg.out_dir is not None:
+        out = Path(cfg.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+        (out / "tree.txt").write_text(str(result.net.tree) + "\n")
+        save(result.net, out / "merged.safetensors")
+    results["merge"] = result
+    return results

@@ -21,7 +21,8 @@ learning on them *post hoc*, with no task learning in between:
    are one and the same function (equal weights) need no distillation: the group node is a copy.
 4. The budget (`MergeBudget`) is checked after every merge on the validation data: a merge
    that drops any task's metric by more than its tolerance versus its original model is undone
-   (those tasks stay apart from that depth down; other sibling sets are still tried), and
+   (`graphsurgeon.core.surgery.relayout` puts the members back; those tasks stay apart from
+   that depth down, other sibling sets are still tried), and
    merging stops once a parameter or FLOP target is reached. Every merge tried is a point of
    the trade-off curve (`MergeResult.curve`).
 5. Optionally the merged network is fine-tuned jointly for a few epochs (`MergeConfig.finetune_epochs`).
@@ -49,7 +50,7 @@ from graphsurgeon.core.invariants import count_flops
 from graphsurgeon.core.modes import eval_mode
 from graphsurgeon.core.network import GroupInit, MultiTaskNetwork, Task
 from graphsurgeon.core.segments import Segment, find_trunk, segment
-from graphsurgeon.core.surgery import fuse
+from graphsurgeon.core.surgery import fuse, relayout
 from graphsurgeon.core.trace import LeafSpec, trace
 from graphsurgeon.errors import MergeError
 from graphsurgeon.methods.structure.amalgamation import Amalgamation
@@ -355,10 +356,10 @@ class _Merger:
     def try_merge(self, depth: int, group: list[int]) -> dict[str, Any]:
         """Fuse ``group`` at ``depth``; keep it within the budget, undo it otherwise."""
         trainer = self.trainer
-        before = copy.deepcopy(trainer.net)
-        members = [trainer.net.node_module(i) for i in group]
-        tasks = [t for i in group for t in trainer.net.tree.node(i).tasks]
-        same = _identical(members)
+        before = trainer.net.tree
+        members = {i: trainer.net.node_module(i) for i in group}
+        tasks = [t for i in group for t in before.node(i).tasks]
+        same = _identical(list(members.values()))
         amalgamation = None if same else Amalgamation(
             batches=lambda: (b[0].to(trainer.device) for b in trainer.loader(trainer.train_data, shuffle=True)),
             epochs=self.config.distill_epochs,
@@ -371,8 +372,8 @@ class _Merger:
         point["accepted"] = not point["violations"]
         if amalgamation is not None:
             point["distill_loss"] = [h["loss_curve"] for h in amalgamation.history]
-        if not point["accepted"]:
-            trainer.set_network(before)
+        if not point["accepted"]:  # the members come back, with their children under them again
+            relayout(trainer.net, before, {n.id: (n.id,) for n in before.nodes if n.id not in members}, modules=members)
         return point
 
     def run(self) -> str:
