@@ -37,7 +37,9 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--search-epochs", type=int, default=None, help="TAG affinity / DMTG search epochs (default: about half)")
     p.add_argument("--backbone", default="small_resnet", help="small_resnet or a torchvision model name")
     p.add_argument("--data", default="multimnist", choices=list(DATASETS))
-    p.add_argument("--data-root", default=None, help="folder of a downloaded dataset (not needed for multimnist)")
+    p.add_argument("--data-root", default=None, help="folder of a downloaded dataset (not needed for the embedded multimnist, gt_twins, gt_branching)")
+    p.add_argument("--data-seed", type=int, default=None,
+                   help="seed an embedded dataset is generated from (default: --seed); fix it to compare seeds on one split")
     p.add_argument("--tasks", default=None, help="comma-separated task names (default: all of the dataset's)")
     p.add_argument("--trunk", default=None, help="node where the backbone ends (default: the classifier's input; with dense tasks 'spatial', "
                    "its last feature map)")
@@ -171,6 +173,7 @@ def _config(args):
         backbone=args.backbone,
         data=args.data,
         data_root=args.data_root,
+        data_seed=args.data_seed,
         tasks=args.tasks.split(",") if args.tasks else None,
         trunk=args.trunk,
         weights=args.weights,

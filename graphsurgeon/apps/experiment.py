@@ -47,6 +47,9 @@ class ExperimentConfig:
     train_size: int | None = None
     val_size: int | None = None
     test_size: int | None = None
+    # the seed an embedded dataset is generated from; None: the training seed. A fixed one keeps
+    # the same split across training seeds, so methods and seeds compare paired
+    data_seed: int | None = None
     trunk: str | None = None
     # a local state dict for the backbone (safetensors, or a .pth/.pt read with weights_only=True),
     # loaded before the network is built: the pristine segments (MTSL's "pristine" group init) are it
@@ -290,11 +293,16 @@ def delta_m(results: Mapping[str, Mapping[str, float]], baseline: Mapping[str, M
     return 100.0 * sum(per_task) / max(len(per_task), 1)
 
 
-def _multimnist(cfg: ExperimentConfig, split: str, size: int | None) -> Dataset:
-    """Generated at the requested size, from the run's seed."""
-    from graphsurgeon.data import get_dataset
+def _embedded(name: str) -> Callable[[ExperimentConfig, str, int | None], Dataset]:
+    """An embedded dataset, generated at the requested size from ``data_seed`` (or the run's seed)."""
 
-    return get_dataset("multimnist", split, tasks=cfg.tasks, size=size, seed=cfg.train.seed)
+    def build(cfg: ExperimentConfig, split: str, size: int | None) -> Dataset:
+        from graphsurgeon.data import get_dataset
+
+        seed = cfg.train.seed if cfg.data_seed is None else cfg.data_seed
+        return get_dataset(name, split, tasks=cfg.tasks, size=size, seed=seed)
+
+    return build
 
 
 def _released(test_split: str) -> Callable[[ExperimentConfig, str, int | None], Dataset]:
@@ -314,7 +322,9 @@ def _released(test_split: str) -> Callable[[ExperimentConfig, str, int | None], 
 
 # dataset name -> builder(cfg, split, size); each returns a Dataset of (image, {task: target})
 DATASETS: dict[str, Callable[[ExperimentConfig, str, int | None], Dataset]] = {
-    "multimnist": _multimnist,
+    "multimnist": _embedded("multimnist"),
+    "gt_twins": _embedded("gt_twins"),
+    "gt_branching": _embedded("gt_branching"),
     "nyuv2": _released("val"),
     "cityscapes": _released("val"),
     "celeba": _released("test"),
@@ -396,7 +406,7 @@ def run(cfg: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
         "flops": count_flops(net, example.to(trainer.device)),
         "train_seconds": seconds,
         # the process's CPU time (all its threads): unlike wall time, not inflated by other
-        # processes, so runs made side by side compare (benchmarks/methods_multimnist.py)
+        # processes, so runs made side by side compare (benchmarks/ground_truth.py)
         "train_cpu_seconds": cpu_seconds,
         "tree": str(net.tree),
         "tree_partitions": net.tree.partitions(),

@@ -5,7 +5,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["metrics_table", "plot_cka", "plot_losses", "plot_merge_curve", "plot_tree"]
+__all__ = ["levels", "metrics_table", "plot_cka", "plot_losses", "plot_merge_curve", "plot_tree"]
 
 
 def _pyplot():
@@ -25,6 +25,19 @@ def metrics_table(rows: Sequence[Mapping[str, Any]], tasks: Sequence[str], metri
         cells = [r["method"], *[r["metrics"][t] for t in tasks], r["delta_m"], f"{r['parameters']:,}", f"{r['flops'] / 1e6:.1f}", f"{r['train_seconds']:.0f}"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
+
+
+def levels(partitions: Sequence[Sequence[Sequence[str]]]) -> str:
+    """A tree's partition per depth (`TaskTree.partitions`, depth 1 first) on one line, runs of
+    equal depths merged: ``d1–4: {all} · d5: {a, b} {c}``; what a table cell can hold."""
+    spans: list[tuple[int, int, str]] = []
+    for depth, partition in enumerate(partitions, start=1):
+        blocks = "{all}" if len(partition) == 1 else " ".join("{" + ", ".join(g) + "}" for g in sorted(partition))
+        if spans and spans[-1][2] == blocks:
+            spans[-1] = (spans[-1][0], depth, blocks)
+        else:
+            spans.append((depth, depth, blocks))
+    return " · ".join(f"d{a}: {b}" if a == e else f"d{a}–{e}: {b}" for a, e, b in spans)
 
 
 def plot_tree(tree, path: Path, title: str = "") -> None:
