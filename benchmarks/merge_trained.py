@@ -1,9 +1,9 @@
 """Merging separately trained single-task models (`graphsurgeon.merge_trained`) on a task family
 with a known answer.
 
-One single-task ``small_resnet`` per task is trained from the same init (same seed: identical
-backbone weights), each a whole model with its own classifier, and saved as a safetensors file,
-as a user would hold them. The files are merged as ``graphsurgeon merge`` merges them
+A ``small_resnet`` is pretrained (hard sharing) on another data set's tasks, as users start
+from pretrained weights; one single-task model per task is fine-tuned from it, each a whole
+model with its own classifier, and saved as a safetensors file, as a user would hold them. The files are merged as ``graphsurgeon merge`` merges them
 (`graphsurgeon.apps.experiment.run_merge`): MTSL's rule from the first depth down, knowledge
 amalgamation into each group node, a 1 % relative validation budget per task, then a short joint
 fine-tune. Writes benchmarks/results/merge_trained.{json,md} and the trade-off curve
@@ -29,28 +29,47 @@ from torch import nn
 
 import graphsurgeon as gs
 from graphsurgeon.apps.experiment import DATASETS, ExperimentConfig, make_backbone, run_merge
+from graphsurgeon.data.ground_truth import GROUND_TRUTH, score_partitions
 from graphsurgeon.training.trainer import TrainConfig, seed_everything
-
-# the ground truth of the twins family (graphsurgeon.data.ground_truth): which tasks are one task
-GROUND_TRUTH = {"gt_twins": [["left", "left_relabel"], ["right", "right_relabel"], ["texture"]]}
 
 
 def task_info_of(data) -> dict:
     return data.task_info if hasattr(data, "task_info") else data.dataset.task_info
 
 
-def train_single(task: str, info, splits, args, path: Path) -> dict:
+def pretrain(args, example: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The common starting point, as users fine-tune from pretrained weights: a hard-shared
+    backbone trained on another data set's tasks (``--pretrain-data``); its weights by name."""
+    cfg = ExperimentConfig(data=args.pretrain_data, tasks=args.pretrain_tasks.split(","), train=TrainConfig(seed=args.seed))
+    data = DATASETS[args.pretrain_data](cfg, "train", args.train_size)
+    info = task_info_of(data)
+    seed_everything(args.seed)
+    backbone = make_backbone("small_resnet", example.shape[1], example.shape[-1])
+    heads = {t: info[t].task(lambda shape, n=info[t].num_outputs: nn.Linear(shape[0], n)) for t in cfg.tasks}
+    net = gs.multitask(backbone, heads, sharing="shared", example_input=example)
+    gs.fit(net, data, epochs=args.pretrain_epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed, progress=False)
+    state: dict[str, torch.Tensor] = {}
+    for node in net.tree.path(cfg.tasks[0])[1:]:
+        state.update(net.node_module(node).state_dict())
+    return state
+
+
+def train_single(task: str, info, splits, args, path: Path, pretrained: dict[str, torch.Tensor] | None) -> dict:
     """One whole model (backbone + its classifier) trained on ``task`` alone, saved to ``path``.
 
-    It trains as a one-task network whose trunk is the model's own output (an identity head),
-    so every parameter, the classifier's too, lies in its segments, which are written back into
-    the model by name."""
+    Every task's model starts from the same weights: the pretrained backbone (else one seed's
+    init) and a classifier drawn from one seed. It trains as a one-task network whose trunk is
+    the model's own output (an identity head), so every parameter, the classifier's too, lies in
+    its segments, which are written back into the model by name."""
     example = splits["train"][0][0][None]
-    seed_everything(args.seed)  # the same init for every task's backbone
+    seed_everything(args.seed)
     model = make_backbone("small_resnet", example.shape[1], example.shape[-1], num_classes=info.num_outputs)
+    if pretrained is not None:
+        missing, unexpected = model.load_state_dict(pretrained, strict=False)
+        assert not unexpected and all(k.startswith("fc.") for k in missing), (missing, unexpected)
     net = gs.multitask(model, {task: info.task(nn.Identity())}, trunk="fc", sharing="shared", example_input=example)
     start = time.perf_counter()
-    trainer = gs.fit(net, splits["train"], splits["val"], epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+    trainer = gs.fit(net, splits["train"], splits["val"], epochs=args.epochs, lr=args.finetune_lr, batch_size=args.batch_size,
                      seed=args.seed, progress=False)
     seconds = time.perf_counter() - start
     state = {}
@@ -89,7 +108,9 @@ def markdown(record: dict) -> str:
         "",
         f"Command: `python benchmarks/merge_trained.py {record['command']}`",
         "",
-        f"One single-task small_resnet per task, trained {a['epochs']} epochs from the same init on {a['train_size']} samples, "
+        (f"A small_resnet pretrained {a['pretrain_epochs']} epochs (hard sharing, lr {a['lr']}) on {a['pretrain_data']}'s "
+         f"{a['pretrain_tasks']} ({a['train_size']} samples), then " if a["pretrain_epochs"] else "")
+        + f"one single-task model per task fine-tuned from it {a['epochs']} epochs (lr {a['finetune_lr']}) on {a['train_size']} samples, "
         f"saved as safetensors and merged as `graphsurgeon merge` does: CKA on {a['similarity_samples']} training samples, "
         f"MTSL's partition rule (threshold {a['threshold']}), amalgamation {a['distill_epochs']} epoch(s) per merge, "
         f"budget: any task's validation {'/'.join(sorted(set(metric.values())))} may drop at most {a['tolerance']:.0%} "
@@ -125,6 +146,15 @@ def markdown(record: dict) -> str:
             f"Tasks of one ground-truth group share deeper than tasks of different groups: **{s['verdict']}** "
             f"(shallowest within a group: {s['min_within']}, deepest across groups: {s['max_across']}).",
         ]
+    if record.get("ground_truth"):
+        g = record["ground_truth"]
+        last = g["per_depth"][-1]
+        lines += [
+            "",
+            f"Against the ground truth (graphsurgeon.data.ground_truth, scored at the last depth): exact {g['exact']}, "
+            f"ARI {g['ari']:.2f}; last-depth partition of the scored tasks {[list(b) for b in last['partition']]}; "
+            f"the control shares its last node with {g['controls']}.",
+        ]
     lines += [
         "",
         "Trade-off curve (validation; every merge tried, in order; ![curve](merge_trained_curve.png)):",
@@ -152,10 +182,14 @@ def main() -> None:
     parser.add_argument("--tasks", default=None, help="comma-separated (default: all of the dataset's)")
     parser.add_argument("--groups", nargs="*", default=None, help="ground-truth groups, each comma-separated")
     parser.add_argument("--train-size", type=int, default=3000)
-    parser.add_argument("--val-size", type=int, default=500)
+    parser.add_argument("--val-size", type=int, default=1000)
     parser.add_argument("--test-size", type=int, default=1000)
     parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--pretrain-data", default="multimnist", choices=sorted(DATASETS))
+    parser.add_argument("--pretrain-tasks", default="left,right")
+    parser.add_argument("--pretrain-epochs", type=int, default=2, help="0: every model starts from one random init")
+    parser.add_argument("--lr", type=float, default=2e-3, help="pretraining, amalgamation and joint fine-tune")
+    parser.add_argument("--finetune-lr", type=float, default=1e-3, help="training of each single-task model")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tolerance", type=float, default=0.01)
@@ -178,14 +212,17 @@ def main() -> None:
     models = Path(args.runs) / "models"
     models.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    single = {t: train_single(t, info[t], splits, args, models / f"{t}.safetensors") for t in tasks}
+    pretrained = pretrain(args, splits["train"][0][0][None]) if args.pretrain_epochs else None
+    single = {t: train_single(t, info[t], splits, args, models / f"{t}.safetensors", pretrained) for t in tasks}
     train_seconds = time.perf_counter() - start
     budget = gs.MergeBudget(tolerance=args.tolerance)
     merge = gs.MergeConfig(threshold=args.threshold, similarity_samples=args.similarity_samples, distill_epochs=args.distill_epochs,
                            distill_lr=args.lr, finetune_epochs=args.finetune_epochs, train=train)
     results = run_merge(cfg, {t: models / f"{t}.safetensors" for t in tasks}, budget, merge)
     net = results.pop("merge").net
-    groups = [g.split(",") for g in args.groups] if args.groups is not None else GROUND_TRUTH.get(args.data)
+    variant = args.data.removeprefix("gt_") if args.data.startswith("gt_") else None
+    truth = GROUND_TRUTH.get(variant) if variant else None
+    groups = [g.split(",") for g in args.groups] if args.groups is not None else [list(g) for g in truth.groups] if truth else None
     record = {
         "args": vars(args),
         "command": " ".join(f"--{k.replace('_', '-')} {v if not isinstance(v, list) else ' '.join(v)}"
@@ -195,6 +232,8 @@ def main() -> None:
         "train_seconds": train_seconds,
         "merge": results,
     }
+    if truth is not None and set(truth.tasks) <= set(tasks):
+        record["ground_truth"] = score_partitions(net.tree.partitions(), variant)
     if groups:
         group_of = {t: i for i, g in enumerate(groups) for t in g}
         pairs = [(a, b) for a, b in itertools.combinations(tasks, 2) if a in group_of and b in group_of]

@@ -23,8 +23,13 @@ SPEC = gs.Task(head=None, loss=F.mse_loss, metrics={"error": error}, higher_is_b
 
 
 def tiny(seed: int, widths=(4, 8, 8, 8)) -> nn.Module:
+    """A random small model whose BatchNorm statistics are those of its inputs, as a trained one's."""
     torch.manual_seed(seed)
-    return SmallResNet(1, widths, num_classes=3).eval()
+    model = SmallResNet(1, widths, num_classes=3)
+    with torch.no_grad():
+        for _ in range(20):
+            model(torch.rand(16, 1, 12, 12))
+    return model.eval()
 
 
 class OwnOutputs(Dataset):
@@ -148,3 +153,39 @@ def test_the_command_line_merges_model_files_and_saves_a_loadable_network(tmp_pa
     heads = {t: nn.Linear(32, 10) for t in ("left", "right")}
     loaded = gs.load(out / "merged.safetensors", small_resnet(1), heads)
     assert loaded.tree.partitions() == tuple(tuple(tuple(b) for b in p) for p in results["tree_partitions"])
+
+
+def test_outputs_from_a_depth_continue_each_task_path_as_the_network_does():
+    torch.manual_seed(0)
+    net = gs.multitask(SmallResNet(1, (4, 8, 8, 8)), {"a": nn.Linear(8, 2), "b": nn.Linear(8, 3)}, sharing="separate")
+    x = torch.rand(4, 1, 12, 12)
+    with torch.no_grad(), gs.core.eval_mode(net):
+        expected = net(x)
+        for t in ("a", "b"):
+            node = net.tree.path(t)[2]
+            out = net.outputs_from(2, net.features(x, depth=2)[node.id], [t])
+            assert torch.equal(out[t], expected[t])
+
+
+def test_output_amalgamation_brings_each_task_output_closer_than_the_mean_of_the_members():
+    from graphsurgeon.core.network import init_group
+    from graphsurgeon.methods.structure.amalgamation import Amalgamation
+
+    models = {"a": tiny(0), "b": tiny(1)}
+    data = OwnOutputs(models)
+    start = gs.merge_trained(models, data=data, tasks={t: SPEC for t in models}, config=config(threshold=2.0)).net
+    members = [start.node_module(n) for n in start.tree.at_depth(1)]
+    x = data.x
+
+    def output_error(group):
+        with torch.no_grad(), gs.core.eval_mode(start, group):
+            inp = start.features(x, depth=0)[0]
+            return sum(
+                float(F.mse_loss(start.outputs_from(1, group(inp), [t])[t], data.y[t])) for t in ("a", "b")
+            )
+
+    mean = init_group(members, "mean")
+    distilled = init_group(members, "mean")
+    batches = lambda: (x[i : i + 16] for i in range(0, len(x), 16))
+    Amalgamation(batches, epochs=20, lr=1e-2, target="outputs")(start, 1, 0, members, distilled)
+    assert output_error(distilled) < 0.5 * output_error(mean), (output_error(distilled), output_error(mean))

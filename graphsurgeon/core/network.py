@@ -346,5 +346,17 @@ class MultiTaskNetwork(nn.Module):
                 ) from exc
         return out
 
+    def outputs_from(self, depth: int, value: torch.Tensor, tasks: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Each task's output when ``value`` stands for its node's output at ``depth``: the rest of
+        its path below ``depth``, then its head. A module not yet in the tree (a group node being
+        distilled) can so be trained through the nodes it will feed."""
+        out = {}
+        for t in self._wanted(tasks):
+            z = value
+            for node in self.tree.path(t)[depth + 1 :]:
+                z = self.node_module(node)(z)
+            out[t] = self.heads[t](z)
+        return out
+
     def extra_repr(self) -> str:
         return f"trunk={self.trunk_name!r}, tasks={list(self.tasks)}, segments={self.depth}"

@@ -21,8 +21,8 @@ learning on them *post hoc*, with no task learning in between:
    are one and the same function (equal weights) need no distillation: the group node is a copy.
 4. The budget (`MergeBudget`) is checked after every merge on the validation data: a merge
    that drops any task's metric by more than its tolerance versus its original model is undone
-   (`graphsurgeon.core.surgery.relayout` puts the members back; those tasks stay apart from
-   that depth down, other sibling sets are still tried), and
+   (`graphsurgeon.core.surgery.relayout` puts the members back) and tried again without the
+   members whose tasks dropped past their tolerance (those stay apart from that depth down), and
    merging stops once a parameter or FLOP target is reached. Every merge tried is a point of
    the trade-off curve (`MergeResult.curve`).
 5. Optionally the merged network is fine-tuned jointly for a few epochs (`MergeConfig.finetune_epochs`).
@@ -135,6 +135,7 @@ class MergeConfig:
     distill_epochs: int = 1
     distill_lr: float = 1e-3
     gated: bool = False
+    distill_target: str = "outputs"
     group_init: GroupInit = "mean"
     gate_reduction: int = 1
     finetune_epochs: int = 0
@@ -366,6 +367,7 @@ class _Merger:
             lr=self.config.distill_lr,
             reduction=self.config.gate_reduction,
             gated=self.config.gated,
+            target=self.config.distill_target,  # type: ignore[arg-type]
         )
         fuse(trainer.net, depth, [group], init="copy" if same else self.config.group_init, distill=amalgamation)
         point = self.measure("merge", depth=depth, tasks=tasks, distilled=not same)
@@ -395,10 +397,18 @@ class _Merger:
                     "merged": [[list(tree.node(i).tasks) for i in g] for g in groups],
                 })
                 for group in groups:
-                    point = self.try_merge(depth, group)
-                    reached = self.target_reached(point) if point["accepted"] else None
-                    if reached:
-                        return reached
+                    while len(group) >= 2:
+                        point = self.try_merge(depth, group)
+                        if point["accepted"]:
+                            reached = self.target_reached(point)
+                            if reached:
+                                return reached
+                            break
+                        # undone: the members whose tasks dropped past their tolerance leave the group
+                        kept = [i for i in group if not set(tree.node(i).tasks) & set(point["violations"])]
+                        if len(kept) == len(group):
+                            break
+                        group = kept
         return "no more siblings similar enough (MTSL's rule) within the budget"
 
 
