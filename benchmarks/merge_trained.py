@@ -94,6 +94,7 @@ def machine() -> dict:
         "cuda": torch.version.cuda,
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
+        "load": round(os.getloadavg()[0], 1),
     }
 
 
@@ -112,11 +113,13 @@ def markdown(record: dict) -> str:
          f"{a['pretrain_tasks']} ({a['train_size']} samples), then " if a["pretrain_epochs"] else "")
         + f"one single-task model per task fine-tuned from it {a['epochs']} epochs (lr {a['finetune_lr']}) on {a['train_size']} samples, "
         f"saved as safetensors and merged as `graphsurgeon merge` does: CKA on {a['similarity_samples']} training samples, "
-        f"MTSL's partition rule (threshold {a['threshold']}), amalgamation {a['distill_epochs']} epoch(s) per merge, "
+        f"MTSL's partition rule (threshold {a['threshold']}), amalgamation {a['distill_epochs']} epoch(s) per merge "
+        "(each task's output through its unchanged path fitted to its model's), "
         f"budget: any task's validation {'/'.join(sorted(set(metric.values())))} may drop at most {a['tolerance']:.0%} "
         f"(relative) vs its model ({a['val_size']} validation samples), then {a['finetune_epochs']} fine-tune epoch(s). "
         f"Test: {a['test_size']} samples. Merging stopped: {r['stopped']}. Wall time: training {record['train_seconds']:.0f} s, "
-        f"merging (with fine-tune) {r['merge_seconds']:.0f} s.",
+        f"merging (with fine-tune) {r['merge_seconds']:.0f} s; the whole run {record.get('cpu_seconds', float('nan')):.0f} s "
+        f"of CPU time (the machine was shared: load average {record['machine'].get('load', '?')} at the end).",
         "",
         "| task | metric | original val | merged val | original test | merged test |",
         "|---|---|---|---|---|---|",
@@ -200,7 +203,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", default="runs/merge_trained")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--render", action="store_true", help="only rewrite the markdown and the curve from the JSON")
     args = parser.parse_args()
+    out = Path(args.out)
+    if args.render:
+        record = json.loads((out / "merge_trained.json").read_text())
+        write(record, out)
+        return
+    cpu_start = time.process_time()
     torch.set_num_threads(args.threads)
     train = TrainConfig(epochs=max(args.finetune_epochs, 1), lr=args.lr, batch_size=args.batch_size, seed=args.seed, progress=False)
     cfg = ExperimentConfig(backbone="small_resnet", data=args.data, tasks=args.tasks.split(",") if args.tasks else None,
@@ -245,13 +255,19 @@ def main() -> None:
                 "min_within": min(within.values()), "max_across": max(across.values()),
                 "verdict": "yes" if min(within.values()) > max(across.values()) else "no",
             }
-    out = Path(args.out)
+    record["cpu_seconds"] = time.process_time() - cpu_start
     out.mkdir(parents=True, exist_ok=True)
     (out / "merge_trained.json").write_text(json.dumps(record, indent=1, default=str))
-    (out / "merge_trained.md").write_text(markdown(record))
+    write(record, out)
+
+
+def write(record: dict, out: Path) -> None:
+    """The markdown table and the trade-off curve of a run's record."""
     from graphsurgeon.apps.report import plot_merge_curve
 
-    plot_merge_curve(results["curve"], results["metric"], out / "merge_trained_curve.png", title=f"merge_trained on {args.data}")
+    r = record["merge"]
+    (out / "merge_trained.md").write_text(markdown(record))
+    plot_merge_curve(r["curve"], r["metric"], out / "merge_trained_curve.png", title=f"merge_trained on {record['args']['data']}")
     print(markdown(record))
 
 

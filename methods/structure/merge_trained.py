@@ -15,10 +15,12 @@ learning on them *post hoc*, with no task learning in between:
    (`graphsurgeon.methods.structure.partition.mtsl_partition`) picks the groups to merge.
 3. Each group becomes one group node (`graphsurgeon.core.surgery.fuse`): initialised from its
    members (default: the mean of their weights, meaningful for models fine-tuned from one
-   init) and fitted to the members' features by knowledge amalgamation
-   (`graphsurgeon.methods.structure.amalgamation.Amalgamation`, without MTSL's gates by
-   default: no task learning follows to adapt the children to gated features). Members that
-   are one and the same function (equal weights) need no distillation: the group node is a copy.
+   init) and trained by knowledge amalgamation
+   (`graphsurgeon.methods.structure.amalgamation.Amalgamation`) so that every task's output,
+   through its unchanged nodes below and head, stays what its member gave: no task learning
+   follows to adapt the children (unlike MTSL), so what is fitted is what the tasks read (MTSL's
+   feature objective is ``distill_target="features"``). Members that are one and the same
+   function (equal weights) need no distillation: the group node is a copy.
 4. The budget (`MergeBudget`) is checked after every merge on the validation data: a merge
    that drops any task's metric by more than its tolerance versus its original model is undone
    (`graphsurgeon.core.surgery.relayout` puts the members back) and tried again without the
@@ -39,7 +41,7 @@ import copy
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -120,7 +122,10 @@ class MergeConfig:
         similarity_samples: training inputs the CKA is measured on (MTSL: 800).
         distill_epochs: passes of knowledge amalgamation over the training data per merge.
         distill_lr: Adam learning rate of the amalgamation.
-        gated: MTSL's per-member channel gates in the amalgamation (off: the group node is
+        distill_target: what the amalgamation fits: ``"outputs"``, every task's output through
+            the unchanged nodes below and its head (what the budget measures), or ``"features"``,
+            the members' outputs (MTSL's objective; cheaper, as nothing below runs).
+        gated: with ``"features"``, MTSL's per-member channel gates (off: the group node is
             fitted to the members' features as they are, which the children were trained on).
         group_init: how a group node starts: ``"mean"`` of the members' weights (their common
             init makes the average meaningful), ``"copy"`` of the most central member,
@@ -135,7 +140,7 @@ class MergeConfig:
     distill_epochs: int = 1
     distill_lr: float = 1e-3
     gated: bool = False
-    distill_target: str = "outputs"
+    distill_target: Literal["features", "outputs"] = "outputs"
     group_init: GroupInit = "mean"
     gate_reduction: int = 1
     finetune_epochs: int = 0
@@ -367,7 +372,7 @@ class _Merger:
             lr=self.config.distill_lr,
             reduction=self.config.gate_reduction,
             gated=self.config.gated,
-            target=self.config.distill_target,  # type: ignore[arg-type]
+            target=self.config.distill_target,
         )
         fuse(trainer.net, depth, [group], init="copy" if same else self.config.group_init, distill=amalgamation)
         point = self.measure("merge", depth=depth, tasks=tasks, distilled=not same)
