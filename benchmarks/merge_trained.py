@@ -118,8 +118,10 @@ def markdown(record: dict) -> str:
         f"budget: any task's validation {'/'.join(sorted(set(metric.values())))} may drop at most {a['tolerance']:.0%} "
         f"(relative) vs its model ({a['val_size']} validation samples), then {a['finetune_epochs']} fine-tune epoch(s). "
         f"Test: {a['test_size']} samples. Merging stopped: {r['stopped']}. Wall time: training {record['train_seconds']:.0f} s, "
-        f"merging (with fine-tune) {r['merge_seconds']:.0f} s; the whole run {record.get('cpu_seconds', float('nan')):.0f} s "
-        f"of CPU time (the machine was shared: load average {record['machine'].get('load', '?')} at the end).",
+        f"merging (with fine-tune) {r['merge_seconds']:.0f} s"
+        + (f"; the whole run {record['cpu_seconds']:.0f} s of CPU time (the machine was shared: load average "
+           f"{record['machine']['load']} at the end)." if "cpu_seconds" in record else
+           " (not CPU time: the machine was shared with other jobs, load average about 7 on its 2 cores)."),
         "",
         "| task | metric | original val | merged val | original test | merged test |",
         "|---|---|---|---|---|---|",
