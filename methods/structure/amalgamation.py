@@ -147,10 +147,10 @@ class Amalgamation:
                     opt = torch.optim.Adam(params, lr=self.lr)
                 if outputs:
                     preds = [net.outputs_from(depth, fg, tasks) for tasks in member_tasks]
-                    loss = sum(F.mse_loss(p[t], y[t]) for p, y in zip(preds, targets) for t in y)
+                    loss = torch.stack([F.mse_loss(p[t], y[t]) for p, y in zip(preds, targets) for t in y]).sum()
                 else:
                     feats = [gate(fg) for gate in gates] if gates is not None else [fg] * len(targets)
-                    loss = sum(F.mse_loss(f, t) for f, t in zip(feats, targets))
+                    loss = torch.stack([F.mse_loss(f, t) for f, t in zip(feats, targets)]).sum()
                 # gradients of the group node (and gates) only: the nodes and heads below stay as they are
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
                 for p, g in zip(params, grads):

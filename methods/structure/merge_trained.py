@@ -460,8 +460,9 @@ def merge_trained(
     example = data[0][0][None]
     net = _start(models, specs, heads, example, trunk, granularity, leaf_modules, concrete_args)
     separate = copy.deepcopy(net)
-    trainer = Trainer(net, None, data, val if val is not None else data, config.train)
-    merger = _Merger(trainer, trainer.val_data, budget, config, {t: _metric_of(specs[t]) for t in names}, example)
+    val_data = val if val is not None else data
+    trainer = Trainer(net, None, data, val_data, config.train)
+    merger = _Merger(trainer, val_data, budget, config, {t: _metric_of(specs[t]) for t in names}, example)
     start = merger.measure("start")
     stopped = merger.target_reached(start) or merger.run()
     if config.finetune_epochs > 0:
@@ -473,7 +474,7 @@ def merge_trained(
         separate=separate,
         metric={t: m for t, (m, _) in merger.metric.items()},
         original=merger.original,
-        final=trainer.evaluate(trainer.val_data),
+        final=trainer.evaluate(val_data),
         curve=merger.curve,
         decisions=merger.decisions,
         stopped=stopped,
