@@ -73,6 +73,7 @@ def filter2d(x: Tensor, kernels: Tensor) -> Tensor:
     b, c, h, w = x.shape
     k = kernels.shape[-1]
     r = k // 2
+    # a grouped convolution, also for one shared kernel: on CPU it beats a batch of 1-channel images
     weight = kernels.expand(b, k, k).repeat_interleave(c, dim=0)[:, None].to(x.dtype)
     padded = F.pad(x.reshape(1, b * c, h, w), (r, r, r, r), mode="replicate")
     return F.conv2d(padded, weight, groups=b * c).reshape(b, c, h, w)
