@@ -54,6 +54,14 @@ def test_shape_dtype_and_range_are_preserved(batches, name: str, dtype: torch.dt
             assert out.min() >= 0 and out.max() <= 1
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 1, 3, 5), (1, 4, 7, 9)])
+def test_tiny_images_and_any_channel_count_work(shape):
+    images = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    for name in IMAGENET_C:
+        out = corrupt(images, name, 5, torch.Generator().manual_seed(0))
+        assert out.shape == images.shape and not out.isnan().any() and 0 <= out.min() and out.max() <= 1, name
+
+
 @pytest.mark.parametrize("name", IMAGENET_C)
 def test_same_generator_seed_gives_the_same_result(batches, name: str):
     images = batches["colour"]
