@@ -36,7 +36,9 @@ more (mean absolute difference from the clean image) at every higher severity.
 `backend="imagecorruptions"` runs the reference NumPy implementation instead (the
 `imagecorruptions` package, installed separately; 3-channel uint8 images round trip,
 so greyscale batches are repeated to RGB and averaged back, and its global NumPy random
-state is seeded from `generator` and restored afterwards).
+state is seeded from `generator` and restored afterwards). Its last release (1.1.2)
+imports `pkg_resources` (setuptools < 81), and its glass_blur and fog fail under NumPy 2 /
+scikit-image >= 0.19; such a failure is a `DataError` that says so.
 """
 from __future__ import annotations
 
@@ -134,6 +136,10 @@ def _imagecorruptions(images: Tensor, name: str, severity: int, generator: torch
     np.random.seed(seed)
     try:
         out = [np.asarray(library.corrupt(p, corruption_name=name, severity=severity), dtype=np.float32) for p in pixels]
+    except (TypeError, AttributeError, ValueError) as exc:  # its code against newer NumPy / scikit-image
+        raise DataError(f"imagecorruptions failed on {name!r} ({type(exc).__name__}: {exc}); its last release predates "
+                        "NumPy 2 and scikit-image 0.19 (glass_blur and fog fail there), so pin numpy<2 and "
+                        "scikit-image<0.19 for it, or use backend='torch'.") from exc
     finally:
         np.random.set_state(state)
     result = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2) / 255

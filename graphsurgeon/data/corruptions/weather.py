@@ -55,8 +55,8 @@ def frost_texture(images: Tensor, generator: torch.Generator | None) -> Tensor:
     """A frost-like layer (B, C, H, W) in [0, 1], drawn from `generator`.
 
     Ridged fractal noise: where multi-octave noise crosses its middle value the layer is
-    bright, which gives thin branching veins like ice crystals on a window; a softer
-    share of the plain noise adds the milky haze between them. RGB layers are tinted
+    bright, which gives thin branching veins like ice crystals on a window, over a milky
+    haze (0.35 to 0.65) made of the plain noise. RGB layers are tinted
     slightly blue. It imitates the look of ImageNet-C's frost photographs (bright, fine
     structure over the whole image), not their statistics: scores under this frost are
     comparable between models here, not with published ImageNet-C numbers.
@@ -64,7 +64,7 @@ def frost_texture(images: Tensor, generator: torch.Generator | None) -> Tensor:
     b, c, h, w = images.shape
     noise = fractal_noise((b, h, w), images, generator, decay=1.6, coarsest=3)
     veins = (1 - (2 * noise - 1).abs()) ** 6
-    layer = (0.75 * veins + 0.35 * noise).clamp(0, 1)
+    layer = (0.35 + 0.3 * noise + 0.6 * veins).clamp(0, 1)
     if c == 3:
         return layer * torch.tensor(FROST_TINT, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
     return layer.expand(b, c, h, w)
