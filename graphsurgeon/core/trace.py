@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import fx, nn
 
+from graphsurgeon.core.mode_args import follow_mode
 from graphsurgeon.errors import MissingDependencyError, TraceError
 
 __all__ = ["bound_arguments", "get_graph_node_names", "graph_signature", "qualified_name", "resolve_node", "trace"]
@@ -402,8 +403,10 @@ def trace(
     torchvision's ``create_feature_extractor`` does); when the graphs differ, the innermost
     submodules whose own code reads ``self.training`` become leaf modules (one call that follows
     the module's mode at run time) and the model is traced again; if the graphs still differ,
-    every such submodule becomes a leaf. Differences that remain (in the
-    root's own ``forward``, e.g. an auxiliary classifier) are checked against the trunk by
+    every such submodule becomes a leaf. A call in the root's own ``forward`` that passes the
+    mode as an argument (``F.dropout(x, p, training=self.training)``) reads the graph module's
+    mode at run time instead (see `graphsurgeon.core.mode_args`). Differences that remain (a
+    branch in the root's own ``forward``, e.g. an auxiliary classifier) are checked against the trunk by
     `graphsurgeon.segment`, which refuses a trunk whose computation depends on the mode.
     The user's model is never modified: a copy is traced.
 
@@ -446,7 +449,9 @@ def trace(
     args = bound_arguments(model, concrete_args)
 
     def trace_both(leaves: tuple[LeafSpec, ...]) -> dict[bool, fx.GraphModule]:
-        return {mode: _trace_once(model, mode, leaves, args, autowrap) for mode in (model.training, not model.training)}
+        graphs = {mode: _trace_once(model, mode, leaves, args, autowrap) for mode in (model.training, not model.training)}
+        follow_mode(graphs)  # the root's own F.dropout(..., training=self.training)
+        return graphs
 
     def differ(graphs: dict[bool, fx.GraphModule]) -> bool:
         return graph_signature(graphs[True].graph.nodes) != graph_signature(graphs[False].graph.nodes)
