@@ -242,7 +242,7 @@ def load(
 ) -> MultiTaskNetwork:
     """Rebuild the network saved at ``path`` on ``model``'s architecture, with ``tasks``' heads.
 
-    The tree, trunk and granularity come from the checkpoint; the backbone's code comes from
+    The tree, trunk, granularity and side inputs come from the checkpoint; the backbone's code comes from
     ``model`` (checkpoints hold no code), and its segments must match the saved fingerprints.
     """
     meta = read_metadata(path)
@@ -252,6 +252,12 @@ def load(
         raise CheckpointError(
             f"checkpoint {str(path)!r} has corrupt metadata (config field {wrong[0]!r} is a "
             f"{type(cfg[wrong[0]]).__name__}, not a string). Re-save it."
+        )
+    side_inputs = cfg.get("side_inputs", [])  # files written before side inputs have none
+    if not (isinstance(side_inputs, list) and all(isinstance(s, str) for s in side_inputs)):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has corrupt metadata (config field 'side_inputs' is {side_inputs!r}, "
+            "not a list of names). Re-save it."
         )
     saved_backbone = cfg.get("backbone")
     if saved_backbone is not None and saved_backbone != type(model).__name__:
@@ -266,6 +272,7 @@ def load(
             tasks,
             trunk=multitask_kwargs.pop("trunk", cfg.get("trunk")),
             granularity=multitask_kwargs.pop("granularity", cfg.get("granularity", "block")),
+            side_inputs=multitask_kwargs.pop("side_inputs", side_inputs),
             sharing="shared",
             **multitask_kwargs,
         )
