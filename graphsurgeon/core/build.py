@@ -12,7 +12,7 @@ from graphsurgeon.core.inputs import Inputs, split_inputs
 from graphsurgeon.core.modes import eval_mode
 from graphsurgeon.core.network import MultiTaskNetwork, Task
 from graphsurgeon.core.segments import Granularity, Segment, graph_inputs, segment
-from graphsurgeon.core.trace import LeafSpec, qualified_name, trace
+from graphsurgeon.core.trace import CAPTURE, LeafSpec, qualified_name, trace
 from graphsurgeon.core.tree import TaskTree
 from graphsurgeon.errors import TaskSpecError, TreeEditError
 
@@ -178,7 +178,10 @@ def multitask(
         "backbone": type(model).__name__,
         "input": main,
         "side_inputs": list(read),
+        "capture": gm.meta.get(CAPTURE, "fx"),  # the path taken, also under capture="auto"
     }
+    if config["capture"] == "export":  # what gs.load needs to capture the backbone again
+        config["example_input"] = {"shape": list(inputs[main].shape), "dtype": str(inputs[main].dtype).removeprefix("torch.")}
     net = MultiTaskNetwork(segments, tree, specs, trunk_name=trunk_name, config=config)
     # the network runs in the model's mode; a head already in that mode keeps the submodules the
     # user put in eval (a frozen BatchNorm)

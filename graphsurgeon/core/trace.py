@@ -31,6 +31,7 @@ MODULE_OUTPUTS = "graphsurgeon_module_outputs"  # gm.meta key: module path -> fx
 OUTPUT_FIELDS = "graphsurgeon_output_fields"  # gm.meta key: field of a dict output -> fx name of its value
 DEFAULT_TRUNK = "graphsurgeon_default_trunk"  # gm.meta key: fx name of the trunk when trunk=None
 LOOPED_CONTAINERS = "graphsurgeon_looped_containers"  # gm.meta key: paths of ModuleLists / ModuleDicts
+CAPTURE = "graphsurgeon_capture"  # gm.meta key: "export" for a graph captured by torch.export
 MAIN_INPUT = "graphsurgeon_main_input"  # gm.meta key: fx name of the placeholder the segment chain carries
 
 
