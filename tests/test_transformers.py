@@ -279,3 +279,20 @@ def _reference_with(model: nn.Module, heads: dict[str, nn.Module], batch: dict[s
     with torch.no_grad():
         features = model(**batch)["pooler_output"]
         return {t: head(features) for t, head in heads.items()}
+
+
+def test_gpt2_reads_its_batch_size_from_the_ids_in_every_block_that_applies_the_mask() -> None:
+    """GPT-2 reshapes its mask to ``input_ids.view(-1, n).shape[0]`` rows: the blocks take the ids
+    for that shape read, so a padded batch still gets a segment per block (trunk ln_f, as without a mask)."""
+    model, batch = _gpt2().double().eval(), _padded_batch()
+    heads = _heads()
+    net = gs.multitask(
+        model, copy.deepcopy(heads), trunk="ln_f", side_inputs=["attention_mask"], example_input=batch
+    ).eval()
+    assert [s.side_inputs for s in net.segments][1:3] == [("input_ids", "attention_mask")] * 2
+    with torch.no_grad():
+        features = model(**batch).last_hidden_state
+        want = {t: head(features) for t, head in heads.items()}
+        _assert_equal(net(batch["input_ids"], attention_mask=batch["attention_mask"]), want, "with the mask")
+        unmasked = net(batch["input_ids"], attention_mask=torch.ones_like(batch["attention_mask"]))
+    assert not torch.allclose(unmasked["cls"], want["cls"])

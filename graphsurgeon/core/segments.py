@@ -305,20 +305,29 @@ def _reads_shape(node: fx.Node) -> bool:
     )
 
 
-def _input_dependent(gm: fx.GraphModule, side: bool = False) -> dict[fx.Node, bool]:
+def _is_view_call(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target in _VIEW_METHODS) or (
+        node.op == "call_function" and node.target in (operator.getitem, torch.flatten, torch.reshape)
+    )
+
+
+def _input_dependent(gm: fx.GraphModule, side: bool = False) -> tuple[dict[fx.Node, bool], frozenset[fx.Node]]:
     """Which values must flow through the segment chain (computed once, in order) rather than be
     re-created inside every segment that reads them: everything computed from the main input,
     every in-place write (a side effect that must happen exactly once) and every computed value
     that is written in place (each re-created copy would miss the write). Side inputs and, when
     the trunk reads some (``side``), the main input's shape are read where needed (see the
-    module docstring)."""
+    module docstring): also the shape of a view of it (GPT-2 reads its batch size from
+    ``input_ids.view(-1, n)``), so the main input and its views are also returned, as values
+    that a segment may re-create for such a read."""
     written = {written_value(n, gm) for n in gm.graph.nodes} - {None}
     main = main_input(gm)
     dep: dict[fx.Node, bool] = {}
+    views: set[fx.Node] = {main} if side else set()
     for n in gm.graph.nodes:
         if n.op == "placeholder":
             dep[n] = n is main
-        elif side and _reads_shape(n) and n.args and n.args[0] is main:
+        elif side and _reads_shape(n) and n.args and n.args[0] in views:
             dep[n] = False
         elif n.op == "get_attr":
             dep[n] = False
@@ -329,7 +338,9 @@ def _input_dependent(gm: fx.GraphModule, side: bool = False) -> dict[fx.Node, bo
                 or n in written
                 or written_value(n, gm) is not None
             )
-    return dep
+            if side and _is_view_call(n) and n.args[0] in views and all(a in views or not dep[a] for a in n.all_input_nodes):
+                views.add(n)
+    return dep, frozenset(views)
 
 
 def _ancestors(nodes: Iterable[fx.Node], into: set[fx.Node]) -> set[fx.Node]:
@@ -342,8 +353,11 @@ def _ancestors(nodes: Iterable[fx.Node], into: set[fx.Node]) -> set[fx.Node]:
     return into
 
 
-def _prune_to(gm: fx.GraphModule, trunk: fx.Node) -> tuple[list[fx.Node], dict[fx.Node, bool]]:
-    """The input-dependent nodes the trunk needs, in order, with the side effects among them.
+def _prune_to(
+    gm: fx.GraphModule, trunk: fx.Node
+) -> tuple[list[fx.Node], dict[fx.Node, bool], frozenset[fx.Node]]:
+    """The input-dependent nodes the trunk needs, in order, with the side effects among them;
+    also `_input_dependent`'s answers.
 
     Side effects are asserts that check needed values and in-place writes before the trunk to
     a value the trunk computes or to a buffer (their result is often unused: the written tensor
@@ -361,7 +375,7 @@ def _prune_to(gm: fx.GraphModule, trunk: fx.Node) -> tuple[list[fx.Node], dict[f
                 _ancestors([n], needed)
                 grown = True
     main = main_input(gm)
-    dep = _input_dependent(gm, side=any(n.op == "placeholder" and n is not main for n in needed))
+    dep, views = _input_dependent(gm, side=any(n.op == "placeholder" and n is not main for n in needed))
     order: list[fx.Node] = []
     for n in gm.graph.nodes:
         if n.op == "output" or not dep.get(n, False):
@@ -370,7 +384,7 @@ def _prune_to(gm: fx.GraphModule, trunk: fx.Node) -> tuple[list[fx.Node], dict[f
         if n in needed or (not n.users and n.op == "call_function" and set(n.all_input_nodes) <= needed):
             order.append(n)
             needed.add(n)
-    return order, dep
+    return order, dep, views
 
 
 def _check_same_in_both_modes(
@@ -387,7 +401,7 @@ def _check_same_in_both_modes(
             "Pass the module that branches on self.training in leaf_modules=[...], or pick a trunk node "
             "that both modes compute."
         )
-    other_order, _ = _prune_to(other, find_trunk(other, trunk))
+    other_order, _, _ = _prune_to(other, find_trunk(other, trunk))
     mine, theirs = graph_signature(order), graph_signature(other_order)
     if mine == theirs:
         return
@@ -508,8 +522,9 @@ def _params_of(node: fx.Node, gm: fx.GraphModule) -> list[str]:
     return []
 
 
-def _constant_closure(node: fx.Node, dep: dict[fx.Node, bool]) -> list[fx.Node]:
-    """The input-independent nodes a node reads, transitively."""
+def _constant_closure(node: fx.Node, dep: dict[fx.Node, bool], views: frozenset[fx.Node] = frozenset()) -> list[fx.Node]:
+    """The input-independent nodes a node reads, transitively, and the ``views`` of the main
+    input they read the shape of (see `_input_dependent`): what a segment re-creates."""
     found, stack = [], [a for a in node.all_input_nodes if not dep[a]]
     seen: set[fx.Node] = set()
     while stack:
@@ -518,21 +533,26 @@ def _constant_closure(node: fx.Node, dep: dict[fx.Node, bool]) -> list[fx.Node]:
             continue
         seen.add(n)
         found.append(n)
-        stack.extend(a for a in n.all_input_nodes if not dep[a])
+        stack.extend(a for a in n.all_input_nodes if not dep[a] or a in views)
     return found
 
 
 def _segment_params(
-    nodes: Sequence[fx.Node], gm: fx.GraphModule, dep: dict[fx.Node, bool], written_buffers: set[str]
+    nodes: Sequence[fx.Node],
+    gm: fx.GraphModule,
+    dep: dict[fx.Node, bool],
+    views: frozenset[fx.Node],
+    written_buffers: set[str],
 ) -> set[str]:
     """The state a range of nodes owns: parameters, and the buffers written in place that it
     reads (a segment copy owns its buffers, so the reader of a write must be its segment)."""
     params: set[str] = set()
     for n in nodes:
         params.update(_params_of(n, gm))
-        for c in _constant_closure(n, dep):
+        closure = _constant_closure(n, dep, views)
+        for c in closure:
             params.update(_params_of(c, gm))
-        params.update(str(c.target) for c in (n, *_constant_closure(n, dep)) if c.target in written_buffers)
+        params.update(str(c.target) for c in (n, *closure) if c.target in written_buffers)
     return params
 
 
@@ -542,12 +562,14 @@ def _build(
     inp: fx.Node,
     out: fx.Node,
     dep: dict[fx.Node, bool],
+    views: frozenset[fx.Node],
     index: int,
 ) -> tuple[fx.GraphModule, tuple[str, ...]]:
     """The segment computing ``nodes`` from ``inp``, and the model inputs it takes after it."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {inp: graph.placeholder(inp.name)}
-    read = {a for n in nodes for c in (n, *_constant_closure(n, dep)) for a in c.all_input_nodes if a.op == "placeholder"}
+    closure = (c for n in nodes for c in (n, *_constant_closure(n, dep, views)))
+    read = {a for c in closure for a in c.all_input_nodes if a.op == "placeholder"}
     extra = [p for p in gm.graph.nodes if p.op == "placeholder" and p in read and p is not inp]
     env.update((p, graph.placeholder(p.name)) for p in extra)
     if any(written_value(n, gm) is inp for n in nodes):
@@ -556,7 +578,7 @@ def _build(
 
     def lookup(a: fx.Node) -> fx.Node:
         if a not in env:
-            if dep[a]:
+            if dep[a] and a not in views:
                 raise AssertionError(f"segment {index} reads {a.name}, which is live across its start")
             env[a] = graph.node_copy(a, lookup)
         return env[a]
@@ -638,7 +660,7 @@ def segment(
         except Exception as exc:  # whatever the backbone's own code raises on an input it does not take
             raise _example_input_error(gm, x, prop.current, exc) from exc
     trunk_node = find_trunk(gm, trunk)
-    order, dep = _prune_to(gm, trunk_node)
+    order, dep, views = _prune_to(gm, trunk_node)
     other_mode = gm.meta.get("graphsurgeon_other_mode")
     if other_mode is not None:
         _check_same_in_both_modes(gm, order, other_mode, trunk, trunk_node)
@@ -655,7 +677,7 @@ def segment(
         cuts = [c for c in cuts if c in (0, end) or _block_of(order[c], gm) != _block_of(order[c + 1], gm)]
     ranges = [order[a + 1 : b + 1] for a, b in zip(cuts, cuts[1:])]
     written_buffers = {str(w.target) for n in order if (w := written_value(n, gm)) is not None and w.op == "get_attr"}
-    params = [_segment_params(r, gm, dep, written_buffers) for r in ranges]
+    params = [_segment_params(r, gm, dep, views, written_buffers) for r in ranges]
     # merge parameter-free ranges into a neighbour, and ranges that share a parameter
     bounds = list(zip(cuts, cuts[1:]))
     merged: list[tuple[int, int, set[str]]] = []
@@ -682,6 +704,6 @@ def segment(
     segments = []
     for k, (a, b, _) in enumerate(merged, start=1):
         nodes = order[a + 1 : b + 1]
-        module, side_inputs = _build(gm, nodes, live[a], live[b], dep, k)
+        module, side_inputs = _build(gm, nodes, live[a], live[b], dep, views, k)
         segments.append(Segment(k, module, live[a].name, live[b].name, tuple(n.name for n in nodes), side_inputs))
     return segments
