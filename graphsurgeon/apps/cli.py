@@ -19,7 +19,7 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one method on one dataset")
     p.error = types.MethodType(_Parser.error, p)  # type: ignore[method-assign]  # one-line errors here too
     from graphsurgeon.apps.experiment import DATASETS, METHODS
-    from graphsurgeon.data.corruptions import CORRUPTIONS
+    from graphsurgeon.data.corruptions import BACKENDS, CORRUPTIONS, DEFAULT_CORRUPTIONS
     from graphsurgeon.methods.aggregation.registry import AGGREGATORS
     from graphsurgeon.training.config import AUTOCAST, OPTIMIZERS, SCHEDULES
 
@@ -60,9 +60,13 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--train-size", type=int, default=None, help="training samples (default: the dataset's)")
     p.add_argument("--val-size", type=int, default=None, help="validation samples, evaluated every epoch")
     p.add_argument("--test-size", type=int, default=None, help="test samples, evaluated clean and per corruption")
-    p.add_argument("--corruptions", default="gaussian_noise,gaussian_blur,contrast", type=_names,
-                   help=f"comma-separated corruptions of the test split at severities 1, 3, 5, or 'none'; "
-                   f"any of {', '.join(sorted(CORRUPTIONS))}")
+    p.add_argument("--corruptions", default=",".join(DEFAULT_CORRUPTIONS), type=_names,
+                   help=f"comma-separated corruptions of the test split, 'all' (ImageNet-C's 15) or 'none'; "
+                   f"any of {', '.join(CORRUPTIONS)}")
+    p.add_argument("--severities", default=(1, 3, 5), type=_severities,
+                   help="comma-separated corruption severities, 1 (mild) to 5 (default 1,3,5; 1,2,3,4,5 for the full suite)")
+    p.add_argument("--corruption-backend", default="torch", choices=list(BACKENDS),
+                   help="torch (built in) or imagecorruptions (the reference NumPy code; pip install imagecorruptions)")
     train = p.add_argument_group("training", "the settings of graphsurgeon.TrainConfig")
     train.add_argument("--optimizer", default="adam", choices=list(OPTIMIZERS))
     train.add_argument("--weight-decay", type=float, default=0.0)
@@ -183,6 +187,8 @@ def _config(args):
         val_size=args.val_size,
         test_size=args.test_size,
         corruptions=args.corruptions,
+        severities=args.severities,
+        corruption_backend=args.corruption_backend,
         epochs=epochs,
         train=TrainConfig(
             epochs=epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed, device=args.device,
@@ -202,14 +208,25 @@ def _config(args):
 
 
 def _names(text: str) -> tuple[str, ...]:
-    """``a,b`` as ``("a", "b")``; ``none`` (or nothing) as ``()``."""
-    from graphsurgeon.data.corruptions import CORRUPTIONS
+    """``a,b`` as ``("a", "b")``; ``all`` as every corruption; ``none`` (or nothing) as ``()``."""
+    from graphsurgeon.data.corruptions import resolve_corruptions
+    from graphsurgeon.data.errors import DataError
 
-    names = tuple(n.strip() for n in text.split(",") if n.strip() and n.strip().lower() != "none")
-    unknown = [n for n in names if n not in CORRUPTIONS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown corruption(s) {unknown}; use any of {sorted(CORRUPTIONS)} or 'none'")
-    return names
+    try:
+        return resolve_corruptions(text)
+    except DataError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _severities(text: str) -> tuple[int, ...]:
+    """``1,3,5`` as ``(1, 3, 5)``, each from 1 to 5."""
+    try:
+        levels = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        levels = ()
+    if not levels or any(not 1 <= s <= 5 for s in levels):
+        raise argparse.ArgumentTypeError(f"severities are comma-separated ints from 1 to 5, e.g. 1,3,5; got {text!r}")
+    return levels
 
 
 def _epochs(text: str) -> tuple[int, ...]:

@@ -21,6 +21,7 @@ import torch
 from torch import fx, nn
 
 from graphsurgeon.core.fused import FusedExecutor
+from graphsurgeon.core.inputs import check_side_inputs
 from graphsurgeon.core.modes import copy_modes
 from graphsurgeon.core.segments import Segment
 from graphsurgeon.core.tree import Origin, TaskTree, TreeNode
@@ -155,6 +156,24 @@ class MultiTaskNetwork(nn.Module):
     @property
     def depth(self) -> int:
         return self.tree.depth
+
+    @property
+    def input_name(self) -> str:
+        """The forward argument of the backbone's main input (the one `forward` takes as ``x``)."""
+        return self.config.get("input", self._segments[0].input_name)
+
+    @property
+    def side_inputs(self) -> tuple[str, ...]:
+        """The backbone's other inputs some segment reads (``("attention_mask",)``): `forward`
+        takes each by name, and passes it unchanged to every segment that reads it."""
+        names = (n for s in self._segments for n in s.side_inputs if n != self.input_name)
+        return tuple(dict.fromkeys(names))
+
+    def _inputs(self, x: torch.Tensor, side_inputs: Mapping[str, Any]) -> tuple[tuple[Any, ...], ...]:
+        """For every depth, the model inputs its segment takes after its chained value."""
+        check_side_inputs(side_inputs, self.side_inputs, f"{type(self).__name__}.forward")
+        values = {**side_inputs, self.input_name: x}
+        return tuple(tuple(values[n] for n in s.side_inputs) for s in self._segments)
 
     def level(self, depth: int) -> nn.ModuleDict:
         """The segment copies at ``depth`` (1..L), keyed by node name."""
@@ -305,27 +324,32 @@ class MultiTaskNetwork(nn.Module):
         return tasks
 
     def features(
-        self, x: torch.Tensor, tasks: Iterable[str] | None = None, depth: int | None = None
+        self, x: torch.Tensor, tasks: Iterable[str] | None = None, depth: int | None = None, **side_inputs: Any
     ) -> dict[int, torch.Tensor]:
         """Outputs of the nodes at ``depth`` (default: the trunk) the requested tasks need, by node id.
 
-        ``depth=0`` returns the input itself under the root's id.
+        ``depth=0`` returns the input itself under the root's id. ``side_inputs``: as for `forward`.
         """
         wanted = frozenset(self._wanted(tasks))
+        inputs = self._inputs(x, side_inputs)
         values = {self.tree.at_depth(0)[0].id: x}
         for d, level_plan in enumerate(self._plan[:depth], start=1):
-            level = self.level(d)
+            level, side = self.level(d), inputs[d - 1]
             nodes = [(name, node_id, parent) for name, node_id, parent, node_tasks in level_plan if node_tasks & wanted]
             if self._fusion is not None and len(nodes) > 1:
-                values = self._fusion.run_level(d, level, nodes, values)
+                values = self._fusion.run_level(d, level, nodes, values, side)
             else:
-                values = {node_id: level[name](values[parent]) for name, node_id, parent in nodes}
+                values = {node_id: level[name](values[parent], *side) for name, node_id, parent in nodes}
         return values
 
-    def forward(self, x: torch.Tensor, tasks: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-        """``{task: output}`` for every task, or only ``tasks`` (computing only their paths)."""
+    def forward(self, x: torch.Tensor, tasks: Iterable[str] | None = None, **side_inputs: Any) -> dict[str, torch.Tensor]:
+        """``{task: output}`` for every task, or only ``tasks`` (computing only their paths).
+
+        ``side_inputs``: the backbone's other inputs by name (``attention_mask=mask``; see
+        `side_inputs`), each passed unchanged to the segments that read it.
+        """
         wanted = self._wanted(tasks)
-        leaves = self.features(x, wanted)
+        leaves = self.features(x, wanted, **side_inputs)
         leaf_of = {t: n[1] for n in self._plan[-1] for t in n[3]} if self._plan else {}
         if self._fusion is not None and self._plan:
             fused = self._fusion.run_heads(self.heads, wanted, leaf_of, leaves)
