@@ -386,7 +386,7 @@ def test_celeba_missing_image_and_bad_attribute(tmp_path: Path):
 def test_registry_names_and_errors(nyu_root: Path, city_root: Path):
     assert isinstance(get_dataset("nyuv2", "val", nyu_root), NYUv2)
     assert isinstance(get_dataset("cityscapes", "val", city_root, num_classes=19), Cityscapes)
-    with pytest.raises(DataError, match=r"\['celeba', 'cityscapes', 'multimnist', 'nyuv2'\]"):
+    with pytest.raises(DataError, match=r"\['celeba', 'cityscapes', 'gt_branching', 'gt_twins', 'multimnist', 'nyuv2'\]"):
         get_dataset("imagenet", "train")
     with pytest.raises(DataError, match="needs root="):
         get_dataset("cityscapes", "train")
