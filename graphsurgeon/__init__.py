@@ -35,6 +35,7 @@ from graphsurgeon.core import (
 from graphsurgeon.core.export import ExportError
 from graphsurgeon.errors import (
     BackendError,
+    BoundaryError,
     CheckpointError,
     ConfigError,
     ExampleInputError,
@@ -58,6 +59,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "BackendError",
+    "BoundaryError",
     "Callback",
     "CheckpointError",
     "ConfigError",

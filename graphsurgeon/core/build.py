@@ -10,7 +10,7 @@ from torch import nn
 
 from graphsurgeon.core.modes import eval_mode
 from graphsurgeon.core.network import MultiTaskNetwork, Task
-from graphsurgeon.core.segments import Granularity, segment
+from graphsurgeon.core.segments import MAX_BOUNDARY_VALUES, Granularity, segment
 from graphsurgeon.core.trace import LeafSpec, qualified_name, trace
 from graphsurgeon.core.tree import TaskTree
 from graphsurgeon.errors import TaskSpecError, TreeEditError
@@ -104,6 +104,7 @@ def multitask(
     leaf_modules: Iterable[LeafSpec] = (),
     concrete_args: Mapping[str, Any] | None = None,
     capture: Literal["fx", "export", "auto"] = "fx",
+    max_boundary_values: int = MAX_BOUNDARY_VALUES,
 ) -> MultiTaskNetwork:
     """Turn ``model`` into a multi-task network with one head per task.
 
@@ -130,7 +131,7 @@ def multitask(
     """
     _task_pairs(tasks)  # fail on bad names or specs before the (slower) trace
     gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args, capture=capture, example_input=example_input)
-    segments = segment(gm, trunk, granularity, example_input=example_input)
+    segments = segment(gm, trunk, granularity, example_input=example_input, max_boundary_values=max_boundary_values)
     shape = _trunk_shape(segments, example_input) if example_input is not None else None
     specs = normalise_tasks(tasks, trunk_shape=shape)
     names = list(specs)
@@ -150,7 +151,12 @@ def multitask(
         raise TaskSpecError(f"sharing must be 'separate', 'shared' or a TaskTree, got {sharing!r}.")
     # the trunk by its qualified name: unique, and the name a user passes (fx names still load)
     trunk_name = next(qualified_name(n) for n in gm.graph.nodes if n.name == segments[-1].output_name)
-    config = {"trunk": trunk_name, "granularity": granularity, "backbone": type(model).__name__}
+    config = {
+        "trunk": trunk_name,
+        "granularity": granularity,
+        "backbone": type(model).__name__,
+        "max_boundary_values": max_boundary_values,
+    }
     net = MultiTaskNetwork(segments, tree, specs, trunk_name=trunk_name, config=config)
     # the network runs in the model's mode; a head already in that mode keeps the submodules the
     # user put in eval (a frozen BatchNorm)

@@ -242,7 +242,7 @@ def load(
 ) -> MultiTaskNetwork:
     """Rebuild the network saved at ``path`` on ``model``'s architecture, with ``tasks``' heads.
 
-    The tree, trunk and granularity come from the checkpoint; the backbone's code comes from
+    The tree, trunk, granularity and boundary bound come from the checkpoint; the backbone's code comes from
     ``model`` (checkpoints hold no code), and its segments must match the saved fingerprints.
     """
     meta = read_metadata(path)
@@ -252,6 +252,13 @@ def load(
         raise CheckpointError(
             f"checkpoint {str(path)!r} has corrupt metadata (config field {wrong[0]!r} is a "
             f"{type(cfg[wrong[0]]).__name__}, not a string). Re-save it."
+        )
+    # checkpoints from before multi-value boundaries were cut at single values only
+    bound = cfg.get("max_boundary_values", 1)
+    if isinstance(bound, bool) or not isinstance(bound, int):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has corrupt metadata (config field 'max_boundary_values' is a "
+            f"{type(bound).__name__}, not an int). Re-save it."
         )
     saved_backbone = cfg.get("backbone")
     if saved_backbone is not None and saved_backbone != type(model).__name__:
@@ -266,6 +273,7 @@ def load(
             tasks,
             trunk=multitask_kwargs.pop("trunk", cfg.get("trunk")),
             granularity=multitask_kwargs.pop("granularity", cfg.get("granularity", "block")),
+            max_boundary_values=multitask_kwargs.pop("max_boundary_values", bound),
             sharing="shared",
             **multitask_kwargs,
         )

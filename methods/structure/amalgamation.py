@@ -5,6 +5,10 @@ member t, a channel gate g_t = sigmoid(MLP(GAP(F_G))) recovers the member's feat
 minimising Σ_t MSE(F_t, g_t ⊙ F_G). The gates let one shared representation serve members
 that weight channels differently; they are discarded after the phase (the children
 downstream adapt during the next task-learning phase).
+
+A segment at a multi-value boundary (a decoder stage carrying encoder skips) returns a tuple:
+every value gets its own gate and MSE term (values the segment only passes on are equal in G
+and the members, so they add nothing).
 """
 from __future__ import annotations
 
@@ -20,7 +24,27 @@ from graphsurgeon.core.network import MultiTaskNetwork
 from graphsurgeon.methods.structure.similarity import global_avg_pool
 from graphsurgeon.training import distributed
 
-__all__ = ["Amalgamation", "ChannelGate", "feature_mse"]
+__all__ = ["Amalgamation", "BoundaryGate", "ChannelGate", "feature_mse"]
+
+Boundary = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+def _values(f: Boundary) -> tuple[torch.Tensor, ...]:
+    return f if isinstance(f, tuple) else (f,)
+
+
+def _mse_sum(a: Boundary, b: Boundary) -> torch.Tensor:
+    """Summed squared error over every value of two boundaries."""
+    return sum(F.mse_loss(x, y, reduction="sum") for x, y in zip(_values(a), _values(b), strict=True))
+
+
+def _numel(f: Boundary) -> int:
+    return sum(t.numel() for t in _values(f))
+
+
+def _mse_mean(a: Boundary, b: Boundary) -> torch.Tensor:
+    """Mean squared error over every value of two boundaries (``F.mse_loss`` for tensors)."""
+    return F.mse_loss(a, b) if isinstance(a, torch.Tensor) else _mse_sum(a, b) / _numel(b)
 
 
 def _broadcast_gate(g: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
@@ -44,6 +68,19 @@ class ChannelGate(nn.Module):
         return _broadcast_gate(self.mlp(global_avg_pool(f)), f) * f
 
 
+class BoundaryGate(nn.Module):
+    """One member's gates on a segment's output: a `ChannelGate` per value of the boundary."""
+
+    def __init__(self, sample: Boundary, reduction: int = 1) -> None:
+        super().__init__()
+        self.multi = isinstance(sample, tuple)
+        self.gates = nn.ModuleList(ChannelGate(global_avg_pool(v).shape[1], reduction) for v in _values(sample))
+
+    def forward(self, f: Boundary) -> Boundary:
+        out = tuple(g(v) for g, v in zip(self.gates, _values(f), strict=True))
+        return out if self.multi else out[0]
+
+
 def feature_mse(
     net: MultiTaskNetwork,
     depth: int,
@@ -61,8 +98,8 @@ def feature_mse(
             fg = group(inp)
             for i, m in enumerate(members):
                 pred = gates[i](fg) if gates is not None else fg
-                totals[i] += F.mse_loss(pred, m(inp), reduction="sum").item()
-            count += fg.numel()
+                totals[i] += _mse_sum(pred, m(inp)).item()
+            count += _numel(fg)
     return [t / max(count, 1) for t in totals]
 
 
@@ -84,7 +121,7 @@ class Amalgamation:
     reduction: int = 1
     progress: Callable[[Iterable], Iterable] | None = None
     history: list[dict] = field(default_factory=list)
-    gates: list[ChannelGate] | None = field(default=None, repr=False)
+    gates: list[BoundaryGate] | None = field(default=None, repr=False)
     """The gates trained by the last call (kept to measure held-out MSE)."""
 
     def __call__(
@@ -103,9 +140,9 @@ class Amalgamation:
 
     def _distil(
         self, net: MultiTaskNetwork, depth: int, parent: int, members: Sequence[nn.Module], group: nn.Module
-    ) -> tuple[list[float], list[ChannelGate] | None]:
+    ) -> tuple[list[float], list[BoundaryGate] | None]:
         device = next(group.parameters()).device
-        gates: list[ChannelGate] | None = None
+        gates: list[BoundaryGate] | None = None
         opt: torch.optim.Optimizer | None = None
         curve: list[float] = []
         for _ in range(self.epochs):
@@ -118,11 +155,10 @@ class Amalgamation:
                     targets = [m(inp) for m in members]
                 fg = group(inp)
                 if gates is None:
-                    channels = global_avg_pool(fg).shape[1]
-                    gates = [ChannelGate(channels, self.reduction).to(device) for _ in members]
+                    gates = [BoundaryGate(fg, self.reduction).to(device) for _ in members]
                     params = list(group.parameters()) + [p for g in gates for p in g.parameters()]
                     opt = torch.optim.Adam(params, lr=self.lr)
-                loss = sum(F.mse_loss(gate(fg), t) for gate, t in zip(gates, targets))
+                loss = sum(_mse_mean(gate(fg), t) for gate, t in zip(gates, targets))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 # under torchrun each rank distils on its share of the batches: average the

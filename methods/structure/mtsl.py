@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from graphsurgeon.core.modes import eval_mode
-from graphsurgeon.core.network import MultiTaskNetwork
+from graphsurgeon.core.network import MultiTaskNetwork, main_value
 from graphsurgeon.core.surgery import fuse
 from graphsurgeon.errors import CheckpointError
 from graphsurgeon.methods.base import Method
@@ -173,7 +173,8 @@ class MTSL(Method):
             return None
         terms = []
         for _, _, ids in self.frontier(trainer.net.tree):
-            feats = [global_avg_pool(self._captured[i]) for i in ids if i in self._captured]
+            # a multi-value boundary aligns its main value (the last), as `similarity` compares it
+            feats = [global_avg_pool(main_value(self._captured[i])) for i in ids if i in self._captured]
             if len(feats) >= 2:
                 cka = minibatch_debiased_cka(feats)
                 k = cka.shape[0]
@@ -212,7 +213,7 @@ class MTSL(Method):
         with eval_mode(net):
             for batch in trainer.loader(subset, shuffle=False, batch_size=trainer.config.eval_batch_size):
                 x, _ = trainer.to_device(batch)
-                values = net.features(x, depth=depth)
+                values = net.representations(x, depth)  # a multi-value boundary: its main value
                 acc.update({i: global_avg_pool(values[i]) for i in ids})
         return acc.all_reduce().matrix().cpu()
 
