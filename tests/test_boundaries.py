@@ -13,11 +13,20 @@ import copy
 import importlib.util
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from model_zoo_gen import random_models
+from strategies import examples, networks
+from test_export_roundtrip import apply_random_surgery, assert_same_outputs, eager, export_round_trip
+from test_fuse_identity import merge
+from test_fuse_identity import outputs as fuse_outputs
+from test_properties import run_random_surgery
 from torch import fx, nn
 
 import graphsurgeon as gs
@@ -269,3 +278,48 @@ def test_a_trunk_that_leaves_a_value_dangling_says_which():
         gs.multitask(_CheckedAfter(), {"a": nn.Identity()}, trunk="b")
     msg = str(err.value)
     assert "trunk='b'" in msg and "['a']" in msg and "_check_finite" in msg and "dangling" in msg
+
+
+# ---------------------------------------------------------------- random models with decoder stages
+SKIP_MODELS = random_models(max_ops=4, max_channels=6, skip_stage=True)
+PROPERTIES = settings(max_examples=examples(6), deadline=None)
+EXPORT = settings(max_examples=examples(3), deadline=None)
+
+
+def _has_multi_value_boundary(case) -> bool:
+    return any(len(s.output_names) > 1 for s in case.net.segments)
+
+
+@PROPERTIES
+@given(st.data())
+def test_random_edits_keep_every_invariant_on_models_with_skip_stages(data: st.DataObject) -> None:
+    case = data.draw(networks(models=SKIP_MODELS, min_tasks=1, max_tasks=3, granularity="block"))
+    assert _has_multi_value_boundary(case), case.model.program.summary()
+    run_random_surgery(case, data, max_edits=3)
+
+
+@PROPERTIES
+@given(networks(models=SKIP_MODELS, min_tasks=2, max_tasks=3, layout="separate", granularity="block"))
+def test_merging_identical_copies_across_multi_value_boundaries_changes_no_output(case) -> None:
+    before = fuse_outputs(case.net, case.x)
+    for depth in range(1, case.net.depth + 1):
+        kids = [n.id for n in case.net.tree.at_depth(depth)]
+        if len(kids) > 1:
+            merge(case, depth, kids, "mean")
+    after = fuse_outputs(case.net, case.x)
+    assert all(torch.equal(after[t], before[t]) for t in before)
+
+
+@EXPORT
+@given(st.data())
+def test_export_and_checkpoints_equal_eager_on_models_with_skip_stages(data: st.DataObject) -> None:
+    case = data.draw(networks(models=SKIP_MODELS, min_tasks=1, max_tasks=3, granularity="block"))
+    apply_random_surgery(case, data)
+    want = eager(case.net, case.x)
+    exported, reloaded = export_round_trip(case.net, case.x)
+    assert_same_outputs(exported, want, "torch.export")
+    assert_same_outputs(reloaded, want, "torch.export save/load")
+    with tempfile.TemporaryDirectory() as folder:
+        path = gs.save(case.net, Path(folder) / "net.safetensors")
+        loaded = gs.load(path, case.model, case.heads()).eval()
+        assert_same_outputs(eager(loaded, case.x), want, "gs.save/gs.load")
