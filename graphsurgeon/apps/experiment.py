@@ -20,7 +20,7 @@ import torchvision
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from graphsurgeon.apps.models import make_head, small_resnet
+from graphsurgeon.apps.models import ResNetEncoderDecoder, UNet, make_head, small_resnet
 from graphsurgeon.core.build import multitask
 from graphsurgeon.core.modes import eval_mode
 from graphsurgeon.core.network import MultiTaskNetwork
@@ -84,13 +84,24 @@ class GreyToRGB(nn.Module):
         return self.model(x.expand(-1, 3, -1, -1))
 
 
+# the project's own backbones, by name: a classifier and two encoder-decoders for dense tasks
+# (pass trunk="up0" / trunk="decoder.3": their last decoder stage)
+LOCAL_BACKBONES: dict[str, Callable[[int], nn.Module]] = {
+    "small_resnet": small_resnet,
+    "unet": UNet,
+    "resnet18_decoder": ResNetEncoderDecoder,
+}
+
+
 def make_backbone(name: str, in_channels: int, image_size: int) -> nn.Module:
-    """``small_resnet`` or any torchvision classification model name (random init)."""
-    if name == "small_resnet":
-        return small_resnet(in_channels)
+    """One of `LOCAL_BACKBONES` or any torchvision classification model name (random init)."""
+    if name in LOCAL_BACKBONES:
+        return LOCAL_BACKBONES[name](in_channels)
     available = torchvision.models.list_models(module=torchvision.models)
     if name not in available:
-        raise TaskSpecError(f"unknown backbone {name!r}; use 'small_resnet' or one of torchvision's: {available[:8]}...")
+        raise TaskSpecError(
+            f"unknown backbone {name!r}; use one of {sorted(LOCAL_BACKBONES)} or of torchvision's: {available[:8]}..."
+        )
     kwargs = {"image_size": image_size} if name.startswith("vit") else {}
     model = torchvision.models.get_model(name, weights=None, **kwargs)
     return GreyToRGB(model) if in_channels == 1 else model

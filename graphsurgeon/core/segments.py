@@ -480,13 +480,18 @@ def _outer_block_of(node: fx.Node, gm: fx.GraphModule) -> str:
     container (GoogLeNet's ``inception3a``, a U-Net's ``down1``) as a whole, else `_block_of`.
     (`_block_of` finds the first container on the way down, which inside ``inception3a`` is its
     ``branch2`` Sequential: cutting between the branches of an inception block at four live
-    values would split it into pieces no method branches at.)"""
+    values would split it into pieces no method branches at.) The layers of a ModuleList that
+    forward loops over stay blocks (BERT's ``encoder.layer.0``, which read the attention mask:
+    two live values between them)."""
+    block = _block_of(node, gm)
+    if "." in block and block.rsplit(".", 1)[0] in gm.meta.get(LOOPED_CONTAINERS, frozenset()):
+        return block
     stack = list(node.meta.get("nn_module_stack", {}).values())
     if stack and not (len(stack) == 1 and _is_layer_call(node, stack[0][0], stack[0][1])):
         kind = stack[0][1]
         if not (isinstance(kind, type) and issubclass(kind, _CONTAINERS)):
             return stack[0][0]
-    return _block_of(node, gm)
+    return block
 
 
 def _inner_block_of(node: fx.Node, gm: fx.GraphModule) -> str:
