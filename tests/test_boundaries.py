@@ -32,6 +32,7 @@ from torch import fx, nn
 import graphsurgeon as gs
 from graphsurgeon import TaskTree
 from graphsurgeon.apps.models import DenseHead, ResNetEncoderDecoder, UNet
+from graphsurgeon.apps.report import plot_tree, segment_labels
 from graphsurgeon.core.trace import MODULE_OUTPUTS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -323,3 +324,13 @@ def test_export_and_checkpoints_equal_eager_on_models_with_skip_stages(data: st.
         path = gs.save(case.net, Path(folder) / "net.safetensors")
         loaded = gs.load(path, case.model, case.heads()).eval()
         assert_same_outputs(eager(loaded, case.x), want, "gs.save/gs.load")
+
+
+def test_the_tree_plot_labels_each_depth_with_where_its_segment_ends(tmp_path):
+    model, x = unet()
+    net = gs.multitask(model, {"a": nn.Conv2d(4, 2, 1).double()}, trunk="up0", example_input=x)
+    labels = segment_labels(net)
+    assert len(labels) == net.depth and labels[-1].startswith("up0.")
+    assert any(label.startswith("down2.") for label in labels)
+    plot_tree(net.tree, tmp_path / "tree.png", depth_labels=labels)
+    assert (tmp_path / "tree.png").stat().st_size > 0
