@@ -1,7 +1,8 @@
 """graphsurgeon: multi-task networks from any traceable PyTorch backbone.
 
 Data flows one way: model → `trace` → `segment` → `TaskTree` → `MultiTaskNetwork` →
-(train, surgery)* → `materialize` / `to_export` / `to_torchscript`.
+(train, surgery)* → `materialize` / `to_export` / `to_torchscript`. `merge_trained` starts the
+same flow from several separately trained models of one architecture.
 
 Layers (each subpackage exports its public names):
     ``graphsurgeon.core``      the engine: tracing, segments, tree, network, surgery, export
@@ -44,15 +45,18 @@ from graphsurgeon.errors import (
     HeadMismatchError,
     HeadsInputError,
     InvariantError,
+    MergeError,
     MethodError,
     MissingDependencyError,
     NonFiniteLossError,
     OptionError,
+    SideInputError,
     TaskSpecError,
     TraceError,
     TreeEditError,
     TrunkError,
 )
+from graphsurgeon.methods.structure.merge_trained import MergeBudget, MergeConfig, MergeResult, merge_trained
 from graphsurgeon.training import Callback, TrainConfig, Trainer, fit
 
 __version__ = "0.2.0"
@@ -70,12 +74,17 @@ __all__ = [
     "HeadMismatchError",
     "HeadsInputError",
     "InvariantError",
+    "MergeBudget",
+    "MergeConfig",
+    "MergeError",
+    "MergeResult",
     "MethodError",
     "MissingDependencyError",
     "MultiTaskNetwork",
     "NonFiniteLossError",
     "OptionError",
     "Segment",
+    "SideInputError",
     "Task",
     "TaskSpecError",
     "TaskTree",
@@ -93,6 +102,7 @@ __all__ = [
     "load",
     "materialise",
     "materialize",
+    "merge_trained",
     "multitask",
     "save",
     "segment",

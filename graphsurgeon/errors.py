@@ -97,3 +97,16 @@ class ExampleInputError(GraphSurgeonError):
     """``example_input`` does not run through the traced backbone (a shape, dtype or device the
     model does not take, e.g. 64x64 images for a model built for 224x224); the message names
     the module it failed in."""
+
+
+class MergeError(GraphSurgeonError):
+    """Separately trained models cannot be merged into one multi-task network: their
+    architectures differ (the message names the task and the first segment that differs), a
+    task's head cannot be found in its model, or the merge was asked for what it cannot measure
+    (no loss or metric for a task, a budget with a negative tolerance)."""
+
+
+class SideInputError(GraphSurgeonError):
+    """A side input (a forward argument the backbone reads besides its main input, e.g. a
+    transformer's ``attention_mask``) is missing from a call, unknown to the network, or not
+    supported by the capture or export asked for; the message names it and what to pass."""

@@ -8,6 +8,7 @@ extra to install.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from types import ModuleType
 
 from graphsurgeon.errors import MissingDependencyError
@@ -41,4 +42,17 @@ def require(module: str, purpose: str) -> ModuleType:
     except ImportError as exc:
         extra = EXTRAS.get(module)
         how = f"pip install 'graphsurgeon[{extra}]'" if extra else f"pip install {module}"
+        if _installed(module):  # present, but it (or something it imports) fails to import
+            raise MissingDependencyError(
+                f"{purpose} needs the optional package {module!r}, which is installed but fails to import ({exc}). "
+                f"Fix: install what it is missing, or reinstall it ({how})."
+            ) from exc
         raise MissingDependencyError(f"{purpose} needs the optional package {module!r}, which is not installed. Fix: {how}.") from exc
+
+
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be found, without importing it (a broken install is found)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False

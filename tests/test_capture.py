@@ -8,6 +8,7 @@ mean update), one training step of a branched tree, and ``to_export`` of the res
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -300,15 +301,59 @@ def test_a_trunk_that_depends_on_the_mode_in_the_root_is_refused():
         gs.multitask(model, {"a": nn.Identity()}, capture="export", example_input=x)
 
 
-def test_a_checkpoint_loads_back_with_the_same_capture(tmp_path):
+@pytest.mark.parametrize("capture", ["export", pytest.param("auto", marks=pytest.mark.slow)])
+def test_a_checkpoint_loads_back_with_the_capture_it_was_built_with(tmp_path, capture):
+    """The checkpoint records the path taken (export, also under "auto") and the example
+    input's shape: gs.load needs neither capture= nor example_input=."""
     model, x = _case("shape_branch_loop")
-    net = gs.multitask(model, {"a": copy.deepcopy(model.fc)}, capture="export", example_input=x)
+    with pytest.warns(UserWarning) if capture == "auto" else contextlib.nullcontext():
+        net = gs.multitask(model, {"a": copy.deepcopy(model.fc)}, capture=capture, example_input=x)
+    with torch.no_grad():
+        for p in net.parameters():  # weights a fresh build does not have
+            p.add_(0.01)
     gs.save(net, tmp_path / "run")
-    loaded = gs.load(tmp_path / "run", model, {"a": nn.Linear(8, 3).to(DTYPE)}, capture="export", example_input=x)
+    loaded = gs.load(tmp_path / "run", model, {"a": nn.Linear(8, 3).to(DTYPE)})
     net.eval()
     loaded.eval()
     with torch.no_grad():
         assert torch.equal(loaded(x)["a"], net(x)["a"])
+
+
+def test_a_checkpoint_that_does_not_record_its_capture_says_what_to_pass(tmp_path):
+    model, x = _case("shape_branch_loop")
+    net = gs.multitask(model, {"a": copy.deepcopy(model.fc)}, capture="export", example_input=x)
+    for key in ("capture", "example_input"):  # as written before the capture was recorded
+        del net.config[key]
+    gs.save(net, tmp_path / "old")
+    with pytest.raises(gs.CheckpointError, match=r"does not record how its backbone was captured.*capture='export'"):
+        gs.load(tmp_path / "old", model, {"a": nn.Linear(8, 3).to(DTYPE)})
+    loaded = gs.load(tmp_path / "old", model, {"a": nn.Linear(8, 3).to(DTYPE)}, capture="export", example_input=x)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x)["a"], net.eval()(x)["a"])
+
+
+class SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.block(self.stem(x))), 1))
+
+
+def test_a_classifier_replaced_by_identity_leaves_the_output_as_default_trunk():
+    """As on the fx path: export records no op for the Identity, so the last parametrised op
+    (block's BatchNorm) would otherwise end the trunk inside the last block."""
+    torch.manual_seed(0)
+    model, x = SmallCNN().to(DTYPE).eval(), torch.randn(2, 3, 10, 10, dtype=DTYPE)
+    model.fc = nn.Identity()
+    with torch.no_grad():
+        for capture in ("fx", "export"):
+            net = gs.multitask(model, {"a": nn.Identity()}, capture=capture, example_input=x).eval()
+            assert torch.equal(net(x)["a"], model(x)), capture
 
 
 class CallsTwice(nn.Module):

@@ -13,6 +13,7 @@ import torch
 from graphsurgeon.__main__ import main
 from graphsurgeon.apps.experiment import ExperimentConfig, make_method
 from graphsurgeon.errors import TaskSpecError
+from graphsurgeon.optional import available
 
 # small validation and test splits (and one corruption): evaluation, not training, would
 # otherwise dominate these runs (1,000 validation samples per epoch, 2,000 test samples x 10)
@@ -84,6 +85,8 @@ def test_an_equal_final_budget_adds_the_search_epochs_on_top(tmp_path, method):
         (["--epochs", "-1"], "--epochs -1 is not valid; use a positive int"),
         (["--epochs", "0"], "--epochs 0 is not valid"),  # 0 silently meant the default of 50
         (["--train-size", "0"], "--train-size 0 is not valid"),
+        *([] if available("imagecorruptions") else [
+            (["--corruption-backend", "imagecorruptions"], "needs the optional package 'imagecorruptions'")]),
     ],
 )
 def test_bad_training_settings_are_explained(capsys, tmp_path, args, message):
@@ -92,6 +95,18 @@ def test_bad_training_settings_are_explained(capsys, tmp_path, args, message):
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists() or not any(out.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--corruptions", "contrast,gaussian_blur"], "corruption(s) ['gaussian_blur'] are unknown; use any of ['gaussian_noise'"),
+    (["--severities", "1,6"], "severities are comma-separated ints from 1 to 5, e.g. 1,3,5; got '1,6'"),
+])
+def test_bad_corruption_flags_are_refused_while_parsing(capsys, tmp_path, args, message):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--method", "hps", *TINY, *args, "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
 
 
 def test_cuda_without_a_gpu_is_refused_before_anything_runs(capsys, tmp_path):

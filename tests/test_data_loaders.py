@@ -1,6 +1,7 @@
 """NYUv2 / Cityscapes / CelebA loaders on tiny fixtures written in the real layouts."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,15 +10,21 @@ import torch
 from PIL import Image
 
 from graphsurgeon.data import (
+    Camera,
     CelebAAttributes,
     Cityscapes,
     DataError,
     NYUv2,
+    depth_from_inverse,
     edges_from_labels,
     get_dataset,
     normals_from_depth,
 )
+from graphsurgeon.data.cityscapes import CITYSCAPES_CAMERA
 from graphsurgeon.data.dense_augment import scale_crop_flip
+from graphsurgeon.data.nyuv2 import NYUV2_CAMERA
+
+FIVE_TASKS = ["segmentation", "depth", "normal", "edges", "autoencoding"]
 
 H, W = 6, 8
 
@@ -85,6 +92,7 @@ def test_nyuv2_derives_normals_when_the_folder_is_missing(nyu_root: Path):
     _, targets = ds[0]
     normal = targets["normal"]
     assert normal.shape == (3, H, W)
+    assert torch.equal(normal, normals_from_depth(targets["depth"], NYUV2_CAMERA.at(H, W)))
     lengths = normal.norm(dim=0)
     assert torch.allclose(lengths[lengths > 0], torch.ones(1))
     assert lengths[0, 0] == 0 and lengths[0, 1] == 0 and lengths[1, 0] == 0  # near missing depth
@@ -98,16 +106,27 @@ def test_nyuv2_edges_task(nyu_root: Path):
     assert torch.equal(targets["edges"], edges_from_labels(label))
 
 
+def test_nyuv2_has_the_five_tasks_of_the_paper(nyu_root: Path):
+    ds = NYUv2(nyu_root, split="val", tasks=FIVE_TASKS)
+    image, targets = ds[1]
+    assert list(targets) == FIVE_TASKS and not ds.derived_normals
+    assert torch.equal(targets["autoencoding"], image)
+    assert ds.task_info["autoencoding"].num_outputs == 3
+    assert set(ds.task_info["normal"].metrics) == {"mean_angle", "median_angle", "within_11.25", "within_22.5",
+                                                   "within_30"}
+
+
 def test_nyuv2_augmentation_keeps_shapes_and_is_seeded(nyu_root: Path):
-    ds = NYUv2(nyu_root, split="train", tasks=["segmentation", "depth", "normal", "edges"], augment=True)
+    ds = NYUv2(nyu_root, split="train", tasks=FIVE_TASKS, augment=True)
     torch.manual_seed(0)
     first = ds[2]
     torch.manual_seed(0)
     second = ds[2]
     assert first[0].shape == (3, H, W)
     assert {t: v.shape for t, v in first[1].items()} == {
-        "segmentation": (H, W), "depth": (1, H, W), "normal": (3, H, W), "edges": (H, W)}
+        "segmentation": (H, W), "depth": (1, H, W), "normal": (3, H, W), "edges": (H, W), "autoencoding": (3, H, W)}
     assert torch.equal(first[0], second[0])
+    assert torch.equal(first[1]["autoencoding"], first[0])  # the target is the augmented input
     assert all(torch.equal(first[1][t], second[1][t]) for t in first[1])
 
 
@@ -172,11 +191,29 @@ def test_cityscapes_falls_back_to_a_single_7_class_label_folder(city_root: Path)
                        torch.from_numpy(np.load(city_root / "train" / "label" / "0.npy")).long())
 
 
+def test_cityscapes_has_the_five_tasks_of_the_paper(city_root: Path):
+    ds = Cityscapes(city_root, split="train", num_classes=19, tasks=FIVE_TASKS)
+    image, targets = ds[2]
+    assert list(targets) == FIVE_TASKS and ds.derived_normals
+    disparity = torch.from_numpy(np.load(city_root / "train" / "depth" / "2.npy")).permute(2, 0, 1)
+    assert torch.equal(targets["depth"], disparity)  # the task stays inverse depth
+    expected = normals_from_depth(depth_from_inverse(disparity), CITYSCAPES_CAMERA.at(H, W))
+    assert torch.equal(targets["normal"], expected)
+    lengths = targets["normal"].norm(dim=0)
+    assert torch.allclose(lengths[lengths > 0], torch.ones(1)) and (lengths > 0).sum() > H * W // 2
+    assert torch.equal(targets["autoencoding"], image)
+    label = torch.from_numpy(np.load(city_root / "train" / "label_19" / "2.npy")).long()
+    assert torch.equal(targets["edges"], edges_from_labels(label))
+    torch.manual_seed(0)
+    _, augmented = Cityscapes(city_root, tasks=FIVE_TASKS, augment=True)[0]
+    assert {t: v.shape[-2:] for t, v in augmented.items()} == dict.fromkeys(FIVE_TASKS, (H, W))
+
+
 def test_cityscapes_errors(city_root: Path):
     with pytest.raises(DataError, match=r"\[7, 19\]"):
         Cityscapes(city_root, num_classes=13)
-    with pytest.raises(DataError, match="'depth', 'edges'"):
-        Cityscapes(city_root, tasks=["normal"])
+    with pytest.raises(DataError, match="'depth', 'normal', 'edges', 'autoencoding'"):
+        Cityscapes(city_root, tasks=["albedo"])
     (city_root / "train" / "depth" / "0.npy").unlink()
     with pytest.raises(DataError, match="depth/0.npy is missing"):
         Cityscapes(city_root)
@@ -229,9 +266,37 @@ def test_normals_from_a_plane_match_the_formula():
     assert torch.allclose(normal, expected[:, None, None].expand(3, 5, 6), atol=1e-6)
 
 
+def _plane_depth(normal: torch.Tensor, offset: float, camera: Camera) -> torch.Tensor:
+    """Depth of the plane n·P = offset seen through `camera`: d = offset / (n·ray)."""
+    v, u = torch.meshgrid(torch.arange(float(camera.height)), torch.arange(float(camera.width)), indexing="ij")
+    rays = torch.stack([(u - camera.cx) / camera.fx, (v - camera.cy) / camera.fy, torch.ones_like(u)])
+    return (offset / (normal[:, None, None] * rays).sum(0))[None]
+
+
+def test_normals_from_depth_with_a_camera_recover_planes():
+    camera = CITYSCAPES_CAMERA.at(8, 16)
+    wall = normals_from_depth(torch.full((1, 8, 16), 3.0), camera)
+    assert torch.allclose(wall, torch.tensor([0.0, 0.0, -1.0])[:, None, None].expand(3, 8, 16))
+    for true in ([0.0, -1.0, -0.5], [0.3, 0.5, -1.0]):  # a road below the camera (-y is up), a slanted wall
+        n = torch.nn.functional.normalize(torch.tensor(true), dim=0)
+        depth = _plane_depth(n, -2.0, camera)  # n faces the camera, so n·P < 0 on the plane
+        assert (depth > 0).all()
+        derived = normals_from_depth(depth, camera)
+        assert torch.allclose(derived, n[:, None, None].expand(3, 8, 16), atol=1e-4), true
+        scaled = normals_from_depth(depth_from_inverse(7.0 / depth), camera)  # from disparity, any factor
+        assert torch.allclose(scaled, derived, atol=1e-4)
+
+
+def test_camera_rescales_with_the_frame():
+    half = Camera(fx=100.0, fy=80.0, cx=31.5, cy=23.5, height=48, width=64).at(24, 32)
+    assert (half.fx, half.fy, half.cx, half.cy, half.height, half.width) == (50.0, 40.0, 15.5, 11.5, 24, 32)
+
+
 def test_normals_from_depth_rejects_bad_shapes():
     with pytest.raises(DataError, match=r"\(1, H, W\)"):
         normals_from_depth(torch.ones(5, 5))
+    with pytest.raises(DataError, match=r"pass camera.at\(5, 6\)"):
+        normals_from_depth(torch.ones(1, 5, 6), CITYSCAPES_CAMERA)
 
 
 # --------------------------------------------------------------------------- CelebA
@@ -327,16 +392,19 @@ def test_registry_names_and_errors(nyu_root: Path, city_root: Path):
         get_dataset("cityscapes", "train")
 
 
-@pytest.mark.parametrize("data, labels, normals", [("nyuv2", {"label": 13}, True), ("cityscapes", {"label_7": 7}, False)])
-def test_dense_datasets_train_from_the_command_line_with_the_defaults(tmp_path: Path, data, labels, normals):
+@pytest.mark.parametrize("data, labels, normals, tasks", [("nyuv2", {"label": 13}, True, []),
+                                                         ("cityscapes", {"label_7": 7}, False, ["--tasks", ",".join(FIVE_TASKS)])])
+def test_dense_datasets_train_from_the_command_line(tmp_path: Path, data, labels, normals, tasks):
     """Dense tasks get a spatial trunk by default (the backbone's last feature map): the default
-    trunk, the classifier's input, is a flat vector no dense head can use."""
+    trunk, the classifier's input, is a flat vector no dense head can use. NYUv2 runs its
+    default tasks, Cityscapes all five (normals and auto-encoding derived)."""
     from graphsurgeon.__main__ import main
 
     for split, n in (("train", 4), ("val", 4)):
         _write_npy_split(tmp_path / "data", split, n, labels, normals=normals, size=(32, 32))
     out = tmp_path / "run"
     args = ["train", "--data", data, "--data-root", str(tmp_path / "data"), "--method", "hps", "--epochs", "1",
-            "--batch-size", "2", "--corruptions", "none", "--no-progress", "--out", str(out)]
+            "--batch-size", "2", "--corruptions", "none", "--no-progress", "--out", str(out), *tasks]
     assert main(args) == 0
-    assert (out / "results.json").is_file()
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["test"]) >= set(tasks[1].split(",") if tasks else ["segmentation", "depth", "normal"])

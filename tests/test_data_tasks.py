@@ -12,6 +12,7 @@ import torch
 from graphsurgeon.data import TaskInfo, confusion_matrix, iou_from_confusion
 from graphsurgeon.data.tasks import (
     accuracy,
+    autoencoding_task,
     binary_f1,
     cross_entropy,
     depth_abs_error,
@@ -22,6 +23,8 @@ from graphsurgeon.data.tasks import (
     normal_cosine_loss,
     normal_mean_angle,
     normal_median_angle,
+    normal_task,
+    normal_within,
     pixel_accuracy,
     segmentation_task,
 )
@@ -108,6 +111,30 @@ def test_normal_angles_and_loss():
     assert normal_mean_angle(pred, target) == pytest.approx(45.0)
     assert normal_median_angle(pred, target) in (pytest.approx(0.0), pytest.approx(90.0))
     assert normal_cosine_loss(pred, target).item() == pytest.approx(0.5)
+
+
+def test_normal_threshold_shares_by_hand():
+    target = torch.zeros(1, 3, 1, 5)
+    target[0, 2] = 1.0
+    target[0, 2, 0, 4] = 0.0  # unlabelled
+    degrees = torch.tensor([0.0, 15.0, 25.0, 45.0, 5.0])  # pred tilted in the x-z plane
+    pred = torch.stack([torch.sin(torch.deg2rad(degrees)), torch.zeros(5), torch.cos(torch.deg2rad(degrees))])[None, :, None]
+    info = normal_task()
+    assert normal_within(pred, target, 11.25) == pytest.approx(1 / 4)
+    assert info.metrics["within_22.5"](pred, target) == pytest.approx(2 / 4)
+    assert info.metrics["within_30"](pred, target) == pytest.approx(3 / 4)
+    assert info.higher_is_better["within_30"] and not info.higher_is_better["mean_angle"]
+
+
+def test_autoencoding_task_scores_the_reconstruction():
+    info = autoencoding_task(3)
+    image = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    off = image + 0.5 * (torch.arange(4.0) % 2).view(1, 1, 1, 4)  # half the pixels off by 0.5
+    assert info.num_outputs == 3 and info.primary_metric == "l1_error"
+    assert info.loss(off, image).item() == pytest.approx(0.25)
+    assert info.metrics["l1_error"](off, image) == pytest.approx(0.25)
+    assert info.metrics["mse"](off, image) == pytest.approx(0.125)
+    assert info.metrics["mse"](image, image) == 0.0
 
 
 def test_binary_f1_and_edge_loss_balance():

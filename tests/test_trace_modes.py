@@ -281,3 +281,39 @@ def test_elements_of_a_looped_module_list_are_blocks():
     assert len(gs.segment(gm, granularity="block", example_input=x)) == 3  # before: one (the stage)
     net = gs.multitask(_LoopedBackbone().eval(), {"a": nn.Linear(8, 2), "b": nn.Linear(8, 3)}, example_input=x)
     assert len(net.segments) == 3
+
+
+class RootDropout(nn.Module):
+    """Dropout called in the model's own forward with its mode (timm's GhostNet head), in the
+    keyword or the positional form: no submodule to make a leaf of."""
+
+    def __init__(self, positional: bool) -> None:
+        super().__init__()
+        self.positional = positional
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.features(x).mean((2, 3))
+        x = F.dropout(x, 0.5, self.training) if self.positional else F.dropout(x, p=0.5, training=self.training)
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("positional", [False, True])
+@pytest.mark.parametrize("built_in_train", [True, False])
+def test_a_root_level_dropout_follows_the_mode(built_in_train, positional):
+    torch.manual_seed(0)
+    model = RootDropout(positional).to(DTYPE).train(built_in_train)
+    x = torch.randn(4, 3, 8, 8, dtype=DTYPE)
+    net = gs.multitask(model, {"a": nn.Identity()}, example_input=x)  # trunk: the dropout's output
+    flat = gs.materialize(net)
+    for mode in (True, False, True, False):
+        model.train(mode)
+        net.train(mode)
+        flat.train(mode)
+        torch.manual_seed(1)
+        expected = _trunk_reference(model, x)
+        for runs in (net, flat):
+            torch.manual_seed(1)  # the same draws in the same order: train mode is compared exactly
+            assert torch.equal(runs(x)["a"], expected), (type(runs).__name__, mode)
+    assert not torch.equal(net.train()(x)["a"], net.eval()(x)["a"])  # dropout is on in train mode only

@@ -235,3 +235,64 @@ def test_a_transformers_without_its_fx_tracer_says_which_to_install(monkeypatch)
     monkeypatch.setitem(sys.modules, "transformers.utils.fx", None)
     with pytest.raises(MissingDependencyError, match=r"BertModel.*graphsurgeon\[transformers\]"):
         gs.multitask(_bert(), _heads())
+
+
+def _padded_batch() -> dict[str, torch.Tensor]:
+    """Token ids with an attention mask that pads two of the three sequences."""
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[0, 4:] = 0
+    mask[1, 2:] = 0
+    return {"input_ids": _tokens(), "attention_mask": mask}
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_an_attention_mask_reaches_every_segment_that_reads_it(attention: str, tmp_path) -> None:
+    config = transformers.BertConfig(
+        hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation=attention,
+    )
+    torch.manual_seed(0)
+    model, batch = transformers.BertModel(config).double().eval(), _padded_batch()
+    heads = _heads()
+    net = gs.multitask(model, copy.deepcopy(heads), side_inputs=["attention_mask"], example_input=batch).eval()
+    assert net.side_inputs == ("attention_mask",)
+    readers = [s.index for s in net.segments if "attention_mask" in s.side_inputs]
+    if attention == "eager":  # SDPA's mask reads the embeddings' dtype: the layers share a segment
+        assert len(readers) == 2, [s.side_inputs for s in net.segments]  # one per encoder layer
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    want = _reference_with(model, heads, batch)
+    with torch.no_grad():
+        _assert_equal(net(ids, attention_mask=mask), want, "with the mask")
+        unmasked = net(ids, attention_mask=torch.ones_like(mask))
+        assert not torch.allclose(unmasked["cls"], want["cls"]), "the mask changed nothing"
+        _assert_equal(net.fuse_execution()(ids, attention_mask=mask), want, "fused")
+        _assert_equal(gs.materialize(net)(ids, mask), want, "materialised")
+        _assert_equal(gs.to_export(net, batch).module()(ids, mask), want, "torch.export")
+    loaded = gs.load(gs.save(net, tmp_path / "net.safetensors"), model, _heads()).eval()
+    with torch.no_grad():
+        _assert_equal(loaded(ids, attention_mask=mask), want, "save/load")
+    with pytest.raises(gs.SideInputError, match=r"side inputs \['attention_mask'\]; missing \['attention_mask'\]"):
+        net(ids)
+
+
+def _reference_with(model: nn.Module, heads: dict[str, nn.Module], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        features = model(**batch)["pooler_output"]
+        return {t: head(features) for t, head in heads.items()}
+
+
+def test_gpt2_reads_its_batch_size_from_the_ids_in_every_block_that_applies_the_mask() -> None:
+    """GPT-2 reshapes its mask to ``input_ids.view(-1, n).shape[0]`` rows: the blocks take the ids
+    for that shape read, so a padded batch still gets a segment per block (trunk ln_f, as without a mask)."""
+    model, batch = _gpt2().double().eval(), _padded_batch()
+    heads = _heads()
+    net = gs.multitask(
+        model, copy.deepcopy(heads), trunk="ln_f", side_inputs=["attention_mask"], example_input=batch
+    ).eval()
+    assert [s.side_inputs for s in net.segments][1:3] == [("input_ids", "attention_mask")] * 2
+    with torch.no_grad():
+        features = model(**batch).last_hidden_state
+        want = {t: head(features) for t, head in heads.items()}
+        _assert_equal(net(batch["input_ids"], attention_mask=batch["attention_mask"]), want, "with the mask")
+        unmasked = net(batch["input_ids"], attention_mask=torch.ones_like(batch["attention_mask"]))
+    assert not torch.allclose(unmasked["cls"], want["cls"])

@@ -1,4 +1,5 @@
-"""Command line: ``python -m graphsurgeon demo`` and ``python -m graphsurgeon train ...``."""
+"""Command line: ``python -m graphsurgeon demo``, ``python -m graphsurgeon train ...`` and
+``python -m graphsurgeon merge --models a.safetensors b.safetensors ...``."""
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,7 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one method on one dataset")
     p.error = types.MethodType(_Parser.error, p)  # type: ignore[method-assign]  # one-line errors here too
     from graphsurgeon.apps.experiment import DATASETS, METHODS
-    from graphsurgeon.data.corruptions import CORRUPTIONS
+    from graphsurgeon.data.corruptions import BACKENDS, CORRUPTIONS, DEFAULT_CORRUPTIONS
     from graphsurgeon.methods.aggregation.registry import AGGREGATORS
     from graphsurgeon.training.config import AUTOCAST, OPTIMIZERS, SCHEDULES
 
@@ -37,7 +38,9 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--backbone", default="small_resnet",
                    help="small_resnet, unet or resnet18_decoder (encoder-decoders: pass --trunk up0 / decoder.3), or a torchvision model name")
     p.add_argument("--data", default="multimnist", choices=list(DATASETS))
-    p.add_argument("--data-root", default=None, help="folder of a downloaded dataset (not needed for multimnist)")
+    p.add_argument("--data-root", default=None, help="folder of a downloaded dataset (not needed for the embedded multimnist, gt_twins, gt_branching)")
+    p.add_argument("--data-seed", type=int, default=None,
+                   help="seed an embedded dataset is generated from (default: --seed); fix it to compare seeds on one split")
     p.add_argument("--tasks", default=None, help="comma-separated task names (default: all of the dataset's)")
     p.add_argument("--trunk", default=None, help="node where the backbone ends (default: the classifier's input; with dense tasks 'spatial', "
                    "its last feature map)")
@@ -58,9 +61,13 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--train-size", type=int, default=None, help="training samples (default: the dataset's)")
     p.add_argument("--val-size", type=int, default=None, help="validation samples, evaluated every epoch")
     p.add_argument("--test-size", type=int, default=None, help="test samples, evaluated clean and per corruption")
-    p.add_argument("--corruptions", default="gaussian_noise,gaussian_blur,contrast", type=_names,
-                   help=f"comma-separated corruptions of the test split at severities 1, 3, 5, or 'none'; "
-                   f"any of {', '.join(sorted(CORRUPTIONS))}")
+    p.add_argument("--corruptions", default=",".join(DEFAULT_CORRUPTIONS), type=_names,
+                   help=f"comma-separated corruptions of the test split, 'all' (ImageNet-C's 15) or 'none'; "
+                   f"any of {', '.join(CORRUPTIONS)}")
+    p.add_argument("--severities", default=(1, 3, 5), type=_severities,
+                   help="comma-separated corruption severities, 1 (mild) to 5 (default 1,3,5; 1,2,3,4,5 for the full suite)")
+    p.add_argument("--corruption-backend", default="torch", choices=list(BACKENDS),
+                   help="torch (built in) or imagecorruptions (the reference NumPy code; pip install imagecorruptions)")
     train = p.add_argument_group("training", "the settings of graphsurgeon.TrainConfig")
     train.add_argument("--optimizer", default="adam", choices=list(OPTIMIZERS))
     train.add_argument("--weight-decay", type=float, default=0.0)
@@ -83,6 +90,81 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def _merge_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("merge", help="merge separately trained single-task models into one multi-task network")
+    p.error = types.MethodType(_Parser.error, p)  # type: ignore[method-assign]  # one-line errors here too
+    from graphsurgeon.apps.experiment import DATASETS
+
+    p.add_argument("--models", nargs="+", required=True, metavar="PATH",
+                   help="one state dict per task (.safetensors, or .pth/.pt read with weights_only=True): a whole "
+                        "--backbone with its own classifier for that task")
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated task of each model, in --models order (default: the files' names without suffix)")
+    p.add_argument("--backbone", default="small_resnet", help="small_resnet or a torchvision model name")
+    p.add_argument("--data", default="multimnist", choices=list(DATASETS))
+    p.add_argument("--data-root", default=None, help="folder of a downloaded dataset (not needed for embedded data)")
+    p.add_argument("--trunk", default=None, help="node where the backbone ends (default: the classifier's input)")
+    p.add_argument("--train-size", type=int, default=None, help="samples for the CKA, the amalgamation and the fine-tune")
+    p.add_argument("--val-size", type=int, default=None, help="samples the budget is measured on")
+    p.add_argument("--test-size", type=int, default=None, help="samples the originals and the merged network are scored on")
+    p.add_argument("--tolerance", type=float, default=0.01,
+                   help="largest drop of any task's validation metric vs its model that a merge may cause (0.01: 1 %%)")
+    p.add_argument("--absolute", action="store_true", help="--tolerance is in the metric's units, not relative")
+    p.add_argument("--max-params", type=int, default=None, help="stop merging at this many parameters")
+    p.add_argument("--max-flops", type=int, default=None, help="stop merging at this many forward FLOPs per sample")
+    p.add_argument("--threshold", type=float, default=0.8, help="MTSL's CKA threshold for a group to merge")
+    p.add_argument("--similarity-samples", type=int, default=800, help="training samples the CKA is measured on")
+    p.add_argument("--distill-epochs", type=int, default=1, help="amalgamation epochs per merge")
+    p.add_argument("--finetune-epochs", type=int, default=0, help="joint training of the merged network afterwards")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the amalgamation and the fine-tune")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="run folder (default runs/merge-<data>-<seed>)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run that --out already holds")
+    return p
+
+
+def _merge(args) -> int:
+    from graphsurgeon.apps.experiment import ExperimentConfig, run_merge
+    from graphsurgeon.errors import ConfigError
+    from graphsurgeon.methods.structure.merge_trained import MergeBudget, MergeConfig
+    from graphsurgeon.training.trainer import TrainConfig
+
+    names = args.tasks.split(",") if args.tasks else [Path(m).name.split(".")[0] for m in args.models]
+    if len(names) != len(args.models) or len(set(names)) != len(names):
+        raise ConfigError(
+            f"--tasks names {len(names)} tasks {names} for {len(args.models)} --models; give one distinct task per "
+            "model, in the same order (e.g. --tasks left,right)."
+        )
+    for path in args.models:
+        if not Path(path).is_file():
+            raise ConfigError(f"--models {path!r}: no such file; pass the state dict file of each trained model.")
+    for flag, value in {"--train-size": args.train_size, "--val-size": args.val_size, "--test-size": args.test_size,
+                        "--similarity-samples": args.similarity_samples, "--distill-epochs": args.distill_epochs,
+                        "--batch-size": args.batch_size}.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} {value} is not valid; use a positive int.")
+    if args.finetune_epochs < 0:
+        raise ConfigError(f"--finetune-epochs {args.finetune_epochs} is not valid; use 0 (no fine-tune) or more.")
+    out = args.out or f"runs/merge-{args.data}-{args.seed}"
+    _check_out(Path(out), resume=False, overwrite=args.overwrite)
+    train = TrainConfig(epochs=max(args.finetune_epochs, 1), lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                        device=args.device, progress=False)
+    train.validate()
+    cfg = ExperimentConfig(backbone=args.backbone, data=args.data, data_root=args.data_root, tasks=names, trunk=args.trunk,
+                           train_size=args.train_size, val_size=args.val_size, test_size=args.test_size, train=train,
+                           out_dir=out)
+    budget = MergeBudget(tolerance=args.tolerance, relative=not args.absolute, max_parameters=args.max_params,
+                         max_flops=args.max_flops)
+    merge = MergeConfig(threshold=args.threshold, similarity_samples=args.similarity_samples, distill_epochs=args.distill_epochs,
+                        distill_lr=args.lr, finetune_epochs=args.finetune_epochs, train=train)
+    results = run_merge(cfg, dict(zip(names, args.models)), budget, merge)
+    print(results["tree"])
+    print(json.dumps({k: results[k] for k in ("test", "parameters", "flops", "stopped")}, indent=1))
+    return 0
+
+
 def _config(args):
     from graphsurgeon.apps.experiment import ExperimentConfig
     from graphsurgeon.methods.structure.mtsl import MTSLConfig
@@ -96,6 +178,7 @@ def _config(args):
         backbone=args.backbone,
         data=args.data,
         data_root=args.data_root,
+        data_seed=args.data_seed,
         tasks=args.tasks.split(",") if args.tasks else None,
         trunk=args.trunk,
         weights=args.weights,
@@ -105,6 +188,8 @@ def _config(args):
         val_size=args.val_size,
         test_size=args.test_size,
         corruptions=args.corruptions,
+        severities=args.severities,
+        corruption_backend=args.corruption_backend,
         epochs=epochs,
         train=TrainConfig(
             epochs=epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed, device=args.device,
@@ -124,14 +209,25 @@ def _config(args):
 
 
 def _names(text: str) -> tuple[str, ...]:
-    """``a,b`` as ``("a", "b")``; ``none`` (or nothing) as ``()``."""
-    from graphsurgeon.data.corruptions import CORRUPTIONS
+    """``a,b`` as ``("a", "b")``; ``all`` as every corruption; ``none`` (or nothing) as ``()``."""
+    from graphsurgeon.data.corruptions import resolve_corruptions
+    from graphsurgeon.data.errors import DataError
 
-    names = tuple(n.strip() for n in text.split(",") if n.strip() and n.strip().lower() != "none")
-    unknown = [n for n in names if n not in CORRUPTIONS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown corruption(s) {unknown}; use any of {sorted(CORRUPTIONS)} or 'none'")
-    return names
+    try:
+        return resolve_corruptions(text)
+    except DataError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _severities(text: str) -> tuple[int, ...]:
+    """``1,3,5`` as ``(1, 3, 5)``, each from 1 to 5."""
+    try:
+        levels = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        levels = ()
+    if not levels or any(not 1 <= s <= 5 for s in levels):
+        raise argparse.ArgumentTypeError(f"severities are comma-separated ints from 1 to 5, e.g. 1,3,5; got {text!r}")
+    return levels
 
 
 def _epochs(text: str) -> tuple[int, ...]:
@@ -244,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--no-progress", action="store_true")
     demo.add_argument("--quick", action="store_true", help="tiny data and schedule: a smoke run in seconds")
     _train_parser(sub)
+    _merge_parser(sub)
     args = parser.parse_args(argv)
     try:
         return _dispatch(args)
@@ -261,6 +358,8 @@ def _dispatch(args) -> int:
 
         run_demo(Path(args.out), seed=args.seed, progress=not args.no_progress, quick=args.quick)
         return 0
+    if args.command == "merge":
+        return _merge(args)
     from graphsurgeon.apps.experiment import run
     from graphsurgeon.training import distributed
 

@@ -22,14 +22,19 @@ from torch.utils.data import Dataset, Subset
 
 from graphsurgeon.apps.models import ResNetEncoderDecoder, UNet, make_head, small_resnet
 from graphsurgeon.core.build import multitask
-from graphsurgeon.core.modes import eval_mode
+from graphsurgeon.core.invariants import count_flops
 from graphsurgeon.core.network import MultiTaskNetwork
+from graphsurgeon.data.corruptions import DEFAULT_CORRUPTIONS
 from graphsurgeon.data.tasks import TaskInfo
 from graphsurgeon.errors import CheckpointError, TaskSpecError
 from graphsurgeon.methods.base import Method
+from graphsurgeon.methods.structure.merge_trained import MergeBudget, MergeConfig, merge_trained
 from graphsurgeon.training.trainer import TrainConfig, Trainer, seed_everything
 
-__all__ = ["DATASETS", "METHODS", "METHOD_REGISTRY", "ExperimentConfig", "MethodEntry", "build_network", "count_flops", "delta_m", "run"]
+__all__ = [
+    "DATASETS", "METHODS", "METHOD_REGISTRY", "ExperimentConfig", "MethodEntry", "build_network", "count_flops", "delta_m",
+    "run", "run_merge",
+]
 
 
 
@@ -43,6 +48,9 @@ class ExperimentConfig:
     train_size: int | None = None
     val_size: int | None = None
     test_size: int | None = None
+    # the seed an embedded dataset is generated from; None: the training seed. A fixed one keeps
+    # the same split across training seeds, so methods and seeds compare paired
+    data_seed: int | None = None
     trunk: str | None = None
     # a local state dict for the backbone (safetensors, or a .pth/.pt read with weights_only=True),
     # loaded before the network is built: the pristine segments (MTSL's "pristine" group init) are it
@@ -67,8 +75,11 @@ class ExperimentConfig:
     grad_options: dict[str, Any] = field(default_factory=dict)
     rep_grad: bool = False
     sam: float = 0.0  # sharpness-aware radius rho; 0 = off
-    corruptions: Sequence[str] = ("gaussian_noise", "gaussian_blur", "contrast")  # () evaluates clean only
+    # test-split corruptions: names, "all" (ImageNet-C's 15) or () for clean only; the default is
+    # three cheap ones (noise, blur, digital) at three severities, so a run adds 9 evaluations, not 75
+    corruptions: Sequence[str] | str = DEFAULT_CORRUPTIONS
     severities: Sequence[int] = (1, 3, 5)
+    corruption_backend: str = "torch"  # or "imagecorruptions" (the reference NumPy code, if installed)
     out_dir: str | None = None
     export: bool = True
 
@@ -85,24 +96,35 @@ class GreyToRGB(nn.Module):
 
 
 # the project's own backbones, by name: a classifier and two encoder-decoders for dense tasks
-# (pass trunk="up0" / trunk="decoder.3": their last decoder stage)
-LOCAL_BACKBONES: dict[str, Callable[[int], nn.Module]] = {
+# (pass trunk="up0" / trunk="decoder.3": their last decoder stage; they have no classifier)
+LOCAL_BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "small_resnet": small_resnet,
     "unet": UNet,
     "resnet18_decoder": ResNetEncoderDecoder,
 }
 
 
-def make_backbone(name: str, in_channels: int, image_size: int) -> nn.Module:
-    """One of `LOCAL_BACKBONES` or any torchvision classification model name (random init)."""
+def make_backbone(name: str, in_channels: int, image_size: int, num_classes: int | None = None) -> nn.Module:
+    """One of `LOCAL_BACKBONES` or any torchvision classification model name (random init), with
+    its own classifier of ``num_classes`` outputs (default: the model's default; the
+    encoder-decoders have none)."""
     if name in LOCAL_BACKBONES:
-        return LOCAL_BACKBONES[name](in_channels)
+        if num_classes is None:
+            return LOCAL_BACKBONES[name](in_channels)
+        if name != "small_resnet":
+            raise TaskSpecError(
+                f"backbone {name!r} is an encoder-decoder without a classifier, so it cannot be built with "
+                f"num_classes={num_classes}; use 'small_resnet' or a torchvision classifier for classification models."
+            )
+        return small_resnet(in_channels, num_classes=num_classes)
     available = torchvision.models.list_models(module=torchvision.models)
     if name not in available:
         raise TaskSpecError(
             f"unknown backbone {name!r}; use one of {sorted(LOCAL_BACKBONES)} or of torchvision's: {available[:8]}..."
         )
-    kwargs = {"image_size": image_size} if name.startswith("vit") else {}
+    kwargs: dict[str, Any] = {"image_size": image_size} if name.startswith("vit") else {}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
     model = torchvision.models.get_model(name, weights=None, **kwargs)
     return GreyToRGB(model) if in_channels == 1 else model
 
@@ -294,21 +316,16 @@ def delta_m(results: Mapping[str, Mapping[str, float]], baseline: Mapping[str, M
     return 100.0 * sum(per_task) / max(len(per_task), 1)
 
 
-def count_flops(net: nn.Module, example: torch.Tensor) -> int:
-    """Forward FLOPs for one sample (torch's flop counter)."""
-    from torch.utils.flop_counter import FlopCounterMode
+def _embedded(name: str) -> Callable[[ExperimentConfig, str, int | None], Dataset]:
+    """An embedded dataset, generated at the requested size from ``data_seed`` (or the run's seed)."""
 
-    counter = FlopCounterMode(display=False)
-    with eval_mode(net), counter, torch.no_grad():
-        net(example[:1])
-    return int(counter.get_total_flops())
+    def build(cfg: ExperimentConfig, split: str, size: int | None) -> Dataset:
+        from graphsurgeon.data import get_dataset
 
+        seed = cfg.train.seed if cfg.data_seed is None else cfg.data_seed
+        return get_dataset(name, split, tasks=cfg.tasks, size=size, seed=seed)
 
-def _multimnist(cfg: ExperimentConfig, split: str, size: int | None) -> Dataset:
-    """Generated at the requested size, from the run's seed."""
-    from graphsurgeon.data import get_dataset
-
-    return get_dataset("multimnist", split, tasks=cfg.tasks, size=size, seed=cfg.train.seed)
+    return build
 
 
 def _released(test_split: str) -> Callable[[ExperimentConfig, str, int | None], Dataset]:
@@ -328,7 +345,9 @@ def _released(test_split: str) -> Callable[[ExperimentConfig, str, int | None], 
 
 # dataset name -> builder(cfg, split, size); each returns a Dataset of (image, {task: target})
 DATASETS: dict[str, Callable[[ExperimentConfig, str, int | None], Dataset]] = {
-    "multimnist": _multimnist,
+    "multimnist": _embedded("multimnist"),
+    "gt_twins": _embedded("gt_twins"),
+    "gt_branching": _embedded("gt_branching"),
     "nyuv2": _released("val"),
     "cityscapes": _released("val"),
     "celeba": _released("test"),
@@ -371,9 +390,10 @@ def run(cfg: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
 
     Under torchrun (after `graphsurgeon.training.distributed.setup`) every rank runs this; every rank
     returns the same results and rank 0 alone writes the artefacts."""
-    from graphsurgeon.data.corruptions import corrupt
+    from graphsurgeon.data.corruptions import corrupt, corruption_plan
     from graphsurgeon.training import distributed
 
+    plan = corruption_plan(cfg.corruptions, cfg.severities, cfg.corruption_backend)
     seed_everything(cfg.train.seed)
     data, task_info = _datasets(cfg)
     example = data["train"][0][0][None]
@@ -395,12 +415,12 @@ def run(cfg: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
     net = trainer.net  # a method may have replaced it (DMTG prunes its search network)
     test = trainer.evaluate(data["test"])
     corrupted = {}
-    for name in cfg.corruptions:
-        for severity in cfg.severities:
-            g = torch.Generator().manual_seed(cfg.train.seed)
-            corrupted[f"{name}@{severity}"] = trainer.evaluate(
-                data["test"], transform=lambda x, n=name, s=severity, g=g: corrupt(x, n, s, generator=g)
-            )
+    for name, severity in plan:
+        g = torch.Generator().manual_seed(cfg.train.seed)
+        corrupted[f"{name}@{severity}"] = trainer.evaluate(
+            data["test"],
+            transform=lambda x, n=name, s=severity, g=g: corrupt(x, n, s, generator=g, backend=cfg.corruption_backend),
+        )
     results = {
         "config": _plain(asdict(cfg)),
         "method": cfg.method,
@@ -410,7 +430,7 @@ def run(cfg: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
         "flops": count_flops(net, example.to(trainer.device)),
         "train_seconds": seconds,
         # the process's CPU time (all its threads): unlike wall time, not inflated by other
-        # processes, so runs made side by side compare (benchmarks/methods_multimnist.py)
+        # processes, so runs made side by side compare (benchmarks/ground_truth.py)
         "train_cpu_seconds": cpu_seconds,
         "tree": str(net.tree),
         "tree_partitions": net.tree.partitions(),
@@ -439,3 +459,70 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+def run_merge(
+    cfg: ExperimentConfig,
+    model_files: Mapping[str, str | Path],
+    budget: MergeBudget | None = None,
+    merge: MergeConfig | None = None,
+) -> dict[str, Any]:
+    """Merge trained single-task models (``{task: state dict file}``, each a whole ``cfg.backbone``
+    with its own classifier for that task of ``cfg.data``) into one multi-task network.
+
+    The budget is measured on the validation split, the CKA, amalgamation and fine-tune use the
+    training split, and the test split scores the originals and the merged network. Writes
+    ``results.json``, ``tree.txt`` and the merged network (``merged.safetensors``, `graphsurgeon.load`
+    reads it) to ``cfg.out_dir``; returns the results with the `MergeResult` under ``"merge"``.
+    """
+    from graphsurgeon.core.checkpoint import save
+
+    seed_everything(cfg.train.seed)
+    data, task_info = _datasets(cfg)
+    unknown = [t for t in model_files if t not in task_info]
+    if unknown:
+        raise TaskSpecError(f"models are given for tasks {unknown}, which {cfg.data!r} does not have; name them after its tasks {sorted(task_info)}.")
+    dense = [t for t in model_files if task_info[t].kind != "classification"]
+    if dense:
+        raise TaskSpecError(
+            f"tasks {dense} are not classification tasks: a model file holds a backbone and its classifier, so "
+            "merging from files takes classification tasks; call graphsurgeon.merge_trained with heads= for others."
+        )
+    example = data["train"][0][0][None]
+    models = {}
+    for t, path in model_files.items():
+        models[t] = make_backbone(cfg.backbone, example.shape[1], example.shape[-1], num_classes=task_info[t].num_outputs)
+        load_backbone_weights(models[t], path)
+    start = time.perf_counter()
+    result = merge_trained(
+        models, data=data["train"], val=data["val"], tasks={t: task_info[t] for t in models}, budget=budget,
+        config=merge, trunk=cfg.trunk, granularity=cfg.granularity,
+    )
+    seconds = time.perf_counter() - start
+    device = cfg.train.device if merge is None else merge.train.device
+    test = {
+        name: Trainer(net, None, data["train"], None, TrainConfig(progress=False, device=device)).evaluate(data["test"])
+        for name, net in (("original", result.separate), ("merged", result.net))
+    }
+    results = {
+        "tasks": list(models),
+        "metric": result.metric,
+        "validation": {"original": result.original, "merged": result.final},
+        "test": test,
+        "parameters": {"original": result.curve[0]["parameters"], "merged": sum(p.numel() for p in result.net.parameters())},
+        "flops": {"original": result.curve[0]["flops"], "merged": count_flops(result.net, example.to(device))},
+        "tree": str(result.net.tree),
+        "tree_partitions": result.net.tree.partitions(),
+        "curve": [{k: v for k, v in point.items() if k != "results"} for point in result.curve],
+        "decisions": result.decisions,
+        "stopped": result.stopped,
+        "merge_seconds": seconds,
+    }
+    if cfg.out_dir is not None:
+        out = Path(cfg.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+        (out / "tree.txt").write_text(str(result.net.tree) + "\n")
+        save(result.net, out / "merged.safetensors")
+    results["merge"] = result
+    return results

@@ -57,9 +57,9 @@ class SmallResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def small_resnet(in_channels: int = 1, widths: Sequence[int] = (8, 16, 32, 32)) -> nn.Module:
+def small_resnet(in_channels: int = 1, widths: Sequence[int] = (8, 16, 32, 32), num_classes: int = 10) -> nn.Module:
     """A 5-segment residual CNN (stem + 4 stages) for 28–64 px images."""
-    return SmallResNet(in_channels, widths)
+    return SmallResNet(in_channels, widths, num_classes)
 
 
 def _conv_bn_relu(cin: int, cout: int, kernel: int = 3) -> list[nn.Module]:

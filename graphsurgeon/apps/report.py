@@ -5,7 +5,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["metrics_table", "plot_cka", "plot_losses", "plot_tree", "segment_labels"]
+__all__ = ["levels", "metrics_table", "plot_cka", "plot_losses", "plot_merge_curve", "plot_tree", "segment_labels"]
 
 
 def _pyplot():
@@ -25,6 +25,19 @@ def metrics_table(rows: Sequence[Mapping[str, Any]], tasks: Sequence[str], metri
         cells = [r["method"], *[r["metrics"][t] for t in tasks], r["delta_m"], f"{r['parameters']:,}", f"{r['flops'] / 1e6:.1f}", f"{r['train_seconds']:.0f}"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
+
+
+def levels(partitions: Sequence[Sequence[Sequence[str]]]) -> str:
+    """A tree's partition per depth (`TaskTree.partitions`, depth 1 first) on one line, runs of
+    equal depths merged: ``d1–4: {all} · d5: {a, b} {c}``; what a table cell can hold."""
+    spans: list[tuple[int, int, str]] = []
+    for depth, partition in enumerate(partitions, start=1):
+        blocks = "{all}" if len(partition) == 1 else " ".join("{" + ", ".join(g) + "}" for g in sorted(partition))
+        if spans and spans[-1][2] == blocks:
+            spans[-1] = (spans[-1][0], depth, blocks)
+        else:
+            spans.append((depth, depth, blocks))
+    return " · ".join(f"d{a}: {b}" if a == e else f"d{a}–{e}: {b}" for a, e, b in spans)
 
 
 def plot_tree(tree, path: Path, title: str = "", depth_labels: Sequence[str] | None = None) -> None:
@@ -100,6 +113,32 @@ def plot_losses(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: Path
     ax.set_xlabel("epoch")
     ax.set_ylabel("Σ task losses (train)")
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_merge_curve(curve: Sequence[Mapping[str, Any]], metric: Mapping[str, str], path: Path, title: str = "") -> None:
+    """`graphsurgeon.merge_trained`'s trade-off: every task's validation metric against the
+    network's parameters and FLOPs at each merge kept (line), each merge undone by the budget
+    (cross) and the fine-tune (square)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    kept = [p for p in curve if p["kind"] == "start" or (p["kind"] == "merge" and p["accepted"])]
+    undone = [p for p in curve if p["kind"] == "merge" and not p["accepted"]]
+    tuned = [p for p in curve if p["kind"] == "finetune"]
+    for ax, cost, unit in ((axes[0], "parameters", 1e3), (axes[1], "flops", 1e6)):
+        for i, t in enumerate(metric):
+            color = f"C{i}"
+            ax.plot([p[cost] / unit for p in kept], [p["metrics"][t] for p in kept], marker="o", ms=3, color=color, label=t)
+            ax.scatter([p[cost] / unit for p in undone], [p["metrics"][t] for p in undone], marker="x", color=color)
+            ax.scatter([p[cost] / unit for p in tuned], [p["metrics"][t] for p in tuned], marker="s", color=color)
+        ax.invert_xaxis()  # merging moves left: fewer parameters, fewer FLOPs
+        ax.set_xlabel("parameters (thousands)" if cost == "parameters" else "forward MFLOPs per sample")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("validation " + "/".join(sorted(set(metric.values()))))
+    axes[1].legend(fontsize=7, loc="best")
+    fig.suptitle(title or "merging trained models: o kept, x undone by the budget, ■ fine-tuned", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -5,7 +5,7 @@ from graphsurgeon.core import surgery
 from graphsurgeon.core.build import multitask
 from graphsurgeon.core.checkpoint import load, save
 from graphsurgeon.core.export import ExportError, materialise, materialize, to_export, to_onnx, to_torchscript
-from graphsurgeon.core.invariants import check, count_parameters
+from graphsurgeon.core.invariants import check, count_flops, count_parameters
 from graphsurgeon.core.modes import eval_mode
 from graphsurgeon.core.network import MultiTaskNetwork, Task
 from graphsurgeon.core.segments import Segment, segment
@@ -20,6 +20,7 @@ __all__ = [
     "TaskTree",
     "TreeNode",
     "check",
+    "count_flops",
     "count_parameters",
     "eval_mode",
     "get_graph_node_names",

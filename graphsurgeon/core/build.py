@@ -8,10 +8,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from graphsurgeon.core.inputs import Inputs, split_inputs
 from graphsurgeon.core.modes import eval_mode
 from graphsurgeon.core.network import MultiTaskNetwork, Task
-from graphsurgeon.core.segments import MAX_BOUNDARY_VALUES, Granularity, segment
-from graphsurgeon.core.trace import LeafSpec, qualified_name, trace
+from graphsurgeon.core.segments import MAX_BOUNDARY_VALUES, Granularity, Segment, graph_inputs, segment
+from graphsurgeon.core.trace import CAPTURE, LeafSpec, qualified_name, trace
 from graphsurgeon.core.tree import TaskTree
 from graphsurgeon.errors import TaskSpecError, TreeEditError
 
@@ -84,12 +85,12 @@ def _call_factory(name: str, factory: HeadFactory, trunk_shape: tuple[int, ...] 
 
 
 @torch.no_grad()
-def _trunk_shape(segments, example_input: torch.Tensor) -> tuple[int, ...]:
+def _trunk_shape(segments: Sequence[Segment], inputs: Mapping[str, Any], main: str) -> tuple[int, ...]:
     """Per-sample shape of the trunk output, without touching BatchNorm statistics."""
-    z = example_input
+    z = inputs[main]
     with eval_mode(*(s.module for s in segments)):
         for s in segments:
-            z = s.module(z)
+            z = s.module(z, *(inputs[n] for n in s.side_inputs))
     return tuple(z.shape[1:])
 
 
@@ -100,10 +101,11 @@ def multitask(
     trunk: str | None = None,
     sharing: Sharing = "separate",
     granularity: Granularity = "block",
-    example_input: torch.Tensor | None = None,
+    example_input: Inputs | None = None,
     leaf_modules: Iterable[LeafSpec] = (),
     concrete_args: Mapping[str, Any] | None = None,
     capture: Literal["fx", "export", "auto"] = "fx",
+    side_inputs: Iterable[str] = (),
     max_boundary_values: int = MAX_BOUNDARY_VALUES,
 ) -> MultiTaskNetwork:
     """Turn ``model`` into a multi-task network with one head per task.
@@ -123,16 +125,38 @@ def multitask(
             (hard sharing), or a `TaskTree` of depth ``len(segments)``.
         granularity: ``"block"`` or ``"fine"`` segments (see `graphsurgeon.segment`).
         example_input: one input batch; when given, cut points are checked to carry tensors and
-            every head is run once, so a head that does not fit fails here, not in training.
+            every head is run once, so a head that does not fit fails here, not in training. For
+            a backbone with side inputs, a mapping of its inputs by forward argument name
+            (``{"input_ids": ids, "attention_mask": mask}``).
         leaf_modules, concrete_args: passed to `graphsurgeon.core.trace`.
+        side_inputs: forward arguments with a default that are inputs besides the main one
+            (``["attention_mask"]``; arguments without a default always are): the network
+            takes them by name, ``net(ids, attention_mask=mask)``, and passes them unchanged to
+            every segment that reads them (see `graphsurgeon.core.inputs`).
         capture: how the backbone becomes a graph: ``"fx"`` (``symbolic_trace``), ``"export"``
             (``torch.export``, for shape-dependent control flow or code fx cannot proxy; needs
             ``example_input``) or ``"auto"`` (fx, else export); see `graphsurgeon.core.capture`.
+        max_boundary_values: the most tensors one segment boundary may carry (an encoder-decoder's
+            skips plus its decoder feature); see `graphsurgeon.segment`.
     """
     _task_pairs(tasks)  # fail on bad names or specs before the (slower) trace
-    gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args, capture=capture, example_input=example_input)
+    gm = trace(
+        model,
+        leaf_modules=leaf_modules,
+        concrete_args=concrete_args,
+        capture=capture,
+        example_input=example_input,
+        side_inputs=side_inputs,
+    )
     segments = segment(gm, trunk, granularity, example_input=example_input, max_boundary_values=max_boundary_values)
-    shape = _trunk_shape(segments, example_input) if example_input is not None else None
+    main = next(str(n.target) for n in gm.graph.nodes if n.name == segments[0].input_name)
+    read = tuple(dict.fromkeys(n for s in segments for n in s.side_inputs if n != main))
+    inputs: dict[str, Any] = {}
+    if example_input is not None:
+        others = [str(n.target) for n in graph_inputs(gm) if str(n.target) != main]
+        x, side = split_inputs(example_input, main, others, "example_input")
+        inputs = {**side, main: x}
+    shape = _trunk_shape(segments, inputs, main) if example_input is not None else None
     specs = normalise_tasks(tasks, trunk_shape=shape)
     names = list(specs)
     if isinstance(sharing, TaskTree):
@@ -156,7 +180,12 @@ def multitask(
         "granularity": granularity,
         "backbone": type(model).__name__,
         "max_boundary_values": max_boundary_values,
+        "input": main,
+        "side_inputs": list(read),
+        "capture": gm.meta.get(CAPTURE, "fx"),  # the path taken, also under capture="auto"
     }
+    if config["capture"] == "export":  # what gs.load needs to capture the backbone again
+        config["example_input"] = {"shape": list(inputs[main].shape), "dtype": str(inputs[main].dtype).removeprefix("torch.")}
     net = MultiTaskNetwork(segments, tree, specs, trunk_name=trunk_name, config=config)
     # the network runs in the model's mode; a head already in that mode keeps the submodules the
     # user put in eval (a frozen BatchNorm)
@@ -166,5 +195,5 @@ def multitask(
         m.eval()
     if example_input is not None:  # every head runs once, so a head that does not fit fails here
         with eval_mode(net), torch.no_grad():
-            net(example_input)
+            net(inputs[main], **{n: inputs[n] for n in read})
     return net

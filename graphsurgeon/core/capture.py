@@ -43,6 +43,7 @@ import torch
 from torch import fx, nn
 
 from graphsurgeon.core.trace import (
+    CAPTURE,
     DEFAULT_TRUNK,
     MODULE_OUTPUTS,
     QUALNAME,
@@ -245,21 +246,51 @@ def _name_nodes(gm: fx.GraphModule) -> None:
     gm.meta[MODULE_OUTPUTS] = outputs
 
 
-def _default_trunk(gm: fx.GraphModule) -> str | None:
-    """The input of the last op that reads a parameter (``aten.linear`` of the classifier): what
-    `graphsurgeon.segment`'s default trunk is on fx graphs, where that op is a module call."""
+def _ends_in_identity(model: nn.Module, example_input: torch.Tensor) -> bool:
+    """Whether the last layer ``model`` calls is an ``nn.Identity`` that returns the model's
+    output (timm's ``num_classes=0``, ``model.fc = nn.Identity()``). fx sees that call (see
+    `graphsurgeon.core.segments.find_trunk`); export records no op for it, so one eval-mode
+    forward of a private copy on the example input watches the calls."""
+    own = copy.deepcopy(model).eval()
+    calls: list[tuple[nn.Module, Any]] = []
+    layers = [m for m in own.modules() if m is not own and next(m.children(), None) is None]
+    handles = [m.register_forward_hook(lambda m, args, out: calls.append((m, out))) for m in layers]
+    try:
+        with torch.no_grad():
+            output = own(example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return bool(calls) and isinstance(calls[-1][0], nn.Identity) and calls[-1][1] is output
+
+
+def _default_trunk(gm: fx.GraphModule, ends_in_identity: bool) -> str | None:
+    """What `graphsurgeon.segment`'s default trunk is on fx graphs, where layers are module
+    calls: the input of the last op that reads a parameter (``aten.linear`` of the classifier);
+    the model's output when its classifier was replaced by an ``nn.Identity``
+    (``ends_in_identity``) and no linear layer comes last (timm's heads call an Identity
+    ``flatten`` after their Linear ``fc``)."""
     parameters = {name for name, _ in gm.named_parameters()}
-    for n in reversed(gm.graph.nodes):
-        if n.op not in ("call_function", "call_module") or not n.all_input_nodes:
-            continue
+
+    def weighted(n: fx.Node) -> bool:
         if n.op == "call_module":
-            weighted = any(True for _ in gm.get_submodule(str(n.target)).parameters())
-        else:
-            weighted = any(a.op == "get_attr" and a.target in parameters for a in n.all_input_nodes)
-        if weighted:
-            first = n.all_input_nodes[0]
-            return None if first.op in ("placeholder", "get_attr") else first.name
-    return None
+            return any(True for _ in gm.get_submodule(str(n.target)).parameters())
+        return n.op == "call_function" and any(a.op == "get_attr" and a.target in parameters for a in n.all_input_nodes)
+
+    last = next((n for n in reversed(gm.graph.nodes) if weighted(n) and n.all_input_nodes), None)
+    if last is None:
+        return None
+    output = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    if isinstance(output, tuple | list) and len(output) == 1:  # export returns a flat tuple
+        output = output[0]
+    linear = (last.op == "call_module" and isinstance(gm.get_submodule(str(last.target)), nn.Linear)) or last.target in (
+        torch.ops.aten.linear.default,
+        torch.ops.aten.addmm.default,
+    )
+    if ends_in_identity and not linear and isinstance(output, fx.Node) and output.op != "placeholder":
+        return output.name
+    first = last.all_input_nodes[0]
+    return None if first.op in ("placeholder", "get_attr") else first.name
 
 
 def _module_type(root: nn.Module, path: str) -> type[nn.Module] | None:
@@ -359,6 +390,7 @@ def export_trace(
         return {name for name, m in own.named_modules() if name and _reads_training(m)}
 
     differ = graph_signature(captured[True][0].graph.nodes) != graph_signature(captured[False][0].graph.nodes)
+    ends_in_identity = _ends_in_identity(model, example_input)
     graphs = {}
     for mode, (exported, own) in captured.items():
         required = user_leaves(own)
@@ -368,7 +400,8 @@ def export_trace(
         _name_nodes(gm)
         gm.meta["graphsurgeon_root_type"] = type(model)
         gm.meta["graphsurgeon_leaf_modules"] = made
-        trunk = _default_trunk(gm)
+        gm.meta[CAPTURE] = "export"
+        trunk = _default_trunk(gm, ends_in_identity)
         if trunk is not None:
             gm.meta[DEFAULT_TRUNK] = trunk
         graphs[mode] = gm

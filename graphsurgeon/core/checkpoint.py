@@ -32,7 +32,7 @@ from graphsurgeon.core.network import MultiTaskNetwork
 from graphsurgeon.core.segments import Granularity
 from graphsurgeon.core.surgery import relayout
 from graphsurgeon.core.tree import TaskTree
-from graphsurgeon.errors import CheckpointError, GraphSurgeonError, OptionError, TrunkError
+from graphsurgeon.errors import CheckpointError, GraphSurgeonError, OptionError, TraceError, TrunkError
 
 __all__ = ["contents", "lay_out", "load", "load_weights", "read_metadata", "remove_temporaries", "save", "tensor_digest"]
 
@@ -196,7 +196,7 @@ def load_weights(net: MultiTaskNetwork, path: str | os.PathLike, meta: Mapping[s
         bad = next((i for i, (a, b) in enumerate(zip(fingerprints, ours), 1) if a != b), min(len(ours), len(fingerprints)) + 1)
         raise CheckpointError(
             f"checkpoint {str(path)!r} was cut from a different backbone: segment {bad} differs "
-            f"({len(fingerprints)} segments saved, {len(ours)} here). Load it with the same model, trunk= and granularity=."
+            f"({len(fingerprints)} segments saved, {len(ours)} here). Load it with the same model, trunk=, granularity= and capture= (older files do not record capture=)."
         )
     try:
         tensors = load_file(str(path))
@@ -234,6 +234,32 @@ def load_weights(net: MultiTaskNetwork, path: str | os.PathLike, meta: Mapping[s
     net.load_state_dict(tensors)
 
 
+def _saved_capture(cfg: Mapping[str, Any], path: str | os.PathLike) -> str:
+    """How the saved network's backbone was captured; files written before this was saved say
+    nothing and were, unless ``capture=`` is passed, captured by fx."""
+    capture = cfg.get("capture", "fx")
+    if capture not in ("fx", "export"):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has corrupt metadata (config field 'capture' is {capture!r}, not 'fx' or "
+            "'export'). Re-save it, or pass capture= to load()."
+        )
+    return capture
+
+
+def _saved_example(cfg: Mapping[str, Any], path: str | os.PathLike) -> torch.Tensor:
+    """An input of the shape and dtype the backbone was captured with by torch.export (which
+    specialises on shapes, not on values): zeros."""
+    example = cfg.get("example_input")
+    shape = example.get("shape") if isinstance(example, dict) else None
+    dtype = getattr(torch, str(example.get("dtype")), None) if isinstance(example, dict) else None
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape) and isinstance(dtype, torch.dtype)):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} was captured with torch.export but does not record its example input "
+            f"(config field 'example_input' is {example!r}). Pass example_input=<a batch of the shape it was built with>."
+        )
+    return torch.zeros(shape, dtype=dtype)
+
+
 def load(
     path: str | os.PathLike,
     model: nn.Module,
@@ -242,7 +268,9 @@ def load(
 ) -> MultiTaskNetwork:
     """Rebuild the network saved at ``path`` on ``model``'s architecture, with ``tasks``' heads.
 
-    The tree, trunk, granularity and boundary bound come from the checkpoint; the backbone's code comes from
+    The tree, trunk, granularity, boundary bound, side inputs and capture path (with, for
+    ``capture="export"``, an input of the shape it was captured with) come from the checkpoint;
+    the backbone's code comes from
     ``model`` (checkpoints hold no code), and its segments must match the saved fingerprints.
     """
     meta = read_metadata(path)
@@ -260,12 +288,23 @@ def load(
             f"checkpoint {str(path)!r} has corrupt metadata (config field 'max_boundary_values' is a "
             f"{type(bound).__name__}, not an int). Re-save it."
         )
+    side_inputs = cfg.get("side_inputs", [])  # files written before side inputs have none
+    if not (isinstance(side_inputs, list) and all(isinstance(s, str) for s in side_inputs)):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has corrupt metadata (config field 'side_inputs' is {side_inputs!r}, "
+            "not a list of names). Re-save it."
+        )
     saved_backbone = cfg.get("backbone")
     if saved_backbone is not None and saved_backbone != type(model).__name__:
         raise CheckpointError(
             f"checkpoint {str(path)!r} was saved from a {saved_backbone} backbone, not {type(model).__name__}. "
             f"Pass a {saved_backbone} model to load()."
         )
+    unknown_capture = "capture" not in multitask_kwargs and "capture" not in cfg  # an older file
+    if "capture" not in multitask_kwargs:
+        multitask_kwargs["capture"] = _saved_capture(cfg, path)
+        if multitask_kwargs["capture"] == "export":
+            multitask_kwargs.setdefault("example_input", _saved_example(cfg, path))
     saved_granularity = "granularity" not in multitask_kwargs
     try:
         net = multitask(
@@ -274,6 +313,7 @@ def load(
             trunk=multitask_kwargs.pop("trunk", cfg.get("trunk")),
             granularity=multitask_kwargs.pop("granularity", cfg.get("granularity", "block")),
             max_boundary_values=multitask_kwargs.pop("max_boundary_values", bound),
+            side_inputs=multitask_kwargs.pop("side_inputs", side_inputs),
             sharing="shared",
             **multitask_kwargs,
         )
@@ -281,6 +321,14 @@ def load(
         if not saved_granularity or cfg.get("granularity", "block") in get_args(Granularity):
             raise  # an option the caller passed
         raise CheckpointError(f"checkpoint {str(path)!r} has corrupt metadata ({exc}). Re-save it.") from exc
+    except TraceError as exc:
+        if not unknown_capture:
+            raise
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not record how its backbone was captured (it was written before that "
+            f"was saved), and torch.fx cannot trace {type(model).__name__}. Fix: if it was built with "
+            "capture='export', pass capture='export' and example_input=<a batch of the shape it was built with>."
+        ) from exc
     except TrunkError as exc:
         raise CheckpointError(
             f"checkpoint {str(path)!r} ends its trunk at node {cfg.get('trunk')!r}, which this "
@@ -295,7 +343,7 @@ def load(
     if meta["tree"].depth != net.depth:
         raise CheckpointError(
             f"checkpoint {str(path)!r} has {meta['tree'].depth} segments; this backbone gives {net.depth}. "
-            "Load it with the same model, trunk= and granularity=."
+            "Load it with the same model, trunk=, granularity= and capture= (older files do not record capture=)."
         )
     lay_out(net, meta["tree"], path)
     load_weights(net, path, meta)

@@ -4,7 +4,9 @@
 that owns it (``seg3_n7_conv1``), and returns ``{task: output}``; a multi-value boundary is
 wired value by value (no tuple is built between segments). The result is an ordinary
 ``fx.GraphModule`` that shares parameters with the network, so TorchScript and
-``torch.export`` see plain code with no tree logic in it.
+``torch.export`` see plain code with no tree logic in it. A backbone's side inputs
+(`MultiTaskNetwork.side_inputs`) are inputs of the graph after ``x``, in that order, and of
+every exported format; an example batch is then a mapping by name, as for `graphsurgeon.multitask`.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from graphsurgeon.core.inputs import Inputs, split_inputs
 from graphsurgeon.core.network import MultiTaskNetwork
 from graphsurgeon.errors import GraphSurgeonError
 from graphsurgeon.optional import require
@@ -31,21 +34,26 @@ class ExportError(GraphSurgeonError):
 
 
 def materialize(net: MultiTaskNetwork) -> fx.GraphModule:
-    """One fx graph computing ``net(x)``: every segment copy inlined once, heads as module calls."""
+    """One fx graph computing ``net(x, **side_inputs)``: every segment copy inlined once, heads
+    as module calls; its arguments are ``x`` and then the side inputs."""
     graph = fx.Graph()
     x = graph.placeholder("x")
+    inputs = {name: graph.placeholder(name) for name in net.side_inputs}
+    inputs[net.input_name] = x
     values = {net.tree.at_depth(0)[0].id: x}
     for depth in range(1, net.depth + 1):
         level = net.level(depth)
+        side = [inputs[name] for name in net.segments[depth - 1].side_inputs]
         produced = {}
         for node in net.tree.at_depth(depth):
             prefix = f"seg{depth}.{node.name}"
             seg = level[node.name]
-            env: dict[fx.Node, fx.Node] = {}
+            placeholders = [n for n in seg.graph.nodes if n.op == "placeholder"]
+            env: dict[fx.Node, fx.Node] = dict(zip(placeholders, [values[node.parent], *side]))
             out = None
             for n in seg.graph.nodes:
                 if n.op == "placeholder":
-                    env[n] = values[node.parent]  # a node, or a tuple of them (a multi-value boundary)
+                    continue  # the parent's output (a node, or a tuple of them: a multi-value boundary), a side input
                 elif n.op == "call_function" and n.target is operator.getitem and isinstance(env.get(n.args[0]), tuple):
                     env[n] = env[n.args[0]][n.args[1]]  # a boundary value: the producing node itself
                 elif n.op == "output":
@@ -77,8 +85,14 @@ def materialize(net: MultiTaskNetwork) -> fx.GraphModule:
 materialise = materialize  # the spelling of earlier releases
 
 
+def _arguments(net: MultiTaskNetwork, example_input: Inputs, where: str) -> tuple[Any, ...]:
+    """``example_input`` as the materialised graph's positional arguments: ``x``, then the side inputs."""
+    x, side = split_inputs(example_input, net.input_name, net.side_inputs, where)
+    return (x, *(side[name] for name in net.side_inputs))
+
+
 def to_torchscript(
-    net: MultiTaskNetwork, example_input: torch.Tensor | None = None, method: str = "auto"
+    net: MultiTaskNetwork, example_input: Inputs | None = None, method: str = "auto"
 ) -> torch.jit.ScriptModule:
     """TorchScript of the materialised graph; returns ``Dict[str, Tensor]``.
 
@@ -105,19 +119,22 @@ def to_torchscript(
         raise ExportError("tracing needs example_input=<a batch>. Pass one.")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return torch.jit.trace(gm, (example_input,), strict=False)
+        return torch.jit.trace(gm, _arguments(net, example_input, "to_torchscript"), strict=False)
 
 
 def to_export(
-    net: MultiTaskNetwork, example_input: torch.Tensor, *, dynamic_batch: bool = False, **kwargs: Any
+    net: MultiTaskNetwork, example_input: Inputs, *, dynamic_batch: bool = False, **kwargs: Any
 ) -> torch.export.ExportedProgram:
-    """``torch.export`` of the materialised graph (the current PyTorch deployment format)."""
+    """``torch.export`` of the materialised graph (the current PyTorch deployment format); with
+    ``dynamic_batch``, the first dimension of every input is one dynamic batch size."""
     gm = materialise(net)
+    args = _arguments(net, example_input, "to_export")
     dynamic_shapes = None
     if dynamic_batch:
-        dynamic_shapes = ({0: torch.export.Dim("batch", min=2)},)
+        batch = torch.export.Dim("batch", min=2)
+        dynamic_shapes = tuple({0: batch} for _ in args)
     try:
-        return torch.export.export(gm, (example_input,), dynamic_shapes=dynamic_shapes, **kwargs)
+        return torch.export.export(gm, args, dynamic_shapes=dynamic_shapes, **kwargs)
     except Exception as exc:
         raise ExportError(
             f"torch.export failed on the materialised graph: {type(exc).__name__}: {str(exc).splitlines()[0]}. "
@@ -133,14 +150,14 @@ class _TaskTuple(torch.nn.Module):
         super().__init__()
         self.graph_module, self.tasks = graph, tasks
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.graph_module(x)
+    def forward(self, x: torch.Tensor, *side_inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.graph_module(x, *side_inputs)
         return tuple(out[t] for t in self.tasks)
 
 
 def to_onnx(
     net: MultiTaskNetwork,
-    example_input: torch.Tensor,
+    example_input: Inputs,
     path: str | os.PathLike[str],
     *,
     dynamic_batch: bool = False,
@@ -148,7 +165,8 @@ def to_onnx(
     atol: float = 1e-5,
     opset_version: int | None = None,
 ) -> Path:
-    """Write the network as an ONNX model (one named output per task) and check it.
+    """Write the network as an ONNX model (inputs ``x`` and the side inputs by name, one named
+    output per task) and check it.
 
     Exported with ``torch.onnx.export(..., dynamo=True)`` (the ``torch.export``-based exporter,
     which needs ``onnxscript``) in eval mode: ONNX is an inference format, so BatchNorm uses its
@@ -162,12 +180,15 @@ def to_onnx(
     """
     require("onnxscript", "gs.to_onnx")
     onnx = require("onnx", "gs.to_onnx")
+    args = _arguments(net, example_input, "to_onnx")
+    names = ["x", *net.side_inputs]
     target = Path(path)
     modes = {m: m.training for m in net.modules()}
     net.eval()
     try:
         module = _TaskTuple(materialize(net), net.tasks)
-        dynamic_shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
+        batch = torch.export.Dim("batch", min=1)
+        dynamic_shapes = tuple({0: batch} for _ in args) if dynamic_batch else None
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         os.close(fd)
@@ -177,10 +198,10 @@ def to_onnx(
                 warnings.simplefilter("ignore")  # the exporter reports its passes as warnings
                 torch.onnx.export(
                     module,
-                    (example_input,),
+                    args,
                     str(tmp),
                     dynamo=True,
-                    input_names=["x"],
+                    input_names=names,
                     output_names=list(net.tasks),
                     dynamic_shapes=dynamic_shapes,
                     opset_version=opset_version,
@@ -190,8 +211,8 @@ def to_onnx(
             onnx.checker.check_model(str(tmp))
             if check:
                 with torch.no_grad():
-                    eager = net(example_input)
-                _check_onnx_outputs(tmp, example_input, eager, net.tasks, atol)
+                    eager = net(args[0], **dict(zip(names[1:], args[1:])))
+                _check_onnx_outputs(tmp, dict(zip(names, args)), eager, net.tasks, atol)
             os.replace(tmp, target)
         except ExportError:
             raise
@@ -222,11 +243,11 @@ def _onnx_failure(exc: BaseException) -> str:
 
 
 def _check_onnx_outputs(
-    path: Path, x: torch.Tensor, eager: dict[str, torch.Tensor], tasks: tuple[str, ...], atol: float
+    path: Path, feeds: dict[str, torch.Tensor], eager: dict[str, torch.Tensor], tasks: tuple[str, ...], atol: float
 ) -> None:
     ort = require("onnxruntime", "gs.to_onnx(check=True)")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(list(tasks), {"x": x.detach().cpu().numpy()})
+    got = session.run(list(tasks), {name: value.detach().cpu().numpy() for name, value in feeds.items()})
     for task, value in zip(tasks, got):
         want = eager[task].detach().cpu()
         value_t = torch.from_numpy(value).to(want.dtype)

@@ -15,7 +15,8 @@ tree node holds its own ``fx.GraphModule`` copy). `FusedExecutor` runs a depth's
 * inputs: nodes with one common parent read its output unbatched (``in_dims=None``: no copy);
   when the previous depth ran as one fused call in the same node order its stacked output is
   passed on as is; otherwise the parents' outputs are stacked. A segment at a multi-value
-  boundary takes and returns a tuple of tensors: each is stacked and unstacked alike;
+  boundary takes and returns a tuple of tensors: each is stacked and unstacked alike; side
+  inputs (an ``attention_mask``) are the same for every copy and are passed unbatched;
 * random ops run with ``randomness="different"``: every copy draws its own dropout mask, as in
   the loop, but not the loop's numbers (compare fused and loop with dropout off or in eval mode);
 * nodes are grouped by `structure_key` (copies of one segment share it; a group node built by a
@@ -108,24 +109,30 @@ class FusedExecutor:
 
     # ------------------------------------------------------------------ segments
     def run_level(
-        self, depth: int, level: Mapping[str, nn.Module], nodes: Sequence[NodeRun], values: Mapping[int, Tensor]
+        self,
+        depth: int,
+        level: Mapping[str, nn.Module],
+        nodes: Sequence[NodeRun],
+        values: Mapping[int, Boundary],
+        side: Sequence[Tensor] = (),
     ) -> LevelOutputs:
-        """Outputs of ``nodes`` (all at ``depth``) from their parents' outputs ``values``."""
+        """Outputs of ``nodes`` (all at ``depth``) from their parents' outputs ``values`` and the
+        model inputs ``side`` every one of them takes after it."""
         groups: dict[Hashable, list[NodeRun]] = {}
         for node in nodes:
             groups.setdefault(structure_key(level[node[0]]), []).append(node)
-        results: dict[int, Tensor] = {}
+        results: dict[int, Boundary] = {}
         stacked = None
         for key, members in groups.items():
             if len(members) > 1 and key[0] not in self._loop_only:
                 modules = [level[name] for name, _, _ in members]
                 try:
                     x, in_dim = gather_inputs(values, [parent for _, _, parent in members])
-                    fused = fused_call(modules, x, in_dim)
+                    fused = fused_call(modules, x, in_dim, side)
                 except Exception as exc:
                     # An op vmap cannot run: the loop succeeds, so remember the structure as
                     # loop-only and warn once. An error in the user's input: the loop raises it.
-                    results.update(_loop(level, members, values))
+                    results.update(_loop(level, members, values, side))
                     self._fall_back(depth, key, len(members), exc)
                     continue
                 ids = tuple(node_id for _, node_id, _ in members)
@@ -133,7 +140,7 @@ class FusedExecutor:
                 if len(groups) == 1:
                     stacked = (ids, fused)
                 continue
-            results.update(_loop(level, members, values))
+            results.update(_loop(level, members, values, side))
         out = LevelOutputs((node_id, results[node_id]) for _, node_id, _ in nodes)
         out.stacked = stacked
         return out
@@ -185,10 +192,10 @@ class FusedExecutor:
 
 
 def _loop(
-    level: Mapping[str, nn.Module], members: Sequence[NodeRun], values: Mapping[int, Tensor]
-) -> Iterator[tuple[int, Tensor]]:
+    level: Mapping[str, nn.Module], members: Sequence[NodeRun], values: Mapping[int, Boundary], side: Sequence[Tensor]
+) -> Iterator[tuple[int, Boundary]]:
     """The reference: each node's own copy on its parent's output."""
-    return ((node_id, level[name](values[parent])) for name, node_id, parent in members)
+    return ((node_id, level[name](values[parent], *side)) for name, node_id, parent in members)
 
 
 def _linear_heads(x: Tensor, linears: Sequence[nn.Linear]) -> list[Tensor]:
@@ -242,8 +249,11 @@ def _skeleton(module: nn.Module) -> nn.Module:
     return skeleton
 
 
-def fused_call(modules: Sequence[nn.Module], x: Boundary, in_dim: int | None) -> Boundary:
-    """``torch.stack([m(x_i) for m, x_i in zip(modules, x)])`` as one vmapped call of
+def fused_call(
+    modules: Sequence[nn.Module], x: Boundary, in_dim: int | None, side: Sequence[Tensor] = ()
+) -> Boundary:
+    """``torch.stack([m(x_i, *side) for m, x_i in zip(modules, x)])`` (leaf by leaf, for a
+    boundary's tuple) as one vmapped call of
     ``modules[0]``'s structure with the stacked parameters and buffers of all of them
     (thread-safe: each thread calls its own weightless copy, see `_skeleton`)."""
     template = _skeleton(modules[0])
@@ -252,10 +262,11 @@ def fused_call(modules: Sequence[nn.Module], x: Boundary, in_dim: int | None) ->
     stacked_params = {n: torch.stack([p[n] for p in params]) for n in params[0]}
     stacked_buffers = {n: torch.stack([b[n] for b in buffers]) for n in buffers[0]}
 
-    def call(p: dict[str, Tensor], b: dict[str, Tensor], xi: Boundary) -> Boundary:
-        return functional_call(template, (p, b), (xi,))
+    def call(p: dict[str, Tensor], b: dict[str, Tensor], xi: Boundary, *rest: Tensor) -> Boundary:
+        return functional_call(template, (p, b), (xi, *rest))
 
-    y = vmap(call, in_dims=(0, 0, in_dim), randomness="different")(stacked_params, stacked_buffers, x)
+    in_dims = (0, 0, in_dim, *(None for _ in side))
+    y = vmap(call, in_dims=in_dims, randomness="different")(stacked_params, stacked_buffers, x, *side)
     if not (isinstance(y, Tensor) or (isinstance(y, tuple) and y and all(isinstance(t, Tensor) for t in y))):
         raise InvariantError(
             f"a {type(template).__name__} segment returns {type(y).__name__}, not a tensor or a tuple of tensors, so "

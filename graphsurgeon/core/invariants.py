@@ -1,15 +1,20 @@
-"""`check(net)`: the engine's invariants, each violation reported with its place.
+"""`check(net)`: the engine's invariants, each violation reported with its place; and the two
+costs of a network every report quotes, `count_parameters` and `count_flops`.
 
 Property tests drive random trees, edits and models through this one function, so every
 invariant the engine promises is written down here exactly once.
 """
 from __future__ import annotations
 
+import torch
+from torch import nn
+
+from graphsurgeon.core.modes import eval_mode
 from graphsurgeon.core.network import MultiTaskNetwork
 from graphsurgeon.core.segments import fingerprint
 from graphsurgeon.errors import InvariantError
 
-__all__ = ["check", "count_parameters"]
+__all__ = ["check", "count_flops", "count_parameters"]
 
 
 def count_parameters(net: MultiTaskNetwork) -> int:
@@ -19,6 +24,17 @@ def count_parameters(net: MultiTaskNetwork) -> int:
         for module in net.level(d).values():
             total += sum(p.numel() for p in module.parameters())
     return total + sum(p.numel() for head in net.heads.values() for p in head.parameters())
+
+
+def count_flops(net: nn.Module, example: torch.Tensor) -> int:
+    """Forward FLOPs for one sample (torch's flop counter); a node shared by several tasks runs,
+    and so counts, once."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with eval_mode(net), counter, torch.no_grad():
+        net(example[:1])
+    return int(counter.get_total_flops())
 
 
 def check(net: MultiTaskNetwork) -> None:

@@ -21,6 +21,7 @@ import torch
 from torch import fx, nn
 
 from graphsurgeon.core.fused import FusedExecutor
+from graphsurgeon.core.inputs import check_side_inputs
 from graphsurgeon.core.modes import copy_modes
 from graphsurgeon.core.segments import Segment
 from graphsurgeon.core.tree import Origin, TaskTree, TreeNode
@@ -161,6 +162,24 @@ class MultiTaskNetwork(nn.Module):
     @property
     def depth(self) -> int:
         return self.tree.depth
+
+    @property
+    def input_name(self) -> str:
+        """The forward argument of the backbone's main input (the one `forward` takes as ``x``)."""
+        return self.config.get("input", self._segments[0].input_name)
+
+    @property
+    def side_inputs(self) -> tuple[str, ...]:
+        """The backbone's other inputs some segment reads (``("attention_mask",)``): `forward`
+        takes each by name, and passes it unchanged to every segment that reads it."""
+        names = (n for s in self._segments for n in s.side_inputs if n != self.input_name)
+        return tuple(dict.fromkeys(names))
+
+    def _inputs(self, x: torch.Tensor, side_inputs: Mapping[str, Any]) -> tuple[tuple[Any, ...], ...]:
+        """For every depth, the model inputs its segment takes after its chained value."""
+        check_side_inputs(side_inputs, self.side_inputs, f"{type(self).__name__}.forward")
+        values = {**side_inputs, self.input_name: x}
+        return tuple(tuple(values[n] for n in s.side_inputs) for s in self._segments)
 
     def level(self, depth: int) -> nn.ModuleDict:
         """The segment copies at ``depth`` (1..L), keyed by node name."""
@@ -311,23 +330,24 @@ class MultiTaskNetwork(nn.Module):
         return tasks
 
     def features(
-        self, x: torch.Tensor, tasks: Iterable[str] | None = None, depth: int | None = None
+        self, x: torch.Tensor, tasks: Iterable[str] | None = None, depth: int | None = None, **side_inputs: Any
     ) -> dict[int, torch.Tensor | tuple[torch.Tensor, ...]]:
         """Outputs of the nodes at ``depth`` (default: the trunk) the requested tasks need, by node id.
 
         ``depth=0`` returns the input itself under the root's id. A node whose segment ends at a
         multi-value boundary outputs the tuple of its values (what the next segment takes); see
-        `representations` for one tensor per node.
+        `representations` for one tensor per node. ``side_inputs``: as for `forward`.
         """
         wanted = frozenset(self._wanted(tasks))
+        inputs = self._inputs(x, side_inputs)
         values = {self.tree.at_depth(0)[0].id: x}
         for d, level_plan in enumerate(self._plan[:depth], start=1):
-            level = self.level(d)
+            level, side = self.level(d), inputs[d - 1]
             nodes = [(name, node_id, parent) for name, node_id, parent, node_tasks in level_plan if node_tasks & wanted]
             if self._fusion is not None and len(nodes) > 1:
-                values = self._fusion.run_level(d, level, nodes, values)
+                values = self._fusion.run_level(d, level, nodes, values, side)
             else:
-                values = {node_id: level[name](values[parent]) for name, node_id, parent in nodes}
+                values = {node_id: level[name](values[parent], *side) for name, node_id, parent in nodes}
         return values
 
     def boundary_names(self, depth: int) -> tuple[str, ...]:
@@ -336,12 +356,18 @@ class MultiTaskNetwork(nn.Module):
         return self._segments[depth - 1].output_names if depth else self._segments[0].input_names
 
     def representations(
-        self, x: torch.Tensor, depth: int, tasks: Iterable[str] | None = None, value: str | None = None
+        self,
+        x: torch.Tensor,
+        depth: int,
+        tasks: Iterable[str] | None = None,
+        value: str | None = None,
+        **side_inputs: Any,
     ) -> dict[int, torch.Tensor]:
         """One tensor per node at ``depth``: the boundary's main value (the latest computed: a
         decoder stage's output rather than the encoder skips it carries along), or the value
         named ``value`` (an fx name from `boundary_names`). What similarity measures (MTSL's
-        CKA) compare: a boundary of several values is not one representation."""
+        CKA) compare: a boundary of several values is not one representation. ``side_inputs``:
+        as for `forward`."""
         names = self.boundary_names(depth)
         if value is None:
             k = len(names) - 1
@@ -352,13 +378,17 @@ class MultiTaskNetwork(nn.Module):
                 f"value={value!r} is not carried by the boundary after segment {depth}; it carries {list(names)}. "
                 "Pass one of those (or value=None for the last, the main value)."
             )
-        values = self.features(x, tasks, depth)
+        values = self.features(x, tasks, depth, **side_inputs)
         return {i: v[k] if isinstance(v, tuple) else v for i, v in values.items()}
 
-    def forward(self, x: torch.Tensor, tasks: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-        """``{task: output}`` for every task, or only ``tasks`` (computing only their paths)."""
+    def forward(self, x: torch.Tensor, tasks: Iterable[str] | None = None, **side_inputs: Any) -> dict[str, torch.Tensor]:
+        """``{task: output}`` for every task, or only ``tasks`` (computing only their paths).
+
+        ``side_inputs``: the backbone's other inputs by name (``attention_mask=mask``; see
+        `side_inputs`), each passed unchanged to the segments that read it.
+        """
         wanted = self._wanted(tasks)
-        leaves = self.features(x, wanted)
+        leaves = self.features(x, wanted, **side_inputs)
         leaf_of = {t: n[1] for n in self._plan[-1] for t in n[3]} if self._plan else {}
         if self._fusion is not None and self._plan:
             fused = self._fusion.run_heads(self.heads, wanted, leaf_of, leaves)
@@ -377,6 +407,20 @@ class MultiTaskNetwork(nn.Module):
                     f"Fix: build the head for inputs of shape {shape[1:] if isinstance(shape, tuple) else shape}, "
                     "or pick another trunk= node (graphsurgeon.get_graph_node_names(model))."
                 ) from exc
+        return out
+
+    def outputs_from(
+        self, depth: int, value: torch.Tensor | tuple[torch.Tensor, ...], tasks: Iterable[str]
+    ) -> dict[str, torch.Tensor]:
+        """Each task's output when ``value`` stands for its node's output at ``depth``: the rest of
+        its path below ``depth``, then its head. A module not yet in the tree (a group node being
+        distilled) can so be trained through the nodes it will feed."""
+        out = {}
+        for t in self._wanted(tasks):
+            z = value
+            for node in self.tree.path(t)[depth + 1 :]:
+                z = self.node_module(node)(z)
+            out[t] = self.heads[t](z)
         return out
 
     def extra_repr(self) -> str:

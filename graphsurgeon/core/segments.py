@@ -20,6 +20,14 @@ Values that do not depend on the input (``get_attr`` parameters, constant tensor
 arithmetic on them) never count as live: they are re-created inside every segment that uses
 them. A parameter used by two segments would be owned twice, so the segments in between are
 merged into one.
+
+Side inputs. A backbone may read model inputs besides its main one (a transformer's
+``attention_mask``, a metadata vector beside an image). They are never live values either: what
+is computed from them alone (BERT's extended attention mask) is re-created inside every segment
+that reads it, and each segment takes the inputs it reads as extra arguments after its chained
+value (`Segment.side_inputs`). When a backbone has side inputs, the main input's shape (``size``,
+``dim``, ``shape``, ``dtype``, ``device``) is read the same way: the mask is expanded to the main
+input's sequence length, and the main input itself reaches a later segment only for that read.
 """
 from __future__ import annotations
 
@@ -34,10 +42,12 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from graphsurgeon.core.capture import is_torch_layer, is_view, writes_first_argument
+from graphsurgeon.core.inputs import Inputs, split_inputs
 from graphsurgeon.core.modes import eval_mode
 from graphsurgeon.core.trace import (
     DEFAULT_TRUNK,
     LOOPED_CONTAINERS,
+    MAIN_INPUT,
     MODULE_OUTPUTS,
     get_graph_node_names,
     graph_signature,
@@ -46,7 +56,16 @@ from graphsurgeon.core.trace import (
 )
 from graphsurgeon.errors import BoundaryError, ExampleInputError, OptionError, TraceError, TrunkError
 
-__all__ = ["MAX_BOUNDARY_VALUES", "Segment", "cut_points", "find_trunk", "fingerprint", "segment"]
+__all__ = [
+    "MAX_BOUNDARY_VALUES",
+    "Segment",
+    "cut_points",
+    "find_trunk",
+    "fingerprint",
+    "graph_inputs",
+    "main_input",
+    "segment",
+]
 
 MAX_BOUNDARY_VALUES = 8
 """Default bound on the values one segment boundary carries (``max_boundary_values=``): enough
@@ -69,6 +88,8 @@ class Segment:
             the order they were computed (one name for a single-value boundary).
         output_names: fx names of the values it returns (the next segment's input).
         node_names: the fx names of the traced nodes it computes, in order.
+        side_inputs: the model inputs (forward argument names) the module takes after its chained
+            input, in this order: side inputs (``attention_mask``), or the main input for its shape.
 
     fx names (``layer4_1_relu_1``) are unique within the graph and stable, which is what
     fingerprints and checkpoints need; `graphsurgeon.core.trace.qualified_name` gives a node's
@@ -80,6 +101,7 @@ class Segment:
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
     node_names: tuple[str, ...]
+    side_inputs: tuple[str, ...] = ()
 
     @property
     def input_name(self) -> str:
@@ -293,16 +315,56 @@ def _memory_owner(value: fx.Node) -> fx.Node:
     return value
 
 
-def _input_dependent(gm: fx.GraphModule) -> dict[fx.Node, bool]:
+def graph_inputs(gm: fx.GraphModule) -> list[fx.Node]:
+    """The placeholders a call of ``gm`` must be given: not those of ``concrete_args`` (fx keeps
+    one, with the value as its default, for an assert)."""
+    return [n for n in gm.graph.nodes if n.op == "placeholder" and not n.args]
+
+
+def main_input(gm: fx.GraphModule) -> fx.Node:
+    """The placeholder the segment chain carries (see `graphsurgeon.core.trace`); the first one
+    of a graph that does not say (torch.export's)."""
+    placeholders = graph_inputs(gm)
+    return next((p for p in placeholders if p.name == gm.meta.get(MAIN_INPUT)), placeholders[0])
+
+
+_SHAPE_METHODS = frozenset({"size", "dim", "numel"})
+_SHAPE_ATTRIBUTES = frozenset({"shape", "dtype", "device", "ndim"})
+
+
+def _reads_shape(node: fx.Node) -> bool:
+    """Whether ``node`` reads only the metadata of its first argument (``x.size(1)``, ``x.shape``)."""
+    if node.op == "call_method":
+        return node.target in _SHAPE_METHODS
+    return node.op == "call_function" and (
+        node.target is len or (node.target is getattr and len(node.args) > 1 and node.args[1] in _SHAPE_ATTRIBUTES)
+    )
+
+
+def _is_view_call(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target in _VIEW_METHODS) or (
+        node.op == "call_function" and node.target in (operator.getitem, torch.flatten, torch.reshape)
+    )
+
+
+def _input_dependent(gm: fx.GraphModule, side: bool = False) -> tuple[dict[fx.Node, bool], frozenset[fx.Node]]:
     """Which values must flow through the segment chain (computed once, in order) rather than be
-    re-created inside every segment that reads them: everything computed from the input, every
-    in-place write (a side effect that must happen exactly once) and every computed value that
-    is written in place (each re-created copy would miss the write)."""
+    re-created inside every segment that reads them: everything computed from the main input,
+    every in-place write (a side effect that must happen exactly once) and every computed value
+    that is written in place (each re-created copy would miss the write). Side inputs and, when
+    the trunk reads some (``side``), the main input's shape are read where needed (see the
+    module docstring): also the shape of a view of it (GPT-2 reads its batch size from
+    ``input_ids.view(-1, n)``), so the main input and its views are also returned, as values
+    that a segment may re-create for such a read."""
     written = {written_value(n, gm) for n in gm.graph.nodes} - {None}
+    main = main_input(gm)
     dep: dict[fx.Node, bool] = {}
+    views: set[fx.Node] = {main} if side else set()
     for n in gm.graph.nodes:
         if n.op == "placeholder":
-            dep[n] = True
+            dep[n] = n is main
+        elif side and _reads_shape(n) and n.args and n.args[0] in views:
+            dep[n] = False
         elif n.op == "get_attr":
             dep[n] = False
         else:
@@ -312,7 +374,9 @@ def _input_dependent(gm: fx.GraphModule) -> dict[fx.Node, bool]:
                 or n in written
                 or written_value(n, gm) is not None
             )
-    return dep
+            if side and _is_view_call(n) and n.args[0] in views and all(a in views or not dep[a] for a in n.all_input_nodes):
+                views.add(n)
+    return dep, frozenset(views)
 
 
 def _ancestors(nodes: Iterable[fx.Node], into: set[fx.Node]) -> set[fx.Node]:
@@ -325,8 +389,11 @@ def _ancestors(nodes: Iterable[fx.Node], into: set[fx.Node]) -> set[fx.Node]:
     return into
 
 
-def _prune_to(gm: fx.GraphModule, trunk: fx.Node) -> tuple[list[fx.Node], dict[fx.Node, bool]]:
-    """The input-dependent nodes the trunk needs, in order, with the side effects among them.
+def _prune_to(
+    gm: fx.GraphModule, trunk: fx.Node
+) -> tuple[list[fx.Node], dict[fx.Node, bool], frozenset[fx.Node]]:
+    """The input-dependent nodes the trunk needs, in order, with the side effects among them;
+    also `_input_dependent`'s answers.
 
     Side effects are asserts that check needed values and in-place writes before the trunk to
     a value the trunk computes or to a buffer (their result is often unused: the written tensor
@@ -343,25 +410,17 @@ def _prune_to(gm: fx.GraphModule, trunk: fx.Node) -> tuple[list[fx.Node], dict[f
             if n not in needed and (owner.op == "get_attr" or owner in needed):
                 _ancestors([n], needed)
                 grown = True
-    dep = _input_dependent(gm)
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder" and n in needed]
-    if len(placeholders) != 1:
-        names = [p.name for p in placeholders]
-        raise TraceError(
-            f"the backbone's trunk depends on {len(names)} inputs {names}; graphsurgeon needs exactly one "
-            "tensor input. Fix the others with concrete_args={name: value}."
-        )
+    main = main_input(gm)
+    dep, views = _input_dependent(gm, side=any(n.op == "placeholder" and n is not main for n in needed))
     order: list[fx.Node] = []
     for n in gm.graph.nodes:
         if n.op == "output" or not dep.get(n, False):
             continue
         # keep asserts (no users) that only check values the trunk needs
         if n in needed or (not n.users and n.op == "call_function" and set(n.all_input_nodes) <= needed):
-            if n.op == "placeholder" and n is not placeholders[0]:
-                continue
             order.append(n)
             needed.add(n)
-    return order, dep
+    return order, dep, views
 
 
 def _check_same_in_both_modes(
@@ -378,7 +437,7 @@ def _check_same_in_both_modes(
             "Pass the module that branches on self.training in leaf_modules=[...], or pick a trunk node "
             "that both modes compute."
         )
-    other_order, _ = _prune_to(other, find_trunk(other, trunk))
+    other_order, _, _ = _prune_to(other, find_trunk(other, trunk))
     mine, theirs = graph_signature(order), graph_signature(other_order)
     if mine == theirs:
         return
@@ -633,8 +692,9 @@ def _params_of(node: fx.Node, gm: fx.GraphModule) -> list[str]:
     return []
 
 
-def _constant_closure(node: fx.Node, dep: dict[fx.Node, bool]) -> list[fx.Node]:
-    """The input-independent nodes a node reads, transitively."""
+def _constant_closure(node: fx.Node, dep: dict[fx.Node, bool], views: frozenset[fx.Node] = frozenset()) -> list[fx.Node]:
+    """The input-independent nodes a node reads, transitively, and the ``views`` of the main
+    input they read the shape of (see `_input_dependent`): what a segment re-creates."""
     found, stack = [], [a for a in node.all_input_nodes if not dep[a]]
     seen: set[fx.Node] = set()
     while stack:
@@ -643,21 +703,26 @@ def _constant_closure(node: fx.Node, dep: dict[fx.Node, bool]) -> list[fx.Node]:
             continue
         seen.add(n)
         found.append(n)
-        stack.extend(a for a in n.all_input_nodes if not dep[a])
+        stack.extend(a for a in n.all_input_nodes if not dep[a] or a in views)
     return found
 
 
 def _segment_params(
-    nodes: Sequence[fx.Node], gm: fx.GraphModule, dep: dict[fx.Node, bool], written_buffers: set[str]
+    nodes: Sequence[fx.Node],
+    gm: fx.GraphModule,
+    dep: dict[fx.Node, bool],
+    views: frozenset[fx.Node],
+    written_buffers: set[str],
 ) -> set[str]:
     """The state a range of nodes owns: parameters, and the buffers written in place that it
     reads (a segment copy owns its buffers, so the reader of a write must be its segment)."""
     params: set[str] = set()
     for n in nodes:
         params.update(_params_of(n, gm))
-        for c in _constant_closure(n, dep):
+        closure = _constant_closure(n, dep, views)
+        for c in closure:
             params.update(_params_of(c, gm))
-        params.update(str(c.target) for c in (n, *_constant_closure(n, dep)) if c.target in written_buffers)
+        params.update(str(c.target) for c in (n, *closure) if c.target in written_buffers)
     return params
 
 
@@ -667,16 +732,22 @@ def _build(
     inputs: tuple[fx.Node, ...],
     outputs: tuple[fx.Node, ...],
     dep: dict[fx.Node, bool],
+    views: frozenset[fx.Node],
     index: int,
-) -> fx.GraphModule:
-    """The segment computing ``nodes``: it takes ``inputs`` (a tensor, or their tuple) and
-    returns ``outputs`` the same way."""
+) -> tuple[fx.GraphModule, tuple[str, ...]]:
+    """The segment computing ``nodes``: it takes ``inputs`` (a tensor, or their tuple) and the
+    model inputs it reads besides them, and returns ``outputs`` the way it takes ``inputs``;
+    also the names of those model inputs, in the order it takes them."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
+    boundary = graph.placeholder(inputs[0].name if len(inputs) == 1 else "boundary")
+    closure = (c for n in nodes for c in (n, *_constant_closure(n, dep, views)))
+    read = {a for c in closure for a in c.all_input_nodes if a.op == "placeholder"}
+    extra = [p for p in gm.graph.nodes if p.op == "placeholder" and p in read and p not in inputs]
+    env.update((p, graph.placeholder(p.name)) for p in extra)
     if len(inputs) == 1:
-        env[inputs[0]] = graph.placeholder(inputs[0].name)
+        env[inputs[0]] = boundary
     else:
-        boundary = graph.placeholder("boundary")
         for k, value in enumerate(inputs):
             env[value] = graph.create_node("call_function", operator.getitem, (boundary, k), name=value.name)
     for value in inputs:
@@ -686,7 +757,7 @@ def _build(
 
     def lookup(a: fx.Node) -> fx.Node:
         if a not in env:
-            if dep[a]:
+            if dep[a] and a not in views:
                 raise AssertionError(f"segment {index} reads {a.name}, which is live across its start")
             env[a] = graph.node_copy(a, lookup)
         return env[a]
@@ -695,7 +766,7 @@ def _build(
         env[n] = graph.node_copy(n, lookup)
     graph.output(env[outputs[0]] if len(outputs) == 1 else tuple(env[v] for v in outputs))
     graph.lint()
-    return fx.GraphModule(gm, graph, class_name=f"Segment{index}")
+    return fx.GraphModule(gm, graph, class_name=f"Segment{index}"), tuple(str(p.target) for p in extra)
 
 
 class _NodeTrackingShapeProp(ShapeProp):
@@ -732,7 +803,7 @@ def segment(
     gm: fx.GraphModule,
     trunk: str | None = None,
     granularity: Granularity = "block",
-    example_input: torch.Tensor | None = None,
+    example_input: Inputs | None = None,
     max_boundary_values: int = MAX_BOUNDARY_VALUES,
 ) -> list[Segment]:
     """Cut a traced backbone into a chain of segments ending at ``trunk``.
@@ -747,7 +818,9 @@ def segment(
             where one value is live, and between the blocks inside blocks (DenseNet's dense
             layers) where several are. Either way, adjacent cuts are merged so that every
             segment has parameters.
-        example_input: when given, shapes are propagated so that only tensors are cut at.
+        example_input: when given, shapes are propagated so that only tensors are cut at; for a
+            backbone with side inputs, a mapping of every graph input by its forward argument name
+            (see `graphsurgeon.core.inputs`).
         max_boundary_values: the most tensors one boundary may carry (1: single-value cuts
             only, as before multi-value boundaries); a block boundary wider than this raises
             `BoundaryError` naming it.
@@ -763,13 +836,16 @@ def segment(
     if example_input is not None:
         # eval mode and no grad: shape propagation must not move the user's BatchNorm statistics
         prop = _NodeTrackingShapeProp(gm)
+        placeholders = graph_inputs(gm)
+        main = main_input(gm)
+        x, side = split_inputs(example_input, str(main.target), [str(p.target) for p in placeholders if p is not main], "example_input")
         try:
             with eval_mode(gm), torch.no_grad():
-                prop.propagate(example_input)
+                prop.propagate(*(x if p is main else side[str(p.target)] for p in placeholders))
         except Exception as exc:  # whatever the backbone's own code raises on an input it does not take
-            raise _example_input_error(gm, example_input, prop.current, exc) from exc
+            raise _example_input_error(gm, x, prop.current, exc) from exc
     trunk_node = find_trunk(gm, trunk)
-    order, dep = _prune_to(gm, trunk_node)
+    order, dep, views = _prune_to(gm, trunk_node)
     other_mode = gm.meta.get("graphsurgeon_other_mode")
     if other_mode is not None:
         _check_same_in_both_modes(gm, order, other_mode, trunk, trunk_node)
@@ -789,7 +865,7 @@ def segment(
     cuts = sorted(live)
     ranges = [order[a + 1 : b + 1] for a, b in zip(cuts, cuts[1:])]
     written_buffers = {str(w.target) for n in order if (w := written_value(n, gm)) is not None and w.op == "get_attr"}
-    params = [_segment_params(r, gm, dep, written_buffers) for r in ranges]
+    params = [_segment_params(r, gm, dep, views, written_buffers) for r in ranges]
     # merge parameter-free ranges into a neighbour, and ranges that share a parameter
     bounds = list(zip(cuts, cuts[1:]))
     merged: list[tuple[int, int, set[str]]] = []
@@ -816,7 +892,7 @@ def segment(
     segments = []
     for k, (a, b, _) in enumerate(merged, start=1):
         nodes = order[a + 1 : b + 1]
-        module = _build(gm, nodes, live[a], live[b], dep, k)
+        module, side_inputs = _build(gm, nodes, live[a], live[b], dep, views, k)
         names = (tuple(v.name for v in live[a]), tuple(v.name for v in live[b]))
-        segments.append(Segment(k, module, *names, tuple(n.name for n in nodes)))
+        segments.append(Segment(k, module, *names, tuple(n.name for n in nodes), side_inputs))
     return segments

@@ -18,7 +18,8 @@ from typing import Any, Literal
 import torch
 from torch import fx, nn
 
-from graphsurgeon.errors import MissingDependencyError, TraceError
+from graphsurgeon.core.mode_args import follow_mode
+from graphsurgeon.errors import MissingDependencyError, SideInputError, TraceError
 
 __all__ = ["bound_arguments", "get_graph_node_names", "graph_signature", "qualified_name", "resolve_node", "trace"]
 
@@ -30,6 +31,8 @@ MODULE_OUTPUTS = "graphsurgeon_module_outputs"  # gm.meta key: module path -> fx
 OUTPUT_FIELDS = "graphsurgeon_output_fields"  # gm.meta key: field of a dict output -> fx name of its value
 DEFAULT_TRUNK = "graphsurgeon_default_trunk"  # gm.meta key: fx name of the trunk when trunk=None
 LOOPED_CONTAINERS = "graphsurgeon_looped_containers"  # gm.meta key: paths of ModuleLists / ModuleDicts
+CAPTURE = "graphsurgeon_capture"  # gm.meta key: "export" for a graph captured by torch.export
+MAIN_INPUT = "graphsurgeon_main_input"  # gm.meta key: fx name of the placeholder the segment chain carries
 
 
 class _NamingTracer(fx.Tracer):
@@ -176,24 +179,27 @@ def _tensor_input(model: nn.Module) -> str | None:
 _BINDABLE = (bool, int, float, str)
 
 
-def bound_arguments(model: nn.Module, concrete_args: Mapping[str, Any] | None) -> dict[str, Any]:
+def bound_arguments(
+    model: nn.Module, concrete_args: Mapping[str, Any] | None, side_inputs: Iterable[str] = ()
+) -> dict[str, Any]:
     """``concrete_args`` completed with the default value of every other forward argument.
 
     A forward such as timm ViT's ``forward(x, attn_mask=None, is_causal=False)`` would otherwise
     be traced with three proxy inputs, and the trunk would depend on all three. Arguments with a
     default are the model's options, not its input: they are fixed to their defaults unless
     the user's ``concrete_args`` says otherwise. Only the tensor input (see `_tensor_input`),
-    arguments without a default, and defaults fx cannot specialise to (a tensor, a dict: fx
-    generates invalid code for them) stay inputs of the graph.
+    the ``side_inputs`` asked for, arguments without a default, and defaults fx cannot
+    specialise to (a tensor, a dict: fx generates invalid code for them) stay inputs of the graph.
     """
     bound = dict(concrete_args or {})
+    side = set(side_inputs)
     try:
         params = inspect.signature(model.forward).parameters.values()
     except (TypeError, ValueError):
         return bound
     tensor = _tensor_input(model)
     for p in params:
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name == tensor or p.name in bound:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name == tensor or p.name in bound or p.name in side:
             continue
         if p.default is None or isinstance(p.default, _BINDABLE):
             bound[p.name] = p.default
@@ -215,6 +221,7 @@ def _trace_once(
     leaf_modules: tuple[LeafSpec, ...],
     concrete_args: Mapping[str, Any] | None,
     autowrap_functions: tuple[Callable, ...] = (),
+    side_inputs: tuple[str, ...] = (),
 ) -> fx.GraphModule:
     """Trace a private copy of ``model`` in one mode.
 
@@ -223,7 +230,7 @@ def _trace_once(
     attention biases would keep an fx ``Proxy``, so a second trace fails).
     """
     own = copy.deepcopy(model).train(training)
-    hf = _transformers_tracer(own, leaf_modules, autowrap_functions, concrete_args)
+    hf = _transformers_tracer(own, leaf_modules, autowrap_functions, concrete_args, side_inputs)
     tracer, concrete_args = hf if hf is not None else (_NamingTracer(leaf_modules, autowrap_functions), concrete_args)
     try:
         graph = tracer.trace(own, concrete_args=dict(concrete_args) if concrete_args else None)
@@ -259,6 +266,7 @@ def _trace_once(
     # ... and which modules are lists that forward loops over (never called: not in nn_module_stack)
     gm.meta[LOOPED_CONTAINERS] = frozenset(p for p, m in model.named_modules() if isinstance(m, nn.ModuleList | nn.ModuleDict))
     gm.meta[MODULE_OUTPUTS] = {path: node.name for path, node in tracer.module_outputs.items()}
+    _record_inputs(gm, model)
     if hf is not None:
         _record_output_fields(gm)
     return gm
@@ -269,6 +277,7 @@ def _transformers_tracer(
     leaf_modules: tuple[LeafSpec, ...],
     autowrap_functions: tuple[Callable, ...],
     concrete_args: Mapping[str, Any] | None,
+    side_inputs: tuple[str, ...] = (),
 ) -> tuple[fx.Tracer, dict[str, Any]] | None:
     """The tracer and concrete arguments for a Hugging Face ``PreTrainedModel``; ``None`` for others.
 
@@ -280,7 +289,7 @@ def _transformers_tracer(
 
     HFTracer generates a dummy input for every forward argument not in ``concrete_args``, so
     every argument except the one tensor input (``input_ids``, ``pixel_values``: see
-    `_tensor_input`) is bound to its default (no ``attention_mask``), as
+    `_tensor_input`) and the ``side_inputs`` asked for (``attention_mask``) is bound to its default, as
     ``transformers.utils.fx.symbolic_trace(model, input_names=[...])`` does. ``use_cache`` is
     switched off on the private copy ``own``, as symbolic_trace does: a key/value cache would
     be a second output that no task consumes. transformers is looked up, never imported, to
@@ -307,7 +316,7 @@ def _transformers_tracer(
         )
     tensor = _tensor_input(own)
     params = inspect.signature(own.forward).parameters.values()
-    bound = {p.name: p.default for p in params if p.name != tensor and p.default is not p.empty}
+    bound = {p.name: p.default for p in params if p.name not in (tensor, *side_inputs) and p.default is not p.empty}
     bound.update(concrete_args or {})
     if getattr(own.config, "use_cache", False):
         own.config.use_cache = False
@@ -323,6 +332,35 @@ def _transformers_tracer(
             return super().call_module(m, forward, args, kwargs)
 
     return _HFNamingTracer(leaf_modules, autowrap_functions), bound
+
+
+def _record_inputs(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Which placeholder is the main input: the tensor input (see `_tensor_input`), else the
+    first; the others are side inputs (`graphsurgeon.segment`)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder" and not n.args]  # not concrete_args
+    tensor = _tensor_input(model)
+    main = next((p for p in placeholders if p.target == tensor), placeholders[0] if placeholders else None)
+    if main is not None:
+        gm.meta[MAIN_INPUT] = main.name
+
+
+def _check_side_inputs(model: nn.Module, side_inputs: tuple[str, ...], concrete_args: Mapping[str, Any] | None) -> None:
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return
+    tensor = _tensor_input(model)
+    for name in side_inputs:
+        if name not in params or name == tensor or name in (concrete_args or {}):
+            why = (
+                "is its main input" if name == tensor
+                else "is fixed by concrete_args" if name in (concrete_args or {})
+                else "is not one of its arguments"
+            )
+            raise TraceError(
+                f"side_inputs names {name!r}, which {why} of {type(model).__name__}.forward{inspect.signature(model.forward)}. "
+                f"Fix: name forward arguments other than the main input {tensor!r}, e.g. side_inputs=['attention_mask']."
+            )
 
 
 def _record_output_fields(gm: fx.GraphModule) -> None:
@@ -393,6 +431,7 @@ def trace(
     concrete_args: Mapping[str, Any] | None = None,
     capture: Literal["fx", "export", "auto"] = "fx",
     example_input: torch.Tensor | None = None,
+    side_inputs: Iterable[str] = (),
 ) -> fx.GraphModule:
     """Symbolically trace ``model`` into an ``fx.GraphModule`` that is right in both modes.
 
@@ -402,8 +441,10 @@ def trace(
     torchvision's ``create_feature_extractor`` does); when the graphs differ, the innermost
     submodules whose own code reads ``self.training`` become leaf modules (one call that follows
     the module's mode at run time) and the model is traced again; if the graphs still differ,
-    every such submodule becomes a leaf. Differences that remain (in the
-    root's own ``forward``, e.g. an auxiliary classifier) are checked against the trunk by
+    every such submodule becomes a leaf. A call in the root's own ``forward`` that passes the
+    mode as an argument (``F.dropout(x, p, training=self.training)``) reads the graph module's
+    mode at run time instead (see `graphsurgeon.core.mode_args`). Differences that remain (a
+    branch in the root's own ``forward``, e.g. an auxiliary classifier) are checked against the trunk by
     `graphsurgeon.segment`, which refuses a trunk whose computation depends on the mode.
     The user's model is never modified: a copy is traced.
 
@@ -423,6 +464,9 @@ def trace(
             models fx cannot trace: see `graphsurgeon.core.capture`) or ``"auto"`` (fx, falling
             back to export with a warning).
         example_input: one input batch; needed by ``capture="export"`` (export specialises on it).
+        side_inputs: forward arguments with a default that stay inputs of the graph besides the
+            main one (``["attention_mask"]``); arguments without a default always do. Every
+            segment that reads one takes it as an extra argument (see `graphsurgeon.segment`).
 
     Raises:
         TraceError: naming the innermost module being traced, the offending source line, and
@@ -433,20 +477,32 @@ def trace(
             f"trace() needs an nn.Module, got {type(model).__name__}. "
             "Pass the backbone module itself (e.g. torchvision.models.resnet18())."
         )
+    side_inputs = tuple(side_inputs)
     if capture != "fx":  # --- the torch.export capture path; imported here: capture.py imports this module
         from graphsurgeon.core.capture import capture_graph
 
+        if side_inputs:
+            raise SideInputError(
+                f"side_inputs={list(side_inputs)} needs capture='fx': the torch.export path captures one input. "
+                "Fix: pass capture='fx', or fix the argument with concrete_args={...}."
+            )
         return capture_graph(
             model, capture, example_input=example_input, leaf_modules=leaf_modules, concrete_args=concrete_args
         )
     leaves = tuple(leaf_modules)
     _check_leaf_names(model, leaves)
+    _check_side_inputs(model, side_inputs, concrete_args)
     timm_leaves, autowrap = _timm_registry(model)
     leaves = leaves + timm_leaves
-    args = bound_arguments(model, concrete_args)
+    args = bound_arguments(model, concrete_args, side_inputs)
 
     def trace_both(leaves: tuple[LeafSpec, ...]) -> dict[bool, fx.GraphModule]:
-        return {mode: _trace_once(model, mode, leaves, args, autowrap) for mode in (model.training, not model.training)}
+        graphs = {
+            mode: _trace_once(model, mode, leaves, args, autowrap, side_inputs)
+            for mode in (model.training, not model.training)
+        }
+        follow_mode(graphs)  # the root's own F.dropout(..., training=self.training)
+        return graphs
 
     def differ(graphs: dict[bool, fx.GraphModule]) -> bool:
         return graph_signature(graphs[True].graph.nodes) != graph_signature(graphs[False].graph.nodes)

@@ -7,7 +7,7 @@ yields `(image, {task: target})` and describes its tasks with `TaskInfo`.
 from graphsurgeon.data.celeba import CelebAAttributes
 from graphsurgeon.data.cityscapes import Cityscapes, cityscapes_tasks
 from graphsurgeon.data.corruptions import CORRUPTIONS, corrupt
-from graphsurgeon.data.dense_targets import edges_from_labels, normals_from_depth
+from graphsurgeon.data.dense_targets import Camera, depth_from_inverse, edges_from_labels, normals_from_depth
 from graphsurgeon.data.errors import DataError
 from graphsurgeon.data.mnist import load_mnist_5k
 from graphsurgeon.data.multimnist import MULTIMNIST_TASKS, MultiMNIST, source_digit_pools
@@ -15,6 +15,7 @@ from graphsurgeon.data.nyuv2 import NYUV2_TASKS, NYUv2
 from graphsurgeon.data.registry import DATASETS, get_dataset
 from graphsurgeon.data.tasks import (
     TaskInfo,
+    autoencoding_task,
     classification_task,
     confusion_matrix,
     dense_regression_task,
@@ -30,17 +31,20 @@ __all__ = [
     "DATASETS",
     "MULTIMNIST_TASKS",
     "NYUV2_TASKS",
+    "Camera",
     "CelebAAttributes",
     "Cityscapes",
     "DataError",
     "MultiMNIST",
     "NYUv2",
     "TaskInfo",
+    "autoencoding_task",
     "cityscapes_tasks",
     "classification_task",
     "confusion_matrix",
     "corrupt",
     "dense_regression_task",
+    "depth_from_inverse",
     "depth_task",
     "edge_task",
     "edges_from_labels",

@@ -1,9 +1,12 @@
 """Dense targets derived from other targets: semantic edges and depth-based normals.
 
-Deriving them lets every dense dataset offer the same task set (segmentation, depth,
-normals, edges) even when a release ships only labels and depth.
+Deriving them lets every dense dataset offer the MTSL paper's task set (segmentation,
+depth, normals, edges, auto-encoding) even when a release ships only labels and depth;
+docs/datasets.md says which dataset derives what.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -40,29 +43,81 @@ def edges_from_labels(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tenso
     return torch.where(known, edge.long(), torch.full_like(labels, ignore_index))
 
 
-def normals_from_depth(depth: Tensor) -> Tensor:
+@dataclass(frozen=True)
+class Camera:
+    """Pinhole intrinsics (pixels) of a camera at the image size `height` × `width`.
+
+    Preprocessed releases store images resized from the sensor's frames, so `at` rescales
+    the intrinsics to the size of the array at hand (pixel centres at i + 0.5).
+    """
+
+    fx: float
+    fy: float
+    cx: float
+    cy: float
+    height: int
+    width: int
+
+    def at(self, height: int, width: int) -> Camera:
+        """The same camera for frames resized to `height` × `width`."""
+        sy, sx = height / self.height, width / self.width
+        return Camera(self.fx * sx, self.fy * sy, (self.cx + 0.5) * sx - 0.5, (self.cy + 0.5) * sy - 0.5,
+                      height, width)
+
+
+def depth_from_inverse(inverse: Tensor) -> Tensor:
+    """Depth, up to one unknown factor, from inverse depth (disparity); 0 stays 'missing'.
+
+    Stereo disparity is baseline·focal / depth, so 1 / disparity is depth in units of
+    baseline·focal. Surface normals do not depend on that factor (scaling every 3-D point
+    by a constant leaves every surface direction as it was).
+    """
+    valid = inverse > 0
+    return torch.where(valid, 1 / torch.where(valid, inverse, torch.ones_like(inverse)), torch.zeros_like(inverse))
+
+
+def normals_from_depth(depth: Tensor, camera: Camera | None = None) -> Tensor:
     """Unit surface normals (3, H, W) from a depth map (1, H, W); invalid depth is <= 0.
 
-    The depth map is treated as a surface z = d(x, y) over the pixel grid (x right,
-    y down, z along the viewing direction, one unit per pixel). With the central
-    differences d_x = (d(x+1, y) - d(x-1, y)) / 2 and d_y likewise (one-sided at the
-    image border), the normal facing the camera is
+    Axes: x right, y down, z along the viewing direction (the camera frame); normals face
+    the camera, so a wall straight ahead is (0, 0, -1).
 
-        n = (d_x, d_y, -1) / ||(d_x, d_y, -1)||
+    With a `camera`, every pixel (u, v) is back-projected to the 3-D point
+    P = d(u, v) · ((u - cx) / fx, (v - cy) / fy, 1), and the normal is the cross product of
+    the surface's two tangents, n ∝ ∂P/∂v × ∂P/∂u, the derivatives taken as central
+    differences (one-sided at the border). Both differences join points of the surface,
+    so on a plane the normal is exact; on curved surfaces and across depth edges it is
+    smoothed over three pixels. This is how the MTSL code derives normals for Cityscapes
+    (from depth and the camera; it uses kornia's `depth_to_normals` there).
 
-    This is an orthographic approximation: it ignores the focal length, so slanted
-    surfaces come out with the right orientation in the image but a tilt that is off
-    by a depth-dependent factor. That is fine for an auxiliary task that must follow
-    the scene geometry, not for comparing against released ground-truth normals.
-    Pixels whose depth, or any 4-neighbour's depth, is invalid get the zero vector,
-    which the normal loss and metrics treat as "no label".
+    Without a camera the map is treated as a surface z = d(x, y) over the pixel grid (one
+    unit per pixel): n ∝ (∂d/∂x, ∂d/∂y, -1). That orthographic approximation ignores the
+    focal length, so tilts come out right in direction but off in amount by a
+    depth-dependent factor: good enough for an auxiliary task, not for comparing against
+    measured normals.
+
+    Limits either way: depth sensors are noisy at range and along edges, and differences
+    amplify that noise, so derived normals are rougher than released (smoothed, fitted)
+    ones; a depth edge between two objects yields a slanted "surface" between them.
+    Pixels whose depth, or any 4-neighbour's depth, is invalid get the zero vector, which
+    the normal loss and metrics treat as "no label".
     """
     if depth.dim() != 3 or depth.shape[0] != 1 or min(depth.shape[1:]) < 2:
         raise DataError(f"normals_from_depth got a depth map of shape {tuple(depth.shape)}; "
                         "pass a (1, H, W) map with H, W >= 2.")
     d = depth[0].float()
-    grad_y, grad_x = torch.gradient(d)
-    normal = F.normalize(torch.stack([grad_x, grad_y, -torch.ones_like(d)]), dim=0)
+    if camera is None:
+        grad_y, grad_x = torch.gradient(d)
+        normal = F.normalize(torch.stack([grad_x, grad_y, -torch.ones_like(d)]), dim=0)
+    else:
+        h, w = d.shape
+        if (camera.height, camera.width) != (h, w):
+            raise DataError(f"normals_from_depth got a camera for {camera.height}×{camera.width} frames and a "
+                            f"{h}×{w} depth map; pass camera.at({h}, {w}).")
+        v, u = torch.meshgrid(torch.arange(h, dtype=d.dtype), torch.arange(w, dtype=d.dtype), indexing="ij")
+        points = d * torch.stack([(u - camera.cx) / camera.fx, (v - camera.cy) / camera.fy, torch.ones_like(d)])
+        tangent_v, tangent_u = torch.gradient(points, dim=(1, 2))
+        normal = F.normalize(torch.linalg.cross(tangent_v, tangent_u, dim=0), dim=0)
     valid = (d > 0).float()[None, None]
     # A pixel is usable only if it and its 4-neighbours are valid: min-pool with a cross.
     padded = F.pad(valid, (1, 1, 1, 1), mode="replicate")[0, 0]

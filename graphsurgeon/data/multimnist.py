@@ -84,7 +84,7 @@ def source_digit_pools(labels: np.ndarray) -> dict[str, np.ndarray]:
     return {split: np.sort(np.concatenate(parts)) for split, parts in pools.items()}
 
 
-def _place(digits: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+def place_digits(digits: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """Paste each 28×28 uint8 digit onto its own blank canvas at (row, col), all at once."""
     n = len(digits)
     canvas = np.zeros((n, CANVAS_SIZE, CANVAS_SIZE), dtype=np.uint8)
@@ -138,8 +138,8 @@ class MultiMNIST(Dataset):
         left_idx, right_idx = pool[left_pos], pool[right_pos]
         corners = [rng.integers(lo, hi + 1, size) for lo, hi in (LEFT_CORNER, LEFT_CORNER,
                                                                  RIGHT_CORNER, RIGHT_CORNER)]
-        left_canvas = torch.from_numpy(_place(digits[left_idx], corners[0], corners[1]))
-        right_canvas = torch.from_numpy(_place(digits[right_idx], corners[2], corners[3]))
+        left_canvas = torch.from_numpy(place_digits(digits[left_idx], corners[0], corners[1]))
+        right_canvas = torch.from_numpy(place_digits(digits[right_idx], corners[2], corners[3]))
 
         self.split = split
         self.seed = seed

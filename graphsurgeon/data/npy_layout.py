@@ -7,7 +7,9 @@ The layout, as the MTAN and LibMTL loaders read it::
     root/{train,val}/depth/{i}.npy    float (H, W, 1), <= 0 = no measurement
     root/{train,val}/normal/{i}.npy   float (H, W, 3), unit vectors (NYUv2 only)
 
-with i = 0 .. N-1. There is no test folder: papers using these releases report on `val`.
+with i = 0 .. N-1. Targets the release lacks are derived per item: "edges" from the
+labels, "normal" from depth and the dataset's camera (when there is no normal/ folder),
+"autoencoding" is the image itself. There is no test folder: papers using these releases report on `val`.
 Every file a split needs is checked when the dataset is built, so a half-extracted
 download fails at once with the missing path rather than mid-epoch.
 """
@@ -22,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from graphsurgeon.data.dense_augment import scale_crop_flip
-from graphsurgeon.data.dense_targets import edges_from_labels, normals_from_depth
+from graphsurgeon.data.dense_targets import Camera, depth_from_inverse, edges_from_labels, normals_from_depth
 from graphsurgeon.data.errors import DataError, SampleIndexError
 from graphsurgeon.data.tasks import TaskInfo
 
@@ -47,15 +49,18 @@ class DenseNpyDataset(Dataset):
 
     Items are `(image, targets)`: image float32 (3, H, W); "segmentation" and "edges"
     int64 (H, W) with -1 = unlabelled; "depth" float32 (1, H, W); "normal" float32
-    (3, H, W). Subclasses say which tasks exist and which folder each stored target is in.
+    (3, H, W); "autoencoding" float32 (3, H, W), a copy of the image (after augmentation,
+    so the target is always the network's input). Subclasses say which tasks exist, which
+    folder each stored target is in, and the camera the frames were taken with.
     `derived_normals` is True when "normal" was requested but the release has no
-    normal/ folder, so normals are computed from depth (see `normals_from_depth`).
+    normal/ folder, so normals are computed from depth and `camera` (see
+    `normals_from_depth`); inverse depth is inverted first.
     """
 
     def __init__(self, *, dataset: str, hint: str, root: str | Path | None, split: str,
                  tasks: Iterable[str] | None, default_tasks: Iterable[str],
                  task_info: Mapping[str, TaskInfo], folders: Mapping[str, str],
-                 augment: bool, inverse_depth: bool) -> None:
+                 augment: bool, inverse_depth: bool, camera: Camera) -> None:
         if root is None:
             raise DataError(f"{dataset} needs root= the folder of its preprocessed release; {hint}")
         self.root = Path(root).expanduser()
@@ -72,6 +77,7 @@ class DenseNpyDataset(Dataset):
         self.split = split
         self.augment = augment
         self.inverse_depth = inverse_depth
+        self.camera = camera
         self.task_info: dict[str, TaskInfo] = {t: task_info[t] for t in names}
         self._folders = self._resolve_folders(names, folders)
         self.derived_normals = "normal" in names and "normal" not in self._folders
@@ -80,13 +86,13 @@ class DenseNpyDataset(Dataset):
 
     def _resolve_folders(self, names: list[str], folders: Mapping[str, str]) -> dict[str, str]:
         """Map each *stored* target this item needs ("segmentation", ...) to its folder."""
-        stored = {"image"}
+        stored = {"image"}  # also the auto-encoding target
         for task in names:
             if task == "edges":
                 stored.add("segmentation")
-            elif task == "normal" and not (self.root / self.split / folders["normal"]).is_dir():
+            elif task == "normal" and ("normal" not in folders or not (self.root / self.split / folders["normal"]).is_dir()):
                 stored.add("depth")  # no released normals: derive them from depth
-            else:
+            elif task != "autoencoding":
                 stored.add(task)
         return {s: folders[s] for s in sorted(stored)}
 
@@ -122,6 +128,12 @@ class DenseNpyDataset(Dataset):
                             f"(H, W, {channels}); the file is not from the expected release.")
         return torch.from_numpy(np.ascontiguousarray(np.moveaxis(array, -1, 0), dtype=np.float32))
 
+    def _derive_normals(self, depth: Tensor) -> Tensor:
+        """Normals of the unaugmented frame: the crop and zoom that augmentation applies
+        afterwards change the camera's intrinsics, not the surfaces' directions."""
+        metric = depth_from_inverse(depth) if self.inverse_depth else depth
+        return normals_from_depth(metric, self.camera.at(*depth.shape[-2:]))
+
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
         if not 0 <= index < self._length:
             raise SampleIndexError(f"{self.dataset} index {index} out of range for {self._length} samples; "
@@ -134,9 +146,11 @@ class DenseNpyDataset(Dataset):
             stored["depth"] = self._load_channels_first("depth", index, 1)
         if "normal" in self.task_info:
             stored["normal"] = (self._load_channels_first("normal", index, 3) if "normal" in self._folders
-                                else normals_from_depth(stored["depth"]))
+                                else self._derive_normals(stored["depth"]))
         if self.augment:
             image, stored = scale_crop_flip(image, stored, inverse_depth=self.inverse_depth)
         if "edges" in self.task_info:
             stored["edges"] = edges_from_labels(stored["segmentation"])
+        if "autoencoding" in self.task_info:
+            stored["autoencoding"] = image.clone()
         return image, {task: stored[task] for task in self.task_info}

@@ -233,6 +233,20 @@ def normal_median_angle(pred: Tensor, target: Tensor) -> float:
 
 
 @torch.no_grad()
+def normal_within(pred: Tensor, target: Tensor, degrees: float) -> float:
+    """Share of valid pixels whose normal is off by less than `degrees` (11.25, 22.5, 30 in
+    the literature): unlike the mean, it says how much of the scene is *usable*."""
+    angles = _normal_angles_deg(pred, target)
+    return (angles < degrees).float().mean().item() if angles.numel() else math.nan
+
+
+@torch.no_grad()
+def mse_error(pred: Tensor, target: Tensor) -> float:
+    """Mean squared error over all pixels and channels (the MTSL paper's auto-encoding score)."""
+    return (pred - target).pow(2).mean().item()
+
+
+@torch.no_grad()
 def binary_f1(pred: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX) -> float:
     """F1 score of class 1 (e.g. "edge") over labelled pixels; 1.0 when neither side has any."""
     labelled = target != ignore_index
@@ -276,11 +290,24 @@ def depth_task() -> TaskInfo:
                     {"abs_error": False, "rel_error": False}, "abs_error")
 
 
+NORMAL_THRESHOLDS: tuple[float, ...] = (11.25, 22.5, 30.0)
+
+
 def normal_task() -> TaskInfo:
-    """Unit surface normals (3 channels), scored by angular error in degrees."""
+    """Unit surface normals (3 channels), scored by angular error in degrees: mean (primary),
+    median, and the share of pixels within 11.25°, 22.5° and 30°, the five numbers
+    NYUv2 papers (MTAN, MTSL, LibMTL) report."""
+    within = {f"within_{t:g}": partial(normal_within, degrees=t) for t in NORMAL_THRESHOLDS}
     return TaskInfo("dense_regression", 3, normal_cosine_loss,
-                    {"mean_angle": normal_mean_angle, "median_angle": normal_median_angle},
-                    {"mean_angle": False, "median_angle": False}, "mean_angle")
+                    {"mean_angle": normal_mean_angle, "median_angle": normal_median_angle, **within},
+                    {"mean_angle": False, "median_angle": False, **dict.fromkeys(within, True)}, "mean_angle")
+
+
+def autoencoding_task(channels: int = 3) -> TaskInfo:
+    """Reconstruct the input image: L1 loss (robust to the few saturated pixels), scored by
+    L1 error (primary) and mean squared error, which the MTSL paper reports."""
+    return TaskInfo("dense_regression", channels, l1_loss, {"l1_error": l1_error, "mse": mse_error},
+                    {"l1_error": False, "mse": False}, "l1_error")
 
 
 def edge_task(ignore_index: int = IGNORE_INDEX) -> TaskInfo:

@@ -4,16 +4,25 @@ MTSL does not simply average the members: the group node G is trained so that, f
 member t, a channel gate g_t = sigmoid(MLP(GAP(F_G))) recovers the member's features,
 minimising Σ_t MSE(F_t, g_t ⊙ F_G). The gates let one shared representation serve members
 that weight channels differently; they are discarded after the phase (the children
-downstream adapt during the next task-learning phase).
+downstream adapt during the next task-learning phase). Without gates (``gated=False``) the
+group node is fitted to every member's features as they are, the least-squares stand-in for
+all of them: what a merge of trained models needs, where no task learning follows to adapt the
+children to features a gate would have rescaled (`graphsurgeon.methods.structure.merge_trained`).
+With ``target="outputs"`` what is fitted is each task's output instead: the group node, in its
+member's place, feeds the nodes below and the head unchanged, and the task's output is fitted
+to the one its member gives, so the group node keeps what each task reads of it rather than
+every feature alike.
 
 A segment at a multi-value boundary (a decoder stage carrying encoder skips) returns a tuple:
 every value gets its own gate and MSE term (values the segment only passes on are equal in G
-and the members, so they add nothing).
+and the members, so they add nothing); with ``target="outputs"`` the tuple feeds the nodes
+below as it is.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
@@ -113,12 +122,20 @@ class Amalgamation:
         lr: Adam learning rate for the group node and the gates (a separate optimizer).
         progress: wraps each epoch's batches (e.g. a tqdm factory) or ``None``.
         reduction: the gates' hidden width is channels // reduction (1: the official C).
+        gated: learn a channel gate per member (MTSL); ``False`` fits the group node to the
+            members' features directly.
+        target: ``"features"`` (MTSL): the group node's output is fitted to each member's;
+            ``"outputs"``: every task's output, computed through the rest of its path with the
+            group node in its member's place, is fitted to the output its member gives (the
+            nodes below and the heads stay as they are; no gates).
     """
 
     batches: Callable[[], Iterable[torch.Tensor]]
     epochs: int = 1
     lr: float = 1e-3
     reduction: int = 1
+    gated: bool = True
+    target: Literal["features", "outputs"] = "features"
     progress: Callable[[Iterable], Iterable] | None = None
     history: list[dict] = field(default_factory=list)
     gates: list[BoundaryGate] | None = field(default=None, repr=False)
@@ -142,7 +159,11 @@ class Amalgamation:
         self, net: MultiTaskNetwork, depth: int, parent: int, members: Sequence[nn.Module], group: nn.Module
     ) -> tuple[list[float], list[BoundaryGate] | None]:
         device = next(group.parameters()).device
+        outputs = self.target == "outputs"
+        node_of = {id(net.node_module(n)): n for n in net.tree.at_depth(depth)}
+        member_tasks = [node_of[id(m)].tasks for m in members] if outputs else []
         gates: list[BoundaryGate] | None = None
+        params: list[nn.Parameter] = []
         opt: torch.optim.Optimizer | None = None
         curve: list[float] = []
         for _ in range(self.epochs):
@@ -153,14 +174,24 @@ class Amalgamation:
                 with torch.no_grad():
                     inp = net.features(x, depth=depth - 1)[parent]
                     targets = [m(inp) for m in members]
+                    if outputs:
+                        targets = [net.outputs_from(depth, f, tasks) for f, tasks in zip(targets, member_tasks)]
                 fg = group(inp)
-                if gates is None:
-                    gates = [BoundaryGate(fg, self.reduction).to(device) for _ in members]
-                    params = list(group.parameters()) + [p for g in gates for p in g.parameters()]
+                if opt is None:
+                    if self.gated and not outputs:
+                        gates = [BoundaryGate(fg, self.reduction).to(device) for _ in members]
+                    params = list(group.parameters()) + [p for g in gates or () for p in g.parameters()]
                     opt = torch.optim.Adam(params, lr=self.lr)
-                loss = sum(_mse_mean(gate(fg), t) for gate, t in zip(gates, targets))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
+                if outputs:
+                    preds = [net.outputs_from(depth, fg, tasks) for tasks in member_tasks]
+                    loss = torch.stack([F.mse_loss(p[t], y[t]) for p, y in zip(preds, targets) for t in y]).sum()
+                else:
+                    feats = [gate(fg) for gate in gates] if gates is not None else [fg] * len(targets)
+                    loss = torch.stack([_mse_mean(f, t) for f, t in zip(feats, targets)]).sum()
+                # gradients of the group node (and gates) only: the nodes and heads below stay as they are
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                for p, g in zip(params, grads):
+                    p.grad = g
                 # under torchrun each rank distils on its share of the batches: average the
                 # gradients so that every rank ends with the same group node (no-op alone)
                 distributed.all_reduce_gradients(params)

@@ -53,7 +53,7 @@ from graphsurgeon.training import distributed
 if TYPE_CHECKING:
     from graphsurgeon.training.trainer import Trainer
 
-__all__ = ["MTSL", "MTSLConfig"]
+__all__ = ["MTSL", "MTSLConfig", "central_first", "node_similarity"]
 
 
 def pristine_digest(net: MultiTaskNetwork) -> str:
@@ -64,6 +64,43 @@ def pristine_digest(net: MultiTaskNetwork) -> str:
             h.update(name.encode())
             h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+@torch.no_grad()
+def node_similarity(trainer: Trainer, depth: int, ids: Sequence[int], samples: int) -> torch.Tensor:
+    """Debiased linear CKA between the outputs of nodes ``ids`` at ``depth`` (a multi-value
+    boundary's main value, see `MultiTaskNetwork.representations`), globally average pooled, on
+    a fixed sample of ``samples`` training inputs (drawn from the trainer's seed, so a rerun
+    compares on the same inputs); under torchrun each rank takes its share of the sample and the
+    statistics are summed over ranks."""
+    net = trainer.net
+    acc = CKAAccumulator(debiased=True)
+    data = trainer.train_data
+    g = torch.Generator().manual_seed(trainer.config.seed + 7919)
+    order = torch.randperm(len(data), generator=g)[:samples].tolist()
+    if len(order) < distributed.world_size():
+        raise GroupingError(
+            f"the similarity of nodes {list(ids)} is measured on {len(order)} samples but runs on {distributed.world_size()} ranks; "
+            "raise similarity_samples (or use the data set's size) to at least the number of ranks."
+        )
+    subset = torch.utils.data.Subset(data, distributed.shard(order))
+    with eval_mode(net):
+        for batch in trainer.loader(subset, shuffle=False, batch_size=trainer.config.eval_batch_size):
+            x, _ = trainer.to_device(batch)
+            values = net.representations(x, depth)  # a multi-value boundary: its main value
+            acc.update({i: global_avg_pool(values[i]) for i in ids})
+    return acc.all_reduce().matrix().cpu()
+
+
+def central_first(ids: Sequence[int], similarity: torch.Tensor, blocks: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Each block (indices into ``ids`` and ``similarity``) as node ids, its most central member
+    first: the one with the highest summed similarity to the rest of its block, which a
+    ``group_init="copy"`` copies."""
+
+    def centrality(i: int, block: Sequence[int]) -> float:
+        return sum(float(similarity[i, j]) for j in block if j != i)
+
+    return [[ids[i] for i in sorted(block, key=lambda i, b=block: -centrality(i, b))] for block in blocks]
 
 
 @dataclass
@@ -195,27 +232,10 @@ class MTSL(Method):
         self._install_hooks(trainer)
         return {"structural_phase": events}
 
-    @torch.no_grad()
     def similarity(self, trainer: Trainer, depth: int, ids: Sequence[int]) -> torch.Tensor:
         """Debiased linear CKA between the nodes' GAP'd outputs on a fixed training sample
-        (each rank takes its share of the sample; the statistics are summed over ranks)."""
-        net = trainer.net
-        acc = CKAAccumulator(debiased=True)
-        data = trainer.train_data
-        g = torch.Generator().manual_seed(trainer.config.seed + 7919)
-        order = torch.randperm(len(data), generator=g)[: self.config.similarity_samples].tolist()
-        if len(order) < distributed.world_size():
-            raise GroupingError(
-                f"MTSL compares features on {len(order)} samples but runs on {distributed.world_size()} ranks; "
-                "raise similarity_samples (or use the data set's size) to at least the number of ranks."
-            )
-        subset = torch.utils.data.Subset(data, distributed.shard(order))
-        with eval_mode(net):
-            for batch in trainer.loader(subset, shuffle=False, batch_size=trainer.config.eval_batch_size):
-                x, _ = trainer.to_device(batch)
-                values = net.representations(x, depth)  # a multi-value boundary: its main value
-                acc.update({i: global_avg_pool(values[i]) for i in ids})
-        return acc.all_reduce().matrix().cpu()
+        (`node_similarity`)."""
+        return node_similarity(trainer, depth, ids, self.config.similarity_samples)
 
     def structural_phase(self, trainer: Trainer) -> list[dict]:
         """Compare every frontier set, merge what passes the threshold, keep the rest as leftovers."""
@@ -235,13 +255,7 @@ class MTSL(Method):
             if distributed.is_main():
                 decision = mtsl_partition(sim.numpy(), self.config.threshold, exhaustive_limit=self.config.exhaustive_limit)
             sim, decision = distributed.broadcast_object((sim, decision))  # rank 0 decides for all
-            # most central member first (highest mean CKA with the rest): group_init="copy" takes it
-            def centrality(i: int, block: Sequence[int], sim: torch.Tensor = sim) -> float:
-                return sum(float(sim[i, j]) for j in block if j != i)
-
-            groups = [
-                [ids[i] for i in sorted(block, key=lambda i, b=block: -centrality(i, b))] for block in decision.merge_groups
-            ]
+            groups = central_first(ids, sim, decision.merge_groups)
             amalgamation = Amalgamation(
                 batches=lambda: (b[0].to(trainer.device) for b in trainer.loader(trainer.train_data, shuffle=True)),
                 epochs=distill_epochs,

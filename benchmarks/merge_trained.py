@@ -1,0 +1,277 @@
+"""Merging separately trained single-task models (`graphsurgeon.merge_trained`) on a task family
+with a known answer.
+
+A ``small_resnet`` is pretrained (hard sharing) on another data set's tasks, as users start
+from pretrained weights; one single-task model per task is fine-tuned from it, each a whole
+model with its own classifier, and saved as a safetensors file, as a user would hold them. The files are merged as ``graphsurgeon merge`` merges them
+(`graphsurgeon.apps.experiment.run_merge`): MTSL's rule from the first depth down, knowledge
+amalgamation into each group node, a 1 % relative validation budget per task, then a short joint
+fine-tune. Writes benchmarks/results/merge_trained.{json,md} and the trade-off curve
+merge_trained_curve.png (needs matplotlib), with the machine and the torch build.
+
+    python benchmarks/merge_trained.py                      # gt_twins, one torch thread
+    python benchmarks/merge_trained.py --data multimnist --tasks left,left_parity,right,right_ge5 \\
+        --groups left,left_parity right,right_ge5
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import graphsurgeon as gs
+from graphsurgeon.apps.experiment import DATASETS, ExperimentConfig, make_backbone, run_merge
+from graphsurgeon.data.ground_truth import GROUND_TRUTH, score_partitions
+from graphsurgeon.training.trainer import TrainConfig, seed_everything
+
+
+def task_info_of(data) -> dict:
+    return data.task_info if hasattr(data, "task_info") else data.dataset.task_info
+
+
+def pretrain(args, example: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The common starting point, as users fine-tune from pretrained weights: a hard-shared
+    backbone trained on another data set's tasks (``--pretrain-data``); its weights by name."""
+    cfg = ExperimentConfig(data=args.pretrain_data, tasks=args.pretrain_tasks.split(","), train=TrainConfig(seed=args.seed))
+    data = DATASETS[args.pretrain_data](cfg, "train", args.train_size)
+    info = task_info_of(data)
+    seed_everything(args.seed)
+    backbone = make_backbone("small_resnet", example.shape[1], example.shape[-1])
+    heads = {t: info[t].task(lambda shape, n=info[t].num_outputs: nn.Linear(shape[0], n)) for t in cfg.tasks}
+    net = gs.multitask(backbone, heads, sharing="shared", example_input=example)
+    gs.fit(net, data, epochs=args.pretrain_epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed, progress=False)
+    state: dict[str, torch.Tensor] = {}
+    for node in net.tree.path(cfg.tasks[0])[1:]:
+        state.update(net.node_module(node).state_dict())
+    return state
+
+
+def train_single(task: str, info, splits, args, path: Path, pretrained: dict[str, torch.Tensor] | None) -> dict:
+    """One whole model (backbone + its classifier) trained on ``task`` alone, saved to ``path``.
+
+    Every task's model starts from the same weights: the pretrained backbone (else one seed's
+    init) and a classifier drawn from one seed. It trains as a one-task network whose trunk is
+    the model's own output (an identity head), so every parameter, the classifier's too, lies in
+    its segments, which are written back into the model by name."""
+    example = splits["train"][0][0][None]
+    seed_everything(args.seed)
+    model = make_backbone("small_resnet", example.shape[1], example.shape[-1], num_classes=info.num_outputs)
+    if pretrained is not None:
+        missing, unexpected = model.load_state_dict(pretrained, strict=False)
+        assert not unexpected and all(k.startswith("fc.") for k in missing), (missing, unexpected)
+    net = gs.multitask(model, {task: info.task(nn.Identity())}, trunk="fc", sharing="shared", example_input=example)
+    start = time.perf_counter()
+    trainer = gs.fit(net, splits["train"], splits["val"], epochs=args.epochs, lr=args.finetune_lr, batch_size=args.batch_size,
+                     seed=args.seed, progress=False)
+    seconds = time.perf_counter() - start
+    state = {}
+    for node in net.tree.path(task)[1:]:
+        state.update(net.node_module(node).state_dict())
+    model.load_state_dict(state)
+    save_file(model.state_dict(), str(path))
+    return {"val": trainer.history[-1]["val"][task], "seconds": seconds}
+
+
+def shared_depth(tree: gs.TaskTree, a: str, b: str) -> int:
+    """The deepest segment two tasks still share (0: only the input)."""
+    return max(d for d, (x, y) in enumerate(zip(tree.path(a), tree.path(b))) if x.id == y.id)
+
+
+def machine() -> dict:
+    return {
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_git": torch.version.git_version,
+        "cuda": torch.version.cuda,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "load": round(os.getloadavg()[0], 1),
+    }
+
+
+def markdown(record: dict) -> str:
+    r, a = record["merge"], record["args"]
+    tasks, metric = r["tasks"], r["metric"]
+    lines = [
+        f"# Merging separately trained models: {a['data']} (seed {a['seed']}; CPU, {record['machine']['threads']} thread)",
+        "",
+        f"Machine: {record['machine']['processor']}, {record['machine']['cpus']} CPUs; torch {record['machine']['torch']} "
+        f"(git {record['machine']['torch_git'][:10]}, CUDA {record['machine']['cuda']}), Python {record['machine']['python']}.",
+        "",
+        f"Command: `python benchmarks/merge_trained.py {record['command']}`",
+        "",
+        (f"A small_resnet pretrained {a['pretrain_epochs']} epochs (hard sharing, lr {a['lr']}) on {a['pretrain_data']}'s "
+         f"{a['pretrain_tasks']} ({a['train_size']} samples), then " if a["pretrain_epochs"] else "")
+        + f"one single-task model per task fine-tuned from it {a['epochs']} epochs (lr {a['finetune_lr']}) on {a['train_size']} samples, "
+        f"saved as safetensors and merged as `graphsurgeon merge` does: CKA on {a['similarity_samples']} training samples, "
+        f"MTSL's partition rule (threshold {a['threshold']}), amalgamation {a['distill_epochs']} epoch(s) per merge "
+        "(each task's output through its unchanged path fitted to its model's), "
+        f"budget: any task's validation {'/'.join(sorted(set(metric.values())))} may drop at most {a['tolerance']:.0%} "
+        f"(relative) vs its model ({a['val_size']} validation samples), then {a['finetune_epochs']} fine-tune epoch(s). "
+        f"Test: {a['test_size']} samples. Merging stopped: {r['stopped']}. Wall time: training {record['train_seconds']:.0f} s, "
+        f"merging (with fine-tune) {r['merge_seconds']:.0f} s"
+        + (f"; the whole run {record['cpu_seconds']:.0f} s of CPU time (the machine was shared: load average "
+           f"{record['machine']['load']} at the end)." if "cpu_seconds" in record else
+           " (not CPU time: the machine was shared with other jobs, load average about 7 on its 2 cores)."),
+        "",
+        "| task | metric | original val | merged val | original test | merged test |",
+        "|---|---|---|---|---|---|",
+    ]
+    for t in tasks:
+        m = metric[t]
+        v, s = r["validation"], r["test"]
+        lines.append(f"| {t} | {m} | {v['original'][t][m]:.4f} | {v['merged'][t][m]:.4f} | {s['original'][t][m]:.4f} | {s['merged'][t][m]:.4f} |")
+    p, f = r["parameters"], r["flops"]
+    lines += [
+        "",
+        f"Parameters: {p['original']:,} → {p['merged']:,} ({p['merged'] / p['original']:.1%}); "
+        f"forward FLOPs per sample: {f['original'] / 1e6:.2f} M → {f['merged'] / 1e6:.2f} M ({f['merged'] / f['original']:.1%}).",
+        "",
+        "Merged tree:",
+        "```",
+        r["tree"],
+        "```",
+    ]
+    if record.get("sharing"):
+        s = record["sharing"]
+        lines += [
+            "",
+            "Deepest segment shared by each pair of tasks (of "
+            f"{len(r['tree_partitions'])}): same ground-truth group {s['within']}; different groups {s['across']}.",
+            "",
+            f"Tasks of one ground-truth group share deeper than tasks of different groups: **{s['verdict']}** "
+            f"(shallowest within a group: {s['min_within']}, deepest across groups: {s['max_across']}).",
+        ]
+    if record.get("ground_truth"):
+        g = record["ground_truth"]
+        last = g["per_depth"][-1]
+        lines += [
+            "",
+            f"Against the ground truth (graphsurgeon.data.ground_truth, scored at the last depth): exact {g['exact']}, "
+            f"ARI {g['ari']:.2f}; last-depth partition of the scored tasks {[list(b) for b in last['partition']]}; "
+            f"the control shares its last node with {g['controls']}.",
+        ]
+    lines += [
+        "",
+        "Trade-off curve (validation; every merge tried, in order; ![curve](merge_trained_curve.png)):",
+        "",
+        "| step | kind | depth | tasks merged | kept | params | MFLOPs | " + " | ".join(tasks) + " | past tolerance |",
+        "|---|---|---|---|---|---|---|" + "---|" * len(tasks) + "---|",
+    ]
+    for i, pt in enumerate(r["curve"]):
+        kept = {"start": "", "finetune": ""}.get(pt["kind"], "yes" if pt.get("accepted") else "no")
+        cells = [str(i), pt["kind"], str(pt.get("depth", "")), "+".join(pt.get("tasks", [])), kept, f"{pt['parameters']:,}",
+                 f"{pt['flops'] / 1e6:.2f}", *[f"{pt['metrics'][t]:.4f}" for t in tasks], ", ".join(pt["violations"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "CKA between sibling nodes at each decision (rows in the order of `tasks`):", ""]
+    for d in r["decisions"]:
+        labels = ["+".join(t) for t in d["tasks"]]
+        sim = "; ".join(f"{labels[i]}~{labels[j]} {d['similarity'][i][j]:.2f}" for i, j in itertools.combinations(range(len(labels)), 2))
+        merged = " | ".join("{" + ", ".join("+".join(t) for t in g) + "}" for g in d["merged"]) or "none"
+        lines.append(f"- depth {d['depth']}: {sim}; MTSL merges {merged}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="gt_twins", choices=sorted(DATASETS))
+    parser.add_argument("--tasks", default=None, help="comma-separated (default: all of the dataset's)")
+    parser.add_argument("--groups", nargs="*", default=None, help="ground-truth groups, each comma-separated")
+    parser.add_argument("--train-size", type=int, default=3000)
+    parser.add_argument("--val-size", type=int, default=1000)
+    parser.add_argument("--test-size", type=int, default=1000)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--pretrain-data", default="multimnist", choices=sorted(DATASETS))
+    parser.add_argument("--pretrain-tasks", default="left,right")
+    parser.add_argument("--pretrain-epochs", type=int, default=2, help="0: every model starts from one random init")
+    parser.add_argument("--lr", type=float, default=2e-3, help="pretraining, amalgamation and joint fine-tune")
+    parser.add_argument("--finetune-lr", type=float, default=1e-3, help="training of each single-task model")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tolerance", type=float, default=0.01)
+    parser.add_argument("--threshold", type=float, default=0.8)
+    parser.add_argument("--similarity-samples", type=int, default=800)
+    parser.add_argument("--distill-epochs", type=int, default=1)
+    parser.add_argument("--finetune-epochs", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--runs", default="runs/merge_trained")
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--render", action="store_true", help="only rewrite the markdown and the curve from the JSON")
+    args = parser.parse_args()
+    out = Path(args.out)
+    if args.render:
+        record = json.loads((out / "merge_trained.json").read_text())
+        write(record, out)
+        return
+    cpu_start = time.process_time()
+    torch.set_num_threads(args.threads)
+    train = TrainConfig(epochs=max(args.finetune_epochs, 1), lr=args.lr, batch_size=args.batch_size, seed=args.seed, progress=False)
+    cfg = ExperimentConfig(backbone="small_resnet", data=args.data, tasks=args.tasks.split(",") if args.tasks else None,
+                           train_size=args.train_size, val_size=args.val_size, test_size=args.test_size, train=train,
+                           out_dir=str(Path(args.runs) / "merged"))
+    splits = {s: DATASETS[args.data](cfg, s, n) for s, n in (("train", args.train_size), ("val", args.val_size), ("test", args.test_size))}
+    info = task_info_of(splits["train"])
+    tasks = list(cfg.tasks or info)
+    models = Path(args.runs) / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    pretrained = pretrain(args, splits["train"][0][0][None]) if args.pretrain_epochs else None
+    single = {t: train_single(t, info[t], splits, args, models / f"{t}.safetensors", pretrained) for t in tasks}
+    train_seconds = time.perf_counter() - start
+    budget = gs.MergeBudget(tolerance=args.tolerance)
+    merge = gs.MergeConfig(threshold=args.threshold, similarity_samples=args.similarity_samples, distill_epochs=args.distill_epochs,
+                           distill_lr=args.lr, finetune_epochs=args.finetune_epochs, train=train)
+    results = run_merge(cfg, {t: models / f"{t}.safetensors" for t in tasks}, budget, merge)
+    net = results.pop("merge").net
+    variant = args.data.removeprefix("gt_") if args.data.startswith("gt_") else None
+    truth = GROUND_TRUTH.get(variant) if variant else None
+    groups = [g.split(",") for g in args.groups] if args.groups is not None else [list(g) for g in truth.groups] if truth else None
+    record = {
+        "args": vars(args),
+        "command": " ".join(f"--{k.replace('_', '-')} {v if not isinstance(v, list) else ' '.join(v)}"
+                            for k, v in vars(args).items() if v is not None and k not in ("runs", "out")),
+        "machine": machine(),
+        "single_task_training": single,
+        "train_seconds": train_seconds,
+        "merge": results,
+    }
+    if truth is not None and set(truth.tasks) <= set(tasks):
+        record["ground_truth"] = score_partitions(net.tree.partitions(), variant)
+    if groups:
+        group_of = {t: i for i, g in enumerate(groups) for t in g}
+        pairs = [(a, b) for a, b in itertools.combinations(tasks, 2) if a in group_of and b in group_of]
+        within = {f"{a}+{b}": shared_depth(net.tree, a, b) for a, b in pairs if group_of[a] == group_of[b]}
+        across = {f"{a}+{b}": shared_depth(net.tree, a, b) for a, b in pairs if group_of[a] != group_of[b]}
+        if within and across:
+            record["sharing"] = {
+                "groups": groups, "within": within, "across": across,
+                "min_within": min(within.values()), "max_across": max(across.values()),
+                "verdict": "yes" if min(within.values()) > max(across.values()) else "no",
+            }
+    record["cpu_seconds"] = time.process_time() - cpu_start
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "merge_trained.json").write_text(json.dumps(record, indent=1, default=str))
+    write(record, out)
+
+
+def write(record: dict, out: Path) -> None:
+    """The markdown table and the trade-off curve of a run's record."""
+    from graphsurgeon.apps.report import plot_merge_curve
+
+    r = record["merge"]
+    (out / "merge_trained.md").write_text(markdown(record))
+    plot_merge_curve(r["curve"], r["metric"], out / "merge_trained_curve.png", title=f"merge_trained on {record['args']['data']}")
+    print(markdown(record))
+
+
+if __name__ == "__main__":
+    main()
