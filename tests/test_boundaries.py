@@ -181,6 +181,74 @@ def test_representations_are_the_main_value_or_a_named_one():
     assert repr(names[0]) in str(err.value) and "value=None" in str(err.value)
 
 
+class ConditionedUNet(UNet):
+    """`UNet` whose decoder is conditioned on a metadata vector (FiLM after ``up1``): a side
+    input read by a segment that starts at a multi-value boundary."""
+
+    def __init__(self) -> None:
+        super().__init__(1, (4, 8, 16))
+        self.film = nn.Linear(3, 8)
+
+    def forward(self, x: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i in range(self.depth):
+            x = getattr(self, f"down{i}")(x)
+            skips.append(x)
+        for i in reversed(range(self.depth - 1)):
+            x = getattr(self, f"up{i}")(x, skips[i])
+            if i == 1:
+                x = x * (1 + self.film(meta)[:, :, None, None])
+        return x
+
+
+def test_a_side_input_reaches_a_segment_between_multi_value_boundaries(tmp_path):
+    """One mechanism: a segment takes its boundary (here the tuple of a skip and the decoder
+    feature), then the side inputs it reads; the chain, the network, fused execution, the
+    materialised graph, torch.export, surgery and checkpoints all pass both."""
+    torch.manual_seed(0)
+    model = ConditionedUNet().eval().double()
+    g = torch.Generator().manual_seed(0)
+    batch = {"x": torch.randn(2, 1, 16, 16, generator=g, dtype=torch.float64), "meta": torch.randn(2, 3, generator=g, dtype=torch.float64)}
+    x, meta = batch["x"], batch["meta"]
+    segments = gs.segment(gs.trace(model), "up0", example_input=batch)
+    reader = next(s for s in segments if s.side_inputs)
+    assert reader.side_inputs == ("meta",) and len(reader.input_names) > 1
+    z = x
+    with torch.no_grad():
+        for s in segments:
+            z = s.module(z, *(batch[n] for n in s.side_inputs))
+        assert torch.equal(z, model(x, meta))
+    depth = len(segments)
+    tree = TaskTree.from_partitions(list("abc"), [[["a", "b"], ["c"]]] * 2 + [[["a"], ["b"], ["c"]]] * (depth - 2))
+    heads = {t: DenseHead(model.out_channels, 2 + i, (16, 16)).double() for i, t in enumerate("abc")}
+    net = gs.multitask(model, heads, trunk="up0", example_input=batch, sharing=tree).eval()
+    assert net.side_inputs == ("meta",)
+    with torch.no_grad():  # every copy its own weights, so that a mixed-up copy shows
+        for p in net.parameters():
+            p.mul_(1 + 0.05 * torch.randn_like(p))
+    for d in range(3, reader.index + 1):  # a and b share through the reader; c stays apart
+        gs.surgery.fuse(net, d, [[n.id for n in net.tree.at_depth(d) if set(n.tasks) <= {"a", "b"}]], init="mean")
+    assert len(net.tree.at_depth(reader.index)) == 2
+    gs.check(net)
+    with torch.no_grad():
+        want = net(x, meta=meta)
+        fused = copy.deepcopy(net).fuse_execution(True)(x, meta=meta)
+        materialised = gs.materialize(net)(x, meta)
+        exported = gs.to_export(net, batch).module()(x, meta)
+        other = net(x, meta=meta + 1)
+    for t in want:
+        assert torch.allclose(fused[t], want[t], rtol=0, atol=1e-10), t
+        assert torch.equal(materialised[t], want[t]), t
+        assert torch.allclose(exported[t], want[t], rtol=0, atol=1e-10), t
+        assert not torch.equal(other[t], want[t]), t  # the metadata is read, not baked in
+    path = gs.save(net, tmp_path / "net.safetensors")
+    loaded = gs.load(path, copy.deepcopy(model), {t: copy.deepcopy(h) for t, h in net.heads.items()}).eval()
+    with torch.no_grad():
+        got = loaded(x, meta=meta)
+    assert loaded.tree == net.tree
+    assert all(torch.equal(got[t], want[t]) for t in want)
+
+
 # ---------------------------------------------------------------- torchvision dense models
 SEGMENTATION = ["fcn_resnet50", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large"]
 
