@@ -24,8 +24,8 @@ merged into one.
 Side inputs. A backbone may read model inputs besides its main one (a transformer's
 ``attention_mask``, a metadata vector beside an image). They are never live values either: what
 is computed from them alone (BERT's extended attention mask) is re-created inside every segment
-that reads it, and each segment takes the inputs it reads as extra arguments after its chained
-value (`Segment.side_inputs`). When a backbone has side inputs, the main input's shape (``size``,
+that reads it, and each segment takes the inputs it reads as extra arguments after its start
+boundary (`Segment.side_inputs`): one mechanism, whether the boundary is one tensor or a tuple. When a backbone has side inputs, the main input's shape (``size``,
 ``dim``, ``shape``, ``dtype``, ``device``) is read the same way: the mask is expanded to the main
 input's sequence length, and the main input itself reaches a later segment only for that read.
 """
@@ -88,8 +88,8 @@ class Segment:
             the order they were computed (one name for a single-value boundary).
         output_names: fx names of the values it returns (the next segment's input).
         node_names: the fx names of the traced nodes it computes, in order.
-        side_inputs: the model inputs (forward argument names) the module takes after its chained
-            input, in this order: side inputs (``attention_mask``), or the main input for its shape.
+        side_inputs: the model inputs (forward argument names) the module takes after its start
+            boundary, in this order: side inputs (``attention_mask``), or the main input for its shape.
 
     fx names (``layer4_1_relu_1``) are unique within the graph and stable, which is what
     fingerprints and checkpoints need; `graphsurgeon.core.trace.qualified_name` gives a node's
