@@ -36,6 +36,7 @@ from graphsurgeon.core import (
 from graphsurgeon.core.export import ExportError
 from graphsurgeon.errors import (
     BackendError,
+    BoundaryError,
     CheckpointError,
     ConfigError,
     ExampleInputError,
@@ -62,6 +63,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "BackendError",
+    "BoundaryError",
     "Callback",
     "CheckpointError",
     "ConfigError",

@@ -17,6 +17,11 @@ class TrunkError(GraphSurgeonError):
     """The requested trunk node does not exist or cannot end the shared backbone."""
 
 
+class BoundaryError(GraphSurgeonError):
+    """A segment boundary between module blocks carries more live values than
+    ``max_boundary_values`` allows (see `graphsurgeon.segment`)."""
+
+
 class TaskSpecError(GraphSurgeonError):
     """Task names or task specifications are invalid (empty, duplicate, wrong type)."""
 

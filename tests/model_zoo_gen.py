@@ -4,7 +4,9 @@ torchvision's backbones are all variations on one shape (a stem, then chains of 
 stages), so tests that only use them never see the graphs that break cut finding and graph
 rewriting: long skips that keep several values live at once, branches that start at the
 input, a module called twice, parameters read through ``get_attr``, channel concatenations.
-`random_models()` draws such graphs.
+`random_models()` draws such graphs; decoder-style stages (`SkipFusion`: a module that takes the
+latest value and an earlier one, as a U-Net stage takes its skip) make the segment cut between
+module blocks carry several values, and ``skip_stage=True`` ends every program with one.
 
 A model is built from a drawn `Program`: a list of `Op`s over a growing list of values, each op
 reading one or two earlier values and adding one. Value 0 is the input; every value is a
@@ -22,16 +24,18 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-__all__ = ["BATCH", "GeneratedNet", "Op", "Program", "ResidualBlock", "build_model", "programs", "random_models"]
+__all__ = [
+    "BATCH", "GeneratedNet", "Op", "Program", "ResidualBlock", "SkipFusion", "build_model", "programs", "random_models",
+]
 
 BATCH = 2
 """Batch size of every example input: two rows, so that a test can see whether rows differ."""
 
-OpKind = Literal["conv", "norm", "act", "scale", "block", "stage", "add", "cat"]
+OpKind = Literal["conv", "norm", "act", "scale", "block", "stage", "add", "cat", "fuse"]
 
 # Listed simplest first: hypothesis shrinks `sampled_from` towards the front.
 ONE_INPUT_KINDS: tuple[OpKind, ...] = ("conv", "act", "norm", "scale", "block", "stage")
-TWO_INPUT_KINDS: tuple[OpKind, ...] = ("add", "cat")
+TWO_INPUT_KINDS: tuple[OpKind, ...] = ("add", "cat", "fuse")
 # How each activation reaches the fx graph: a submodule (call_module), a function
 # (call_function) or a tensor method (call_method).
 ACT_VARIANTS = ("ReLU", "F.relu", "Tensor.relu", "GELU")
@@ -52,7 +56,7 @@ class Op:
         inputs: indices of the values read; two for add and cat, one otherwise.
         channels: channels of the value produced.
         variant: kind-specific choice: kernel for conv (``CONV_VARIANTS``), flavour for act
-            (``ACT_VARIANTS``), normalisation for norm, block and stage (``NORM_VARIANTS``),
+            (``ACT_VARIANTS``), normalisation for norm, block, stage and fuse (``NORM_VARIANTS``),
             ``"proj"`` for an add whose second operand needs a 1x1 conv to match channels.
         layer_scale: block and stage only: the residual branch is multiplied by a learnable
             per-channel parameter, which is read with ``get_attr`` inside a submodule.
@@ -146,6 +150,20 @@ class ResidualBlock(nn.Module):
         return self.relu(out + identity)
 
 
+class SkipFusion(nn.Module):
+    """A decoder stage: the latest value concatenated with an earlier one (its skip), then a
+    1x1 conv, a norm and a ReLU. A module of its own with two inputs, so the skip is live across
+    the block boundary in front of it."""
+
+    def __init__(self, channels: int, skip_channels: int, out_channels: int, norm: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels + skip_channels, out_channels, 1, bias=False)
+        self.norm = _norm(norm, out_channels)
+
+    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
+        return F.relu(self.norm(self.conv(torch.cat([x, skip], dim=1))))
+
+
 class GeneratedNet(nn.Module):
     """The model a `Program` describes; ``features`` is the drawn DAG, ``forward`` adds the head."""
 
@@ -172,6 +190,8 @@ class GeneratedNet(nn.Module):
                     for i in range(op.depth)
                 ]
                 setattr(self, op.name, nn.Sequential(*blocks))
+            elif op.kind == "fuse":
+                setattr(self, op.name, SkipFusion(c_in, channels[op.inputs[1]], op.channels, op.variant))
             elif op.kind == "add" and op.variant == "proj":
                 setattr(self, op.name, nn.Conv2d(channels[op.inputs[1]], op.channels, 1, bias=False))
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -196,6 +216,8 @@ class GeneratedNet(nn.Module):
             return first + second
         if op.kind == "cat":
             return torch.cat(args, dim=1)
+        if op.kind == "fuse":
+            return getattr(self, op.name)(*args)
         return getattr(self, op.name)(args[0])
 
     def features(self, x: Tensor) -> Tensor:
@@ -218,8 +240,12 @@ def _draw_operand(draw: st.DrawFn, n_values: int) -> int:
 
 
 def _merge(kind: OpKind, first: int, second: int, channels: list[int], max_channels: int) -> Op:
-    """An add or a cat of two values; a cat that would be too wide becomes an add."""
+    """An add, a cat or a decoder stage (`SkipFusion`) of two values; a cat that would be too
+    wide becomes an add."""
     position = len(channels)
+    if kind == "fuse":
+        norm = "group" if channels[first] >= 2 else "batch"
+        return Op("fuse", f"fuse{position}", (first, second), channels[first], norm)
     if kind == "cat" and channels[first] + channels[second] <= max_channels:
         return Op("cat", f"cat{position}", (first, second), channels[first] + channels[second])
     variant = "proj" if channels[first] != channels[second] else ""
@@ -258,12 +284,15 @@ def _draw_op(draw: st.DrawFn, channels: list[int], max_channels: int) -> Op:
 
 
 @st.composite
-def programs(draw: st.DrawFn, max_ops: int = 8, max_channels: int = 16) -> Program:
+def programs(draw: st.DrawFn, max_ops: int = 8, max_channels: int = 16, skip_stage: bool = False) -> Program:
     """Draw a `Program` of 1..``max_ops`` layers, plus the merges that leave no value unused.
 
     A value nobody reads would be dead code, which real backbones do not have and which would
     make "values live at this point" ambiguous, so after the drawn ops every unread value is
     added or concatenated into the latest one. Those merges are long skips by construction.
+
+    ``skip_stage``: then a residual block and a `SkipFusion` of its output with an earlier
+    value: the boundaries around that block carry two values (an encoder-decoder in miniature).
     """
     seed = draw(st.integers(0, 2**32 - 1))
     in_channels = draw(st.integers(1, min(4, max_channels)))
@@ -273,6 +302,13 @@ def programs(draw: st.DrawFn, max_ops: int = 8, max_channels: int = 16) -> Progr
     ops: list[Op] = []
     for _ in range(draw(st.integers(1, max_ops))):
         ops.append(_draw_op(draw, channels, max_channels))
+        channels.append(ops[-1].channels)
+    if skip_stage:
+        skip = draw(st.integers(0, len(channels) - 1))
+        c = channels[-1]
+        ops.append(Op("block", f"block{len(channels)}", (len(channels) - 1,), c, "group" if c >= 2 else "batch"))
+        channels.append(c)
+        ops.append(_merge("fuse", len(channels) - 1, skip, channels, max_channels))
         channels.append(ops[-1].channels)
     read = {i for op in ops for i in op.inputs}
     for unread in [i for i in range(len(channels) - 1) if i not in read]:
@@ -341,13 +377,15 @@ def build_model(program: Program) -> tuple[GeneratedNet, Tensor]:
 
 
 @st.composite
-def random_models(draw: st.DrawFn, max_ops: int = 8, max_channels: int = 16) -> tuple[GeneratedNet, Tensor]:
+def random_models(
+    draw: st.DrawFn, max_ops: int = 8, max_channels: int = 16, skip_stage: bool = False
+) -> tuple[GeneratedNet, Tensor]:
     """A random small traceable model and an example input for it.
 
     Returns ``(model, example)``: ``model`` is an eval-mode float64 `GeneratedNet` that
     ``torch.fx.symbolic_trace`` can trace; ``example`` has shape ``(2, C, H, W)`` with C in
     1..4 and H, W in 6..12. ``model.program`` is the drawn `Program` (its summary is in the
     model's repr). ``max_ops`` bounds the drawn layers (merges of unread values come on top);
-    ``max_channels`` bounds the width of any value.
+    ``max_channels`` bounds the width of any value; ``skip_stage`` see `programs`.
     """
-    return build_model(draw(programs(max_ops=max_ops, max_channels=max_channels)))
+    return build_model(draw(programs(max_ops=max_ops, max_channels=max_channels, skip_stage=skip_stage)))

@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 import torch
 from hypothesis import HealthCheck, Phase, find, given, settings
-from model_zoo_gen import BATCH, GeneratedNet, Program, ResidualBlock, build_model, programs, random_models
+from model_zoo_gen import BATCH, GeneratedNet, Program, ResidualBlock, SkipFusion, build_model, programs, random_models
 from strategies import examples
 from torch import Tensor, fx, nn
 
@@ -121,6 +121,7 @@ def _features(drawn: tuple[GeneratedNet, Tensor]) -> set[str]:
         "module_called_twice": any(count >= 2 for count in called.values()),
         "residual_block": any(isinstance(m, ResidualBlock) for m in model.children()),
         "sequential_stage": any(isinstance(m, nn.Sequential) for m in model.children()),
+        "decoder_stage": any(isinstance(m, SkipFusion) for m in model.children()),
         "batch_norm": any(isinstance(m, nn.BatchNorm2d) for m in model.modules()),
         "group_norm": any(isinstance(m, nn.GroupNorm) for m in model.modules()),
     }
@@ -129,8 +130,8 @@ def _features(drawn: tuple[GeneratedNet, Tensor]) -> set[str]:
 
 
 FEATURES = (
-    "add", "batch_norm", "branch_from_input", "cat", "get_attr", "group_norm", "module_called_twice",
-    "pure_chain", "residual_block", "sequential_stage", "skip", "three_live",
+    "add", "batch_norm", "branch_from_input", "cat", "decoder_stage", "get_attr", "group_norm",
+    "module_called_twice", "pure_chain", "residual_block", "sequential_stage", "skip", "three_live",
 )
 
 

@@ -35,7 +35,8 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--groups", type=int, default=2, help="TAG: number of task groups")
     p.add_argument("--branches", type=int, default=2, help="DMTG: number of branches K")
     p.add_argument("--search-epochs", type=int, default=None, help="TAG affinity / DMTG search epochs (default: about half)")
-    p.add_argument("--backbone", default="small_resnet", help="small_resnet or a torchvision model name")
+    p.add_argument("--backbone", default="small_resnet",
+                   help="small_resnet, unet or resnet18_decoder (encoder-decoders: pass --trunk up0 / decoder.3), or a torchvision model name")
     p.add_argument("--data", default="multimnist", choices=list(DATASETS))
     p.add_argument("--data-root", default=None, help="folder of a downloaded dataset (not needed for the embedded multimnist, gt_twins, gt_branching)")
     p.add_argument("--data-seed", type=int, default=None,

@@ -20,7 +20,7 @@ import torchvision
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from graphsurgeon.apps.models import make_head, small_resnet
+from graphsurgeon.apps.models import ResNetEncoderDecoder, UNet, make_head, small_resnet
 from graphsurgeon.core.build import multitask
 from graphsurgeon.core.invariants import count_flops
 from graphsurgeon.core.network import MultiTaskNetwork
@@ -95,14 +95,33 @@ class GreyToRGB(nn.Module):
         return self.model(x.expand(-1, 3, -1, -1))
 
 
+# the project's own backbones, by name: a classifier and two encoder-decoders for dense tasks
+# (pass trunk="up0" / trunk="decoder.3": their last decoder stage; they have no classifier)
+LOCAL_BACKBONES: dict[str, Callable[..., nn.Module]] = {
+    "small_resnet": small_resnet,
+    "unet": UNet,
+    "resnet18_decoder": ResNetEncoderDecoder,
+}
+
+
 def make_backbone(name: str, in_channels: int, image_size: int, num_classes: int | None = None) -> nn.Module:
-    """``small_resnet`` or any torchvision classification model name (random init), with its own
-    classifier of ``num_classes`` outputs (default: the model's default)."""
-    if name == "small_resnet":
-        return small_resnet(in_channels, num_classes=num_classes or 10)
+    """One of `LOCAL_BACKBONES` or any torchvision classification model name (random init), with
+    its own classifier of ``num_classes`` outputs (default: the model's default; the
+    encoder-decoders have none)."""
+    if name in LOCAL_BACKBONES:
+        if num_classes is None:
+            return LOCAL_BACKBONES[name](in_channels)
+        if name != "small_resnet":
+            raise TaskSpecError(
+                f"backbone {name!r} is an encoder-decoder without a classifier, so it cannot be built with "
+                f"num_classes={num_classes}; use 'small_resnet' or a torchvision classifier for classification models."
+            )
+        return small_resnet(in_channels, num_classes=num_classes)
     available = torchvision.models.list_models(module=torchvision.models)
     if name not in available:
-        raise TaskSpecError(f"unknown backbone {name!r}; use 'small_resnet' or one of torchvision's: {available[:8]}...")
+        raise TaskSpecError(
+            f"unknown backbone {name!r}; use one of {sorted(LOCAL_BACKBONES)} or of torchvision's: {available[:8]}..."
+        )
     kwargs: dict[str, Any] = {"image_size": image_size} if name.startswith("vit") else {}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes

@@ -5,7 +5,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["levels", "metrics_table", "plot_cka", "plot_losses", "plot_merge_curve", "plot_tree"]
+__all__ = ["levels", "metrics_table", "plot_cka", "plot_losses", "plot_merge_curve", "plot_tree", "segment_labels"]
 
 
 def _pyplot():
@@ -40,8 +40,12 @@ def levels(partitions: Sequence[Sequence[Sequence[str]]]) -> str:
     return " · ".join(f"d{a}: {b}" if a == e else f"d{a}–{e}: {b}" for a, e, b in spans)
 
 
-def plot_tree(tree, path: Path, title: str = "") -> None:
-    """The task tree as a node-link drawing: depth downwards, one column per leaf task."""
+def plot_tree(tree, path: Path, title: str = "", depth_labels: Sequence[str] | None = None) -> None:
+    """The task tree as a node-link drawing: depth downwards, one column per leaf task.
+
+    ``depth_labels`` names the segment at each depth 1..L (`segment_labels`: ``layer2.1.relu_1``,
+    ``decoder.0.relu``), so a branch point reads as a place in the backbone; default ``seg1``, ...
+    """
     plt = _pyplot()
     tasks = list(tree.tasks)
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(tasks), 1.2 + 0.7 * tree.depth))
@@ -57,12 +61,25 @@ def plot_tree(tree, path: Path, title: str = "") -> None:
     for i, t in enumerate(tasks):
         ax.text(i, tree.depth + 0.45, t, ha="center", va="top", rotation=30, fontsize=8)
     ax.set_ylim(tree.depth + 0.9, -0.5)
-    ax.set_yticks(range(tree.depth + 1), ["input"] + [f"seg{d}" for d in range(1, tree.depth + 1)])
+    labels = list(depth_labels) if depth_labels is not None else [f"seg{d}" for d in range(1, tree.depth + 1)]
+    ax.set_yticks(range(tree.depth + 1), ["input", *labels], fontsize=7 if tree.depth > 10 else None)
     ax.set_xticks([])
     ax.set_title(title or "learned task tree (orange: shared)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def segment_labels(net) -> list[str]:
+    """Per depth, the qualified name of the node a segment ends at (``layer2.1.relu_1``,
+    ``decoder.0.relu``): where in the backbone a branch at that depth happens."""
+    from graphsurgeon.core.trace import qualified_name
+
+    labels = []
+    for s in net.segments:
+        last = next((n for n in s.module.graph.nodes if n.name == s.output_name), None)
+        labels.append(qualified_name(last) if last is not None else f"seg{s.index}")
+    return labels
 
 
 def plot_cka(decisions: Sequence[Mapping[str, Any]], path: Path) -> None:

@@ -11,7 +11,7 @@ from torch import nn
 from graphsurgeon.core.inputs import Inputs, split_inputs
 from graphsurgeon.core.modes import eval_mode
 from graphsurgeon.core.network import MultiTaskNetwork, Task
-from graphsurgeon.core.segments import Granularity, Segment, graph_inputs, segment
+from graphsurgeon.core.segments import MAX_BOUNDARY_VALUES, Granularity, Segment, graph_inputs, segment
 from graphsurgeon.core.trace import CAPTURE, LeafSpec, qualified_name, trace
 from graphsurgeon.core.tree import TaskTree
 from graphsurgeon.errors import TaskSpecError, TreeEditError
@@ -106,6 +106,7 @@ def multitask(
     concrete_args: Mapping[str, Any] | None = None,
     capture: Literal["fx", "export", "auto"] = "fx",
     side_inputs: Iterable[str] = (),
+    max_boundary_values: int = MAX_BOUNDARY_VALUES,
 ) -> MultiTaskNetwork:
     """Turn ``model`` into a multi-task network with one head per task.
 
@@ -135,6 +136,8 @@ def multitask(
         capture: how the backbone becomes a graph: ``"fx"`` (``symbolic_trace``), ``"export"``
             (``torch.export``, for shape-dependent control flow or code fx cannot proxy; needs
             ``example_input``) or ``"auto"`` (fx, else export); see `graphsurgeon.core.capture`.
+        max_boundary_values: the most tensors one segment boundary may carry (an encoder-decoder's
+            skips plus its decoder feature); see `graphsurgeon.segment`.
     """
     _task_pairs(tasks)  # fail on bad names or specs before the (slower) trace
     gm = trace(
@@ -145,7 +148,7 @@ def multitask(
         example_input=example_input,
         side_inputs=side_inputs,
     )
-    segments = segment(gm, trunk, granularity, example_input=example_input)
+    segments = segment(gm, trunk, granularity, example_input=example_input, max_boundary_values=max_boundary_values)
     main = next(str(n.target) for n in gm.graph.nodes if n.name == segments[0].input_name)
     read = tuple(dict.fromkeys(n for s in segments for n in s.side_inputs if n != main))
     inputs: dict[str, Any] = {}
@@ -176,6 +179,7 @@ def multitask(
         "trunk": trunk_name,
         "granularity": granularity,
         "backbone": type(model).__name__,
+        "max_boundary_values": max_boundary_values,
         "input": main,
         "side_inputs": list(read),
         "capture": gm.meta.get(CAPTURE, "fx"),  # the path taken, also under capture="auto"

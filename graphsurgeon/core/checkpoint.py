@@ -268,8 +268,9 @@ def load(
 ) -> MultiTaskNetwork:
     """Rebuild the network saved at ``path`` on ``model``'s architecture, with ``tasks``' heads.
 
-    The tree, trunk, granularity, side inputs and capture path (with, for ``capture="export"``,
-    an input of the shape it was captured with) come from the checkpoint; the backbone's code comes from
+    The tree, trunk, granularity, boundary bound, side inputs and capture path (with, for
+    ``capture="export"``, an input of the shape it was captured with) come from the checkpoint;
+    the backbone's code comes from
     ``model`` (checkpoints hold no code), and its segments must match the saved fingerprints.
     """
     meta = read_metadata(path)
@@ -279,6 +280,13 @@ def load(
         raise CheckpointError(
             f"checkpoint {str(path)!r} has corrupt metadata (config field {wrong[0]!r} is a "
             f"{type(cfg[wrong[0]]).__name__}, not a string). Re-save it."
+        )
+    # checkpoints from before multi-value boundaries were cut at single values only
+    bound = cfg.get("max_boundary_values", 1)
+    if isinstance(bound, bool) or not isinstance(bound, int):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has corrupt metadata (config field 'max_boundary_values' is a "
+            f"{type(bound).__name__}, not an int). Re-save it."
         )
     side_inputs = cfg.get("side_inputs", [])  # files written before side inputs have none
     if not (isinstance(side_inputs, list) and all(isinstance(s, str) for s in side_inputs)):
@@ -304,6 +312,7 @@ def load(
             tasks,
             trunk=multitask_kwargs.pop("trunk", cfg.get("trunk")),
             granularity=multitask_kwargs.pop("granularity", cfg.get("granularity", "block")),
+            max_boundary_values=multitask_kwargs.pop("max_boundary_values", bound),
             side_inputs=multitask_kwargs.pop("side_inputs", side_inputs),
             sharing="shared",
             **multitask_kwargs,

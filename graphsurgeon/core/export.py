@@ -1,7 +1,8 @@
 """Materialising a multi-task network as one flat fx graph, and exporting that graph.
 
 `materialize` inlines each tree node's segment once, names every node after the tree node
-that owns it (``seg3_n7_conv1``), and returns ``{task: output}``. The result is an ordinary
+that owns it (``seg3_n7_conv1``), and returns ``{task: output}``; a multi-value boundary is
+wired value by value (no tuple is built between segments). The result is an ordinary
 ``fx.GraphModule`` that shares parameters with the network, so TorchScript and
 ``torch.export`` see plain code with no tree logic in it. A backbone's side inputs
 (`MultiTaskNetwork.side_inputs`) are inputs of the graph after ``x``, in that order, and of
@@ -9,6 +10,7 @@ every exported format; an example batch is then a mapping by name, as for `graph
 """
 from __future__ import annotations
 
+import operator
 import os
 import re
 import tempfile
@@ -51,7 +53,9 @@ def materialize(net: MultiTaskNetwork) -> fx.GraphModule:
             out = None
             for n in seg.graph.nodes:
                 if n.op == "placeholder":
-                    continue
+                    continue  # the parent's output (a node, or a tuple of them: a multi-value boundary), a side input
+                elif n.op == "call_function" and n.target is operator.getitem and isinstance(env.get(n.args[0]), tuple):
+                    env[n] = env[n.args[0]][n.args[1]]  # a boundary value: the producing node itself
                 elif n.op == "output":
                     out = fx.node.map_arg(n.args[0], env.__getitem__)
                 else:

@@ -14,8 +14,9 @@ tree node holds its own ``fx.GraphModule`` copy). `FusedExecutor` runs a depth's
   equal the per-node loop's;
 * inputs: nodes with one common parent read its output unbatched (``in_dims=None``: no copy);
   when the previous depth ran as one fused call in the same node order its stacked output is
-  passed on as is; otherwise the parents' outputs are stacked; side inputs (an
-  ``attention_mask``) are the same for every copy and are passed unbatched;
+  passed on as is; otherwise the parents' outputs are stacked. A segment at a multi-value
+  boundary takes and returns a tuple of tensors: each is stacked and unstacked alike; side
+  inputs (an ``attention_mask``) are the same for every copy and are passed unbatched;
 * random ops run with ``randomness="different"``: every copy draws its own dropout mask, as in
   the loop, but not the loop's numbers (compare fused and loop with dropout off or in eval mode);
 * nodes are grouped by `structure_key` (copies of one segment share it; a group node built by a
@@ -41,6 +42,7 @@ from collections.abc import Hashable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, fx, nn
 from torch.func import functional_call, vmap
+from torch.utils import _pytree as pytree
 
 from graphsurgeon.errors import InvariantError
 from graphsurgeon.kernels.heads import batched_heads
@@ -51,6 +53,8 @@ _log = logging.getLogger(__name__)
 
 # (node name, node id, parent id) of one node the forward pass runs
 NodeRun = tuple[str, int, int]
+# what a segment takes and returns: a tensor, or the tuple of a multi-value boundary's tensors
+Boundary = Tensor | tuple[Tensor, ...]
 
 
 class LevelOutputs(dict):
@@ -109,7 +113,7 @@ class FusedExecutor:
         depth: int,
         level: Mapping[str, nn.Module],
         nodes: Sequence[NodeRun],
-        values: Mapping[int, Tensor],
+        values: Mapping[int, Boundary],
         side: Sequence[Tensor] = (),
     ) -> LevelOutputs:
         """Outputs of ``nodes`` (all at ``depth``) from their parents' outputs ``values`` and the
@@ -117,7 +121,7 @@ class FusedExecutor:
         groups: dict[Hashable, list[NodeRun]] = {}
         for node in nodes:
             groups.setdefault(structure_key(level[node[0]]), []).append(node)
-        results: dict[int, Tensor] = {}
+        results: dict[int, Boundary] = {}
         stacked = None
         for key, members in groups.items():
             if len(members) > 1 and key[0] not in self._loop_only:
@@ -132,7 +136,7 @@ class FusedExecutor:
                     self._fall_back(depth, key, len(members), exc)
                     continue
                 ids = tuple(node_id for _, node_id, _ in members)
-                results.update(zip(ids, fused.unbind(0)))
+                results.update(zip(ids, _unstack(fused)))
                 if len(groups) == 1:
                     stacked = (ids, fused)
                 continue
@@ -188,8 +192,8 @@ class FusedExecutor:
 
 
 def _loop(
-    level: Mapping[str, nn.Module], members: Sequence[NodeRun], values: Mapping[int, Tensor], side: Sequence[Tensor]
-) -> Iterator[tuple[int, Tensor]]:
+    level: Mapping[str, nn.Module], members: Sequence[NodeRun], values: Mapping[int, Boundary], side: Sequence[Tensor]
+) -> Iterator[tuple[int, Boundary]]:
     """The reference: each node's own copy on its parent's output."""
     return ((node_id, level[name](values[parent], *side)) for name, node_id, parent in members)
 
@@ -199,15 +203,24 @@ def _linear_heads(x: Tensor, linears: Sequence[nn.Linear]) -> list[Tensor]:
     return batched_heads(x, [h.weight for h in linears], biases)
 
 
-def gather_inputs(values: Mapping[int, Tensor], parents: Sequence[int]) -> tuple[Tensor, int | None]:
-    """The group's inputs as one tensor and its vmap ``in_dims``: the common parent's output
-    unbatched (None), the previous fused call's stacked output when it matches, or a stack."""
+def _unstack(fused: Boundary) -> list[Boundary]:
+    """The per-copy outputs of a fused call: its (G, ...) tensor, or each tensor of its tuple,
+    split along the copies."""
+    if isinstance(fused, Tensor):
+        return list(fused.unbind(0))
+    return list(zip(*(t.unbind(0) for t in fused)))
+
+
+def gather_inputs(values: Mapping[int, Boundary], parents: Sequence[int]) -> tuple[Boundary, int | None]:
+    """The group's inputs as one tensor (or tuple of tensors) and its vmap ``in_dims``: the
+    common parent's output unbatched (None), the previous fused call's stacked output when it
+    matches, or a stack."""
     if all(p == parents[0] for p in parents):
         return values[parents[0]], None
     stacked = getattr(values, "stacked", None)
     if stacked is not None and stacked[0] == tuple(parents):
         return stacked[1], 0
-    return torch.stack([values[p] for p in parents]), 0
+    return pytree.tree_map(lambda *xs: torch.stack(xs), *(values[p] for p in parents)), 0
 
 
 _THREAD = threading.local()
@@ -236,8 +249,11 @@ def _skeleton(module: nn.Module) -> nn.Module:
     return skeleton
 
 
-def fused_call(modules: Sequence[nn.Module], x: Tensor, in_dim: int | None, side: Sequence[Tensor] = ()) -> Tensor:
-    """``torch.stack([m(x_i, *side) for m, x_i in zip(modules, x)])`` as one vmapped call of
+def fused_call(
+    modules: Sequence[nn.Module], x: Boundary, in_dim: int | None, side: Sequence[Tensor] = ()
+) -> Boundary:
+    """``torch.stack([m(x_i, *side) for m, x_i in zip(modules, x)])`` (leaf by leaf, for a
+    boundary's tuple) as one vmapped call of
     ``modules[0]``'s structure with the stacked parameters and buffers of all of them
     (thread-safe: each thread calls its own weightless copy, see `_skeleton`)."""
     template = _skeleton(modules[0])
@@ -246,16 +262,16 @@ def fused_call(modules: Sequence[nn.Module], x: Tensor, in_dim: int | None, side
     stacked_params = {n: torch.stack([p[n] for p in params]) for n in params[0]}
     stacked_buffers = {n: torch.stack([b[n] for b in buffers]) for n in buffers[0]}
 
-    def call(p: dict[str, Tensor], b: dict[str, Tensor], xi: Tensor, *rest: Tensor) -> Tensor:
+    def call(p: dict[str, Tensor], b: dict[str, Tensor], xi: Boundary, *rest: Tensor) -> Boundary:
         return functional_call(template, (p, b), (xi, *rest))
 
     in_dims = (0, 0, in_dim, *(None for _ in side))
     y = vmap(call, in_dims=in_dims, randomness="different")(stacked_params, stacked_buffers, x, *side)
-    if not isinstance(y, Tensor):
+    if not (isinstance(y, Tensor) or (isinstance(y, tuple) and y and all(isinstance(t, Tensor) for t in y))):
         raise InvariantError(
-            f"a {type(template).__name__} segment returns {type(y).__name__}, not one tensor, so its copies cannot "
-            "run as one batched call. Build the network with example_input=<a batch> so that segments are only "
-            "cut where one tensor is live."
+            f"a {type(template).__name__} segment returns {type(y).__name__}, not a tensor or a tuple of tensors, so "
+            "its copies cannot run as one batched call. Build the network with example_input=<a batch> so that "
+            "segments are only cut where tensors are live."
         )
     if any(m.training for m in template.modules()):  # running statistics moved: hand them back
         with torch.no_grad():

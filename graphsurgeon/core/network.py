@@ -27,7 +27,7 @@ from graphsurgeon.core.segments import Segment
 from graphsurgeon.core.tree import Origin, TaskTree, TreeNode
 from graphsurgeon.errors import HeadMismatchError, TaskSpecError, TreeEditError
 
-__all__ = ["GroupInit", "MultiTaskNetwork", "Task"]
+__all__ = ["GroupInit", "MultiTaskNetwork", "Task", "main_value"]
 
 GroupInit = Literal["fresh", "pristine", "mean", "copy"] | Callable[[Sequence[nn.Module]], nn.Module]
 
@@ -46,6 +46,12 @@ class Task:
     loss: Callable[[torch.Tensor, Any], torch.Tensor] | None = None
     metrics: Mapping[str, Callable[[torch.Tensor, Any], float]] = field(default_factory=dict)
     higher_is_better: Mapping[str, bool] = field(default_factory=dict)
+
+
+def main_value(boundary: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The main value of what a segment returns: the tensor itself, or the last (latest
+    computed) of a multi-value boundary's tuple (see `graphsurgeon.core.segments`)."""
+    return boundary[-1] if isinstance(boundary, tuple) else boundary
 
 
 def reinitialise(module: nn.Module) -> nn.Module:
@@ -325,10 +331,12 @@ class MultiTaskNetwork(nn.Module):
 
     def features(
         self, x: torch.Tensor, tasks: Iterable[str] | None = None, depth: int | None = None, **side_inputs: Any
-    ) -> dict[int, torch.Tensor]:
+    ) -> dict[int, torch.Tensor | tuple[torch.Tensor, ...]]:
         """Outputs of the nodes at ``depth`` (default: the trunk) the requested tasks need, by node id.
 
-        ``depth=0`` returns the input itself under the root's id. ``side_inputs``: as for `forward`.
+        ``depth=0`` returns the input itself under the root's id. A node whose segment ends at a
+        multi-value boundary outputs the tuple of its values (what the next segment takes); see
+        `representations` for one tensor per node. ``side_inputs``: as for `forward`.
         """
         wanted = frozenset(self._wanted(tasks))
         inputs = self._inputs(x, side_inputs)
@@ -341,6 +349,37 @@ class MultiTaskNetwork(nn.Module):
             else:
                 values = {node_id: level[name](values[parent], *side) for name, node_id, parent in nodes}
         return values
+
+    def boundary_names(self, depth: int) -> tuple[str, ...]:
+        """fx names of the values the boundary after segment ``depth`` carries (the input's at 0),
+        in the order they are computed; the last is the main value."""
+        return self._segments[depth - 1].output_names if depth else self._segments[0].input_names
+
+    def representations(
+        self,
+        x: torch.Tensor,
+        depth: int,
+        tasks: Iterable[str] | None = None,
+        value: str | None = None,
+        **side_inputs: Any,
+    ) -> dict[int, torch.Tensor]:
+        """One tensor per node at ``depth``: the boundary's main value (the latest computed: a
+        decoder stage's output rather than the encoder skips it carries along), or the value
+        named ``value`` (an fx name from `boundary_names`). What similarity measures (MTSL's
+        CKA) compare: a boundary of several values is not one representation. ``side_inputs``:
+        as for `forward`."""
+        names = self.boundary_names(depth)
+        if value is None:
+            k = len(names) - 1
+        elif value in names:
+            k = names.index(value)
+        else:
+            raise TaskSpecError(
+                f"value={value!r} is not carried by the boundary after segment {depth}; it carries {list(names)}. "
+                "Pass one of those (or value=None for the last, the main value)."
+            )
+        values = self.features(x, tasks, depth, **side_inputs)
+        return {i: v[k] if isinstance(v, tuple) else v for i, v in values.items()}
 
     def forward(self, x: torch.Tensor, tasks: Iterable[str] | None = None, **side_inputs: Any) -> dict[str, torch.Tensor]:
         """``{task: output}`` for every task, or only ``tasks`` (computing only their paths).
@@ -370,7 +409,9 @@ class MultiTaskNetwork(nn.Module):
                 ) from exc
         return out
 
-    def outputs_from(self, depth: int, value: torch.Tensor, tasks: Iterable[str]) -> dict[str, torch.Tensor]:
+    def outputs_from(
+        self, depth: int, value: torch.Tensor | tuple[torch.Tensor, ...], tasks: Iterable[str]
+    ) -> dict[str, torch.Tensor]:
         """Each task's output when ``value`` stands for its node's output at ``depth``: the rest of
         its path below ``depth``, then its head. A module not yet in the tree (a group node being
         distilled) can so be trained through the nodes it will feed."""

@@ -1,10 +1,20 @@
-"""Cutting a traced backbone into a chain of single-input, single-output segments.
+"""Cutting a traced backbone into a chain of segments.
 
-A *cut point* is a position in topological order where exactly one input-dependent value is
-live (produced before, used after). Between two cut points lies a segment: an
-``fx.GraphModule`` that takes one value and returns one value and owns only its parameters.
-Segments are the unit the task tree replicates and the surgery fuses, so a segment must be
-runnable on its own and the chain of segments must reproduce the traced model exactly.
+A *cut point* is a position in topological order where few input-dependent values are live
+(produced before, used after): its *boundary*. Between two cut points lies a segment: an
+``fx.GraphModule`` that takes its start boundary and returns its end boundary and owns only its
+parameters. Segments are the unit the task tree replicates and the surgery fuses, so a segment
+must be runnable on its own and the chain of segments must reproduce the traced model exactly.
+
+Most boundaries carry one value (a ResNet between its blocks): the segment takes and returns
+that tensor. Inside an encoder-decoder (U-Net, FPN, DeepLab's low-level skip) or a dense block
+no position has one live value, so a boundary may carry up to ``max_boundary_values`` tensors:
+the segment then takes and returns their tuple, in the order they were computed. Its last value,
+the latest computed, is the boundary's *main value* (the decoder's current feature map, with the
+encoder skips before it): what similarity measures compare. A multi-value cut is taken only
+between module blocks (see `segment`), never inside one: a residual block keeps its input live
+to its final add, and a cut there would give no method a unit worth branching at (and would
+change the segments of every single-value backbone).
 
 Values that do not depend on the input (``get_attr`` parameters, constant tensors, shape
 arithmetic on them) never count as live: they are re-created inside every segment that uses
@@ -14,8 +24,8 @@ merged into one.
 Side inputs. A backbone may read model inputs besides its main one (a transformer's
 ``attention_mask``, a metadata vector beside an image). They are never live values either: what
 is computed from them alone (BERT's extended attention mask) is re-created inside every segment
-that reads it, and each segment takes the inputs it reads as extra arguments after its chained
-value (`Segment.side_inputs`). When a backbone has side inputs, the main input's shape (``size``,
+that reads it, and each segment takes the inputs it reads as extra arguments after its start
+boundary (`Segment.side_inputs`): one mechanism, whether the boundary is one tensor or a tuple. When a backbone has side inputs, the main input's shape (``size``,
 ``dim``, ``shape``, ``dtype``, ``device``) is read the same way: the mask is expanded to the main
 input's sequence length, and the main input itself reaches a later segment only for that read.
 """
@@ -23,7 +33,7 @@ from __future__ import annotations
 
 import difflib
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -44,9 +54,23 @@ from graphsurgeon.core.trace import (
     qualified_name,
     resolve_node,
 )
-from graphsurgeon.errors import ExampleInputError, OptionError, TraceError, TrunkError
+from graphsurgeon.errors import BoundaryError, ExampleInputError, OptionError, TraceError, TrunkError
 
-__all__ = ["Segment", "cut_points", "find_trunk", "fingerprint", "graph_inputs", "main_input", "segment"]
+__all__ = [
+    "MAX_BOUNDARY_VALUES",
+    "Segment",
+    "cut_points",
+    "find_trunk",
+    "fingerprint",
+    "graph_inputs",
+    "main_input",
+    "segment",
+]
+
+MAX_BOUNDARY_VALUES = 8
+"""Default bound on the values one segment boundary carries (``max_boundary_values=``): enough
+for a five-level U-Net or a ResNet encoder's four skips plus the decoder feature, small enough
+that a boundary stays a handful of tensors to hand between tree nodes."""
 
 Granularity = Literal["block", "fine"]
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -58,12 +82,14 @@ class Segment:
 
     Attributes:
         index: position in the chain, 1-based (depth 0 of the task tree is the input).
-        module: the runnable segment; one positional input, one output.
-        input_name: fx name, in the traced graph, of the value that enters the segment.
-        output_name: fx name of the value it produces (the next segment's input).
+        module: the runnable segment; one positional input, its start boundary (a tensor, or the
+            tuple of the boundary's tensors), and it returns its end boundary the same way.
+        input_names: fx names, in the traced graph, of the values that enter the segment, in
+            the order they were computed (one name for a single-value boundary).
+        output_names: fx names of the values it returns (the next segment's input).
         node_names: the fx names of the traced nodes it computes, in order.
-        side_inputs: the model inputs (forward argument names) the module takes after its chained
-            input, in this order: side inputs (``attention_mask``), or the main input for its shape.
+        side_inputs: the model inputs (forward argument names) the module takes after its start
+            boundary, in this order: side inputs (``attention_mask``), or the main input for its shape.
 
     fx names (``layer4_1_relu_1``) are unique within the graph and stable, which is what
     fingerprints and checkpoints need; `graphsurgeon.core.trace.qualified_name` gives a node's
@@ -72,10 +98,20 @@ class Segment:
 
     index: int
     module: fx.GraphModule
-    input_name: str
-    output_name: str
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
     node_names: tuple[str, ...]
     side_inputs: tuple[str, ...] = ()
+
+    @property
+    def input_name(self) -> str:
+        """The start boundary's main value (the latest computed; see the module docstring)."""
+        return self.input_names[-1]
+
+    @property
+    def output_name(self) -> str:
+        """The end boundary's main value (the trunk, for the last segment)."""
+        return self.output_names[-1]
 
     @property
     def fingerprint(self) -> str:
@@ -427,48 +463,182 @@ def _check_same_in_both_modes(
 def _is_tensor_like(node: fx.Node) -> bool:
     """Whether a live value can be passed between segments as a tensor.
 
-    Shape propagation gives the answer when it ran; without it, values only consumed by
-    ``getitem`` (tuples) and shape queries are rejected.
+    Shape propagation gives the answer when it ran; without it (`graphsurgeon.load` cuts
+    without an example input, and must find the same cuts), shapes and the arithmetic on them
+    are rejected (`_is_shape_value`), and so are values only consumed by ``getitem`` (tuples).
     """
     meta = node.meta.get("tensor_meta")
     if meta is not None:
         return isinstance(meta, torch.fx.passes.shape_prop.TensorMetadata)
+    if isinstance(node.meta.get("type"), type):  # shape propagation ran and found no tensor (a torch.Size)
+        return issubclass(node.meta["type"], torch.Tensor)
     if "example_value" in node.meta:
         return isinstance(node.meta["example_value"], torch.Tensor)
-    if node.op == "call_method" and node.target in ("size", "dim", "numel"):
-        return False
-    if node.op == "call_function" and node.target in (getattr, len):
+    if _is_shape_value(node):
         return False
     users = list(node.users)
     return not users or not all(u.op == "call_function" and u.target is operator.getitem for u in users)
 
 
-def cut_points(order: Sequence[fx.Node], trunk: fx.Node) -> dict[int, fx.Node]:
-    """Positions ``i`` in ``order`` after which exactly one value is live, with that value.
+def _is_shape_value(node: fx.Node) -> bool:
+    """A shape query (``x.size()``, ``x.shape``, ``len(x)``) or Python arithmetic on shapes only
+    (GPT-2's ``input_shape + (hidden,)``, a ``torch.Size``): not a tensor, without running it."""
+    if node.op == "call_method" and node.target in ("size", "dim", "numel"):
+        return True
+    if node.op == "call_function" and node.target in (getattr, len):
+        return True
+    return (
+        node.op == "call_function"
+        and getattr(node.target, "__module__", None) == "_operator"
+        and bool(node.all_input_nodes)
+        and all(_is_shape_value(a) for a in node.all_input_nodes)
+    )
 
-    The live value is not always ``order[i]``: a node without users (an assert) may come last.
-    """
+
+def _live_sets(order: Sequence[fx.Node], trunk: fx.Node) -> Iterator[tuple[int, dict[fx.Node, None]]]:
+    """For each position ``i`` of ``order``, the values live after it (produced at or before
+    ``i``, used after it; the trunk is used by the heads), as an insertion-ordered dict: the
+    order they were computed in. The dict is updated in place between positions: copy it."""
     index = {n: i for i, n in enumerate(order)}
     last_use = {}
     for n in order:
         uses = [index[u] for u in n.users if u in index]
         last_use[n] = max(uses, default=index[n])
     last_use[trunk] = len(order)  # consumed by the heads
-    # count live values across each boundary with a difference array
-    delta = [0] * (len(order) + 1)
+    ending: dict[int, list[fx.Node]] = {}
     for n in order:
-        start, end = index[n], last_use[n]
-        if end > start:
-            delta[start] += 1
-            delta[end] -= 1
-    cuts, live = {}, 0
-    for i in range(len(order)):
-        live += delta[i]
-        if live == 1 and i <= index[trunk]:
-            value = next(n for n in reversed(order[: i + 1]) if i < last_use[n])
-            if _is_tensor_like(value):
-                cuts[i] = value
+        if last_use[n] > index[n]:
+            ending.setdefault(last_use[n], []).append(n)
+    live: dict[fx.Node, None] = {}
+    for i, n in enumerate(order):
+        for done in ending.get(i, ()):
+            del live[done]
+        if last_use[n] > i:
+            live[n] = None
+        yield i, live
+
+
+def cut_points(order: Sequence[fx.Node], trunk: fx.Node, max_values: int = 1) -> dict[int, tuple[fx.Node, ...]]:
+    """Positions ``i`` in ``order`` after which 1..``max_values`` tensors are live, with those
+    values in the order they were computed (the last is the main value).
+
+    The main value is not always ``order[i]``: a node without users (an assert) may come last.
+    """
+    end = order.index(trunk)
+    cuts = {}
+    for i, live in _live_sets(order, trunk):
+        if i > end:
+            break
+        if 1 <= len(live) <= max_values and all(_is_tensor_like(v) for v in live):
+            cuts[i] = tuple(live)
     return cuts
+
+
+def _outer_block_of(node: fx.Node, gm: fx.GraphModule) -> str:
+    """The block a multi-value cut may not enter: a composite top-level module that is not a
+    container (GoogLeNet's ``inception3a``, a U-Net's ``down1``) as a whole, else `_block_of`.
+    (`_block_of` finds the first container on the way down, which inside ``inception3a`` is its
+    ``branch2`` Sequential: cutting between the branches of an inception block at four live
+    values would split it into pieces no method branches at.) The layers of a ModuleList that
+    forward loops over stay blocks (BERT's ``encoder.layer.0``, which read the attention mask:
+    two live values between them)."""
+    block = _block_of(node, gm)
+    if "." in block and block.rsplit(".", 1)[0] in gm.meta.get(LOOPED_CONTAINERS, frozenset()):
+        return block
+    stack = list(node.meta.get("nn_module_stack", {}).values())
+    if stack and not (len(stack) == 1 and _is_layer_call(node, stack[0][0], stack[0][1])):
+        kind = stack[0][1]
+        if not (isinstance(kind, type) and issubclass(kind, _CONTAINERS)):
+            return stack[0][0]
+    return block
+
+
+def _inner_block_of(node: fx.Node, gm: fx.GraphModule) -> str:
+    """`_outer_block_of`, descended through containers to the first composite module that is not
+    one: the dense layers of DenseNet's ``denseblock1`` (a ModuleDict inside ``features``), the
+    blocks of a stage that is an ``nn.Sequential``. Where fine granularity may cut at several
+    values: between these, never inside them (a residual block's own layers)."""
+    block = _outer_block_of(node, gm)
+    stack = list(node.meta.get("nn_module_stack", {}).values())
+    paths = [path for path, _ in stack]
+    if block not in paths:
+        return block
+    i = paths.index(block)
+    while i + 1 < len(stack):
+        kind = stack[i][1]
+        if not (isinstance(kind, type) and issubclass(kind, _CONTAINERS)):
+            break
+        if i + 1 == len(stack) - 1 and _is_layer_call(node, stack[i + 1][0], stack[i + 1][1]):
+            break  # a container of primitive layers (a stem) stays one block
+        i += 1
+    return stack[i][0]
+
+
+def _boundaries(
+    gm: fx.GraphModule, order: Sequence[fx.Node], trunk: fx.Node, granularity: Granularity, max_values: int
+) -> dict[int, tuple[fx.Node, ...]]:
+    """The positions to cut after, with the values each boundary carries.
+
+    One value: between module blocks (`_block_of`) at ``"block"``, anywhere at ``"fine"`` (the
+    cuts of single-value backbones, unchanged). Several: between the outer blocks
+    (`_outer_block_of`) at ``"block"``, between the inner ones (`_inner_block_of`) at
+    ``"fine"``. A block boundary of tensors wider than ``max_values`` is refused with the node
+    and the setting that would allow it (a fine boundary of that width is skipped: fine cuts
+    wherever it can, not where a user expects a cut).
+    """
+    end = order.index(trunk)
+    memo: dict[tuple[str, fx.Node], str] = {}
+    blocks = {"single": _block_of, "multi": _inner_block_of if granularity == "fine" else _outer_block_of}
+
+    def between(i: int, kind: str) -> bool:
+        if i in (0, end):
+            return True
+        if kind == "single" and granularity == "fine":
+            return True
+        a, b = (memo.setdefault((kind, n), blocks[kind](n, gm)) for n in (order[i], order[i + 1]))
+        return a != b
+
+    cuts: dict[int, tuple[fx.Node, ...]] = {}
+    for i, live in _live_sets(order, trunk):
+        if i > end:
+            break
+        if not live or not between(i, "single" if len(live) == 1 else "multi"):
+            continue
+        if i == end and len(live) > 1:
+            _dangling_trunk(order, trunk, live)
+        values = tuple(live)
+        if not all(_is_tensor_like(v) for v in values):
+            continue
+        if len(values) > max_values:
+            if granularity == "block":
+                _too_wide(order[i], order[i + 1], values, max_values)
+            continue
+        cuts[i] = values
+    return cuts
+
+
+def _dangling_trunk(order: Sequence[fx.Node], trunk: fx.Node, live: Iterable[fx.Node]) -> None:
+    """Refuse a trunk after which the backbone still reads other values: the segments end at the
+    trunk, so whatever reads them would silently be dropped."""
+    after = order[order.index(trunk) + 1 :]
+    others = [v for v in live if v is not trunk]
+    readers = [u for u in after if any(v in u.all_input_nodes for v in others)]
+    raise TrunkError(
+        f"trunk={qualified_name(trunk)!r} leaves {[qualified_name(v) for v in others]} dangling: the backbone still "
+        f"reads them after the trunk (in {[qualified_name(u) for u in readers]}), and the segments end at the trunk. "
+        f"Pick a trunk node after {qualified_name(readers[-1]) if readers else 'them'!r} that consumes them "
+        "(see graphsurgeon.get_graph_node_names(model))."
+    )
+
+
+def _too_wide(last: fx.Node, first: fx.Node, values: Sequence[fx.Node], max_values: int) -> None:
+    names = [qualified_name(v) for v in values]
+    shown = names if len(names) <= 10 else [*names[:5], "...", *names[-4:]]
+    raise BoundaryError(
+        f"the block boundary after node {qualified_name(last)!r} (before {qualified_name(first)!r}) carries "
+        f"{len(values)} live tensors {shown}, more than max_boundary_values={max_values}. Pass "
+        f"max_boundary_values={len(values)} to cut there, or granularity='fine' to skip boundaries that wide."
+    )
 
 
 def _block_of(node: fx.Node, gm: fx.GraphModule) -> str:
@@ -559,22 +729,31 @@ def _segment_params(
 def _build(
     gm: fx.GraphModule,
     nodes: Sequence[fx.Node],
-    inp: fx.Node,
-    out: fx.Node,
+    inputs: tuple[fx.Node, ...],
+    outputs: tuple[fx.Node, ...],
     dep: dict[fx.Node, bool],
     views: frozenset[fx.Node],
     index: int,
 ) -> tuple[fx.GraphModule, tuple[str, ...]]:
-    """The segment computing ``nodes`` from ``inp``, and the model inputs it takes after it."""
+    """The segment computing ``nodes``: it takes ``inputs`` (a tensor, or their tuple) and the
+    model inputs it reads besides them, and returns ``outputs`` the way it takes ``inputs``;
+    also the names of those model inputs, in the order it takes them."""
     graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {inp: graph.placeholder(inp.name)}
+    env: dict[fx.Node, fx.Node] = {}
+    boundary = graph.placeholder(inputs[0].name if len(inputs) == 1 else "boundary")
     closure = (c for n in nodes for c in (n, *_constant_closure(n, dep, views)))
     read = {a for c in closure for a in c.all_input_nodes if a.op == "placeholder"}
-    extra = [p for p in gm.graph.nodes if p.op == "placeholder" and p in read and p is not inp]
+    extra = [p for p in gm.graph.nodes if p.op == "placeholder" and p in read and p not in inputs]
     env.update((p, graph.placeholder(p.name)) for p in extra)
-    if any(written_value(n, gm) is inp for n in nodes):
-        # the input is the parent node's output, which sibling branches read too: write to a copy
-        env[inp] = graph.call_method("clone", (env[inp],))
+    if len(inputs) == 1:
+        env[inputs[0]] = boundary
+    else:
+        for k, value in enumerate(inputs):
+            env[value] = graph.create_node("call_function", operator.getitem, (boundary, k), name=value.name)
+    for value in inputs:
+        if any(written_value(n, gm) is value for n in nodes):
+            # the input is the parent node's output, which sibling branches read too: write to a copy
+            env[value] = graph.call_method("clone", (env[value],))
 
     def lookup(a: fx.Node) -> fx.Node:
         if a not in env:
@@ -585,7 +764,7 @@ def _build(
 
     for n in nodes:
         env[n] = graph.node_copy(n, lookup)
-    graph.output(env[out])
+    graph.output(env[outputs[0]] if len(outputs) == 1 else tuple(env[v] for v in outputs))
     graph.lint()
     return fx.GraphModule(gm, graph, class_name=f"Segment{index}"), tuple(str(p.target) for p in extra)
 
@@ -625,6 +804,7 @@ def segment(
     trunk: str | None = None,
     granularity: Granularity = "block",
     example_input: Inputs | None = None,
+    max_boundary_values: int = MAX_BOUNDARY_VALUES,
 ) -> list[Segment]:
     """Cut a traced backbone into a chain of segments ending at ``trunk``.
 
@@ -633,12 +813,17 @@ def segment(
         trunk: where the shared backbone ends: a qualified node name, a module path or an fx node
             name (see `find_trunk`); ``None``: the final classifier's input.
         granularity: ``"block"`` cuts only between module blocks (children of a container:
-            ResNet's BasicBlocks, ViT's encoder layers, a stage of EfficientNet); ``"fine"`` at
-            every cut point. Either way, adjacent cuts are merged so that every segment has
-            parameters.
+            ResNet's BasicBlocks, ViT's encoder layers, a stage of EfficientNet; composite
+            top-level modules: a U-Net's ``down1`` ... ``up4``); ``"fine"`` at every position
+            where one value is live, and between the blocks inside blocks (DenseNet's dense
+            layers) where several are. Either way, adjacent cuts are merged so that every
+            segment has parameters.
         example_input: when given, shapes are propagated so that only tensors are cut at; for a
             backbone with side inputs, a mapping of every graph input by its forward argument name
             (see `graphsurgeon.core.inputs`).
+        max_boundary_values: the most tensors one boundary may carry (1: single-value cuts
+            only, as before multi-value boundaries); a block boundary wider than this raises
+            `BoundaryError` naming it.
 
     Returns:
         Segments 1..L; chaining them reproduces ``gm`` up to the trunk, bit for bit.
@@ -669,12 +854,15 @@ def segment(
             f"trunk={qualified_name(trunk_node)!r} does not depend on the model input. "
             "Choose a node computed from the input (see graphsurgeon.get_graph_node_names(model))."
         )
-    live = cut_points(order, trunk_node)
+    if isinstance(max_boundary_values, bool) or not isinstance(max_boundary_values, int) or max_boundary_values < 1:
+        raise OptionError(
+            f"max_boundary_values={max_boundary_values!r} is not a bound; pass a positive int (default "
+            f"{MAX_BOUNDARY_VALUES}; 1 cuts only where one tensor is live)."
+        )
+    live = _boundaries(gm, order, trunk_node, granularity, max_boundary_values)
     end = order.index(trunk_node)
-    live[end] = trunk_node
-    cuts = [c for c in sorted(live) if c <= end]
-    if granularity == "block":
-        cuts = [c for c in cuts if c in (0, end) or _block_of(order[c], gm) != _block_of(order[c + 1], gm)]
+    live[end] = (trunk_node,)
+    cuts = sorted(live)
     ranges = [order[a + 1 : b + 1] for a, b in zip(cuts, cuts[1:])]
     written_buffers = {str(w.target) for n in order if (w := written_value(n, gm)) is not None and w.op == "get_attr"}
     params = [_segment_params(r, gm, dep, views, written_buffers) for r in ranges]
@@ -705,5 +893,6 @@ def segment(
     for k, (a, b, _) in enumerate(merged, start=1):
         nodes = order[a + 1 : b + 1]
         module, side_inputs = _build(gm, nodes, live[a], live[b], dep, views, k)
-        segments.append(Segment(k, module, live[a].name, live[b].name, tuple(n.name for n in nodes), side_inputs))
+        names = (tuple(v.name for v in live[a]), tuple(v.name for v in live[b]))
+        segments.append(Segment(k, module, *names, tuple(n.name for n in nodes), side_inputs))
     return segments

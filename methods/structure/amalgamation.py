@@ -12,6 +12,11 @@ With ``target="outputs"`` what is fitted is each task's output instead: the grou
 member's place, feeds the nodes below and the head unchanged, and the task's output is fitted
 to the one its member gives, so the group node keeps what each task reads of it rather than
 every feature alike.
+
+A segment at a multi-value boundary (a decoder stage carrying encoder skips) returns a tuple:
+every value gets its own gate and MSE term (values the segment only passes on are equal in G
+and the members, so they add nothing); with ``target="outputs"`` the tuple feeds the nodes
+below as it is.
 """
 from __future__ import annotations
 
@@ -28,7 +33,27 @@ from graphsurgeon.core.network import MultiTaskNetwork
 from graphsurgeon.methods.structure.similarity import global_avg_pool
 from graphsurgeon.training import distributed
 
-__all__ = ["Amalgamation", "ChannelGate", "feature_mse"]
+__all__ = ["Amalgamation", "BoundaryGate", "ChannelGate", "feature_mse"]
+
+Boundary = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+def _values(f: Boundary) -> tuple[torch.Tensor, ...]:
+    return f if isinstance(f, tuple) else (f,)
+
+
+def _mse_sum(a: Boundary, b: Boundary) -> torch.Tensor:
+    """Summed squared error over every value of two boundaries."""
+    return sum(F.mse_loss(x, y, reduction="sum") for x, y in zip(_values(a), _values(b), strict=True))
+
+
+def _numel(f: Boundary) -> int:
+    return sum(t.numel() for t in _values(f))
+
+
+def _mse_mean(a: Boundary, b: Boundary) -> torch.Tensor:
+    """Mean squared error over every value of two boundaries (``F.mse_loss`` for tensors)."""
+    return F.mse_loss(a, b) if isinstance(a, torch.Tensor) else _mse_sum(a, b) / _numel(b)
 
 
 def _broadcast_gate(g: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
@@ -52,6 +77,19 @@ class ChannelGate(nn.Module):
         return _broadcast_gate(self.mlp(global_avg_pool(f)), f) * f
 
 
+class BoundaryGate(nn.Module):
+    """One member's gates on a segment's output: a `ChannelGate` per value of the boundary."""
+
+    def __init__(self, sample: Boundary, reduction: int = 1) -> None:
+        super().__init__()
+        self.multi = isinstance(sample, tuple)
+        self.gates = nn.ModuleList(ChannelGate(global_avg_pool(v).shape[1], reduction) for v in _values(sample))
+
+    def forward(self, f: Boundary) -> Boundary:
+        out = tuple(g(v) for g, v in zip(self.gates, _values(f), strict=True))
+        return out if self.multi else out[0]
+
+
 def feature_mse(
     net: MultiTaskNetwork,
     depth: int,
@@ -69,8 +107,8 @@ def feature_mse(
             fg = group(inp)
             for i, m in enumerate(members):
                 pred = gates[i](fg) if gates is not None else fg
-                totals[i] += F.mse_loss(pred, m(inp), reduction="sum").item()
-            count += fg.numel()
+                totals[i] += _mse_sum(pred, m(inp)).item()
+            count += _numel(fg)
     return [t / max(count, 1) for t in totals]
 
 
@@ -100,7 +138,7 @@ class Amalgamation:
     target: Literal["features", "outputs"] = "features"
     progress: Callable[[Iterable], Iterable] | None = None
     history: list[dict] = field(default_factory=list)
-    gates: list[ChannelGate] | None = field(default=None, repr=False)
+    gates: list[BoundaryGate] | None = field(default=None, repr=False)
     """The gates trained by the last call (kept to measure held-out MSE)."""
 
     def __call__(
@@ -119,12 +157,12 @@ class Amalgamation:
 
     def _distil(
         self, net: MultiTaskNetwork, depth: int, parent: int, members: Sequence[nn.Module], group: nn.Module
-    ) -> tuple[list[float], list[ChannelGate] | None]:
+    ) -> tuple[list[float], list[BoundaryGate] | None]:
         device = next(group.parameters()).device
         outputs = self.target == "outputs"
         node_of = {id(net.node_module(n)): n for n in net.tree.at_depth(depth)}
         member_tasks = [node_of[id(m)].tasks for m in members] if outputs else []
-        gates: list[ChannelGate] | None = None
+        gates: list[BoundaryGate] | None = None
         params: list[nn.Parameter] = []
         opt: torch.optim.Optimizer | None = None
         curve: list[float] = []
@@ -141,8 +179,7 @@ class Amalgamation:
                 fg = group(inp)
                 if opt is None:
                     if self.gated and not outputs:
-                        channels = global_avg_pool(fg).shape[1]
-                        gates = [ChannelGate(channels, self.reduction).to(device) for _ in members]
+                        gates = [BoundaryGate(fg, self.reduction).to(device) for _ in members]
                     params = list(group.parameters()) + [p for g in gates or () for p in g.parameters()]
                     opt = torch.optim.Adam(params, lr=self.lr)
                 if outputs:
@@ -150,7 +187,7 @@ class Amalgamation:
                     loss = torch.stack([F.mse_loss(p[t], y[t]) for p, y in zip(preds, targets) for t in y]).sum()
                 else:
                     feats = [gate(fg) for gate in gates] if gates is not None else [fg] * len(targets)
-                    loss = torch.stack([F.mse_loss(f, t) for f, t in zip(feats, targets)]).sum()
+                    loss = torch.stack([_mse_mean(f, t) for f, t in zip(feats, targets)]).sum()
                 # gradients of the group node (and gates) only: the nodes and heads below stay as they are
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
                 for p, g in zip(params, grads):

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from graphsurgeon.core.modes import eval_mode
-from graphsurgeon.core.network import MultiTaskNetwork
+from graphsurgeon.core.network import MultiTaskNetwork, main_value
 from graphsurgeon.core.surgery import fuse
 from graphsurgeon.errors import CheckpointError
 from graphsurgeon.methods.base import Method
@@ -68,10 +68,11 @@ def pristine_digest(net: MultiTaskNetwork) -> str:
 
 @torch.no_grad()
 def node_similarity(trainer: Trainer, depth: int, ids: Sequence[int], samples: int) -> torch.Tensor:
-    """Debiased linear CKA between the outputs of nodes ``ids`` at ``depth``, globally average
-    pooled, on a fixed sample of ``samples`` training inputs (drawn from the trainer's seed, so a
-    rerun compares on the same inputs); under torchrun each rank takes its share of the sample
-    and the statistics are summed over ranks."""
+    """Debiased linear CKA between the outputs of nodes ``ids`` at ``depth`` (a multi-value
+    boundary's main value, see `MultiTaskNetwork.representations`), globally average pooled, on
+    a fixed sample of ``samples`` training inputs (drawn from the trainer's seed, so a rerun
+    compares on the same inputs); under torchrun each rank takes its share of the sample and the
+    statistics are summed over ranks."""
     net = trainer.net
     acc = CKAAccumulator(debiased=True)
     data = trainer.train_data
@@ -86,7 +87,7 @@ def node_similarity(trainer: Trainer, depth: int, ids: Sequence[int], samples: i
     with eval_mode(net):
         for batch in trainer.loader(subset, shuffle=False, batch_size=trainer.config.eval_batch_size):
             x, _ = trainer.to_device(batch)
-            values = net.features(x, depth=depth)
+            values = net.representations(x, depth)  # a multi-value boundary: its main value
             acc.update({i: global_avg_pool(values[i]) for i in ids})
     return acc.all_reduce().matrix().cpu()
 
@@ -209,7 +210,8 @@ class MTSL(Method):
             return None
         terms = []
         for _, _, ids in self.frontier(trainer.net.tree):
-            feats = [global_avg_pool(self._captured[i]) for i in ids if i in self._captured]
+            # a multi-value boundary aligns its main value (the last), as `similarity` compares it
+            feats = [global_avg_pool(main_value(self._captured[i])) for i in ids if i in self._captured]
             if len(feats) >= 2:
                 cka = minibatch_debiased_cka(feats)
                 k = cka.shape[0]
