@@ -60,10 +60,11 @@ class LevelOutputs(dict):
     """Outputs of one depth's nodes by node id (a plain dict to callers).
 
     ``stacked`` is ``(node ids, tensor)`` when one fused call produced every output, so that the
-    next depth (or the heads) can read them as one (G, ...) tensor without stacking them again.
+    next depth (or the heads) can read them as one (G, ...) tensor without stacking them again
+    (a tuple of such tensors at a multi-value boundary).
     """
 
-    stacked: tuple[tuple[int, ...], Tensor] | None = None
+    stacked: tuple[tuple[int, ...], Tensor | tuple[Tensor, ...]] | None = None
 
 
 _STATIC_KEYS: weakref.WeakKeyDictionary[nn.Module, Hashable] = weakref.WeakKeyDictionary()
@@ -108,13 +109,13 @@ class FusedExecutor:
 
     # ------------------------------------------------------------------ segments
     def run_level(
-        self, depth: int, level: Mapping[str, nn.Module], nodes: Sequence[NodeRun], values: Mapping[int, Tensor]
+        self, depth: int, level: Mapping[str, nn.Module], nodes: Sequence[NodeRun], values: Mapping[int, Boundary]
     ) -> LevelOutputs:
         """Outputs of ``nodes`` (all at ``depth``) from their parents' outputs ``values``."""
         groups: dict[Hashable, list[NodeRun]] = {}
         for node in nodes:
             groups.setdefault(structure_key(level[node[0]]), []).append(node)
-        results: dict[int, Tensor] = {}
+        results: dict[int, Boundary] = {}
         stacked = None
         for key, members in groups.items():
             if len(members) > 1 and key[0] not in self._loop_only:
@@ -185,8 +186,8 @@ class FusedExecutor:
 
 
 def _loop(
-    level: Mapping[str, nn.Module], members: Sequence[NodeRun], values: Mapping[int, Tensor]
-) -> Iterator[tuple[int, Tensor]]:
+    level: Mapping[str, nn.Module], members: Sequence[NodeRun], values: Mapping[int, Boundary]
+) -> Iterator[tuple[int, Boundary]]:
     """The reference: each node's own copy on its parent's output."""
     return ((node_id, level[name](values[parent])) for name, node_id, parent in members)
 

@@ -320,7 +320,7 @@ class MultiTaskNetwork(nn.Module):
         `representations` for one tensor per node.
         """
         wanted = frozenset(self._wanted(tasks))
-        values = {self.tree.at_depth(0)[0].id: x}
+        values: dict[int, torch.Tensor | tuple[torch.Tensor, ...]] = {self.tree.at_depth(0)[0].id: x}
         for d, level_plan in enumerate(self._plan[:depth], start=1):
             level = self.level(d)
             nodes = [(name, node_id, parent) for name, node_id, parent, node_tasks in level_plan if node_tasks & wanted]
