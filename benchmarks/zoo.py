@@ -468,8 +468,8 @@ def markdown(results: Sequence[dict[str, Any]]) -> str:
         "",
         "## Summary",
         "",
-        f"- models: {n} of the {len(classifiers())} torchvision classifiers and {len(segmentation_models())} "
-        "segmentation models",
+        f"- models: {n} of the {len(all_models())} torchvision models ({len(classifiers())} classifiers, "
+        f"{len(segmentation_models())} segmentation models)",
         f"- all steps ok: {ok} / {n} ({100 * ok / n:.1f} %)" if n else "- all steps ok: 0 / 0",
         "- bit-identical to the eager network (of those ok): "
         + ", ".join(f"{s} {exact[s]} / {passed[s]}" for s in exact),

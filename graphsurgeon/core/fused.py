@@ -61,10 +61,11 @@ class LevelOutputs(dict):
     """Outputs of one depth's nodes by node id (a plain dict to callers).
 
     ``stacked`` is ``(node ids, tensor)`` when one fused call produced every output, so that the
-    next depth (or the heads) can read them as one (G, ...) tensor without stacking them again.
+    next depth (or the heads) can read them as one (G, ...) tensor without stacking them again
+    (a tuple of such tensors at a multi-value boundary).
     """
 
-    stacked: tuple[tuple[int, ...], Tensor] | None = None
+    stacked: tuple[tuple[int, ...], Tensor | tuple[Tensor, ...]] | None = None
 
 
 _STATIC_KEYS: weakref.WeakKeyDictionary[nn.Module, Hashable] = weakref.WeakKeyDictionary()

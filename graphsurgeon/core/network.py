@@ -340,7 +340,7 @@ class MultiTaskNetwork(nn.Module):
         """
         wanted = frozenset(self._wanted(tasks))
         inputs = self._inputs(x, side_inputs)
-        values = {self.tree.at_depth(0)[0].id: x}
+        values: dict[int, torch.Tensor | tuple[torch.Tensor, ...]] = {self.tree.at_depth(0)[0].id: x}
         for d, level_plan in enumerate(self._plan[:depth], start=1):
             level, side = self.level(d), inputs[d - 1]
             nodes = [(name, node_id, parent) for name, node_id, parent, node_tasks in level_plan if node_tasks & wanted]
