@@ -10,15 +10,14 @@ computed on main before the change).
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
+from benchmark_modules import load_benchmark
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from model_zoo_gen import random_models
@@ -39,15 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SINGLE_VALUE_CUTS = json.loads((ROOT / "tests" / "data" / "single_value_cuts.json").read_text())
 
 
-def _load_zoo():
-    spec = importlib.util.spec_from_file_location("zoo", ROOT / "benchmarks" / "zoo.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("zoo", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-zoo = _load_zoo()
+zoo = load_benchmark("zoo")
 
 
 def chain(segments, x):

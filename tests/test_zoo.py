@@ -3,29 +3,20 @@
 `benchmarks/zoo.py` sweeps every torchvision classifier (results in benchmarks/results/zoo.md);
 here a fixed, diverse sample runs through the same `run_model` so a regression shows up in CI.
 """
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
+from benchmark_modules import load_benchmark
 
 import graphsurgeon as gs
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_zoo():
-    spec = importlib.util.spec_from_file_location("zoo", ROOT / "benchmarks" / "zoo.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("zoo", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-zoo = _load_zoo()
+zoo = load_benchmark("zoo")
 
 # diverse: residual, depthwise + squeeze-excite, attention with a class token, layer-scale
 # (get_attr parameters), shifted windows, dense concatenation, regnet stages, Fire concatenation,
