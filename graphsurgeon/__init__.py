@@ -55,6 +55,7 @@ from graphsurgeon.errors import (
     TraceError,
     TreeEditError,
     TrunkError,
+    UnusedNodesWarning,
 )
 from graphsurgeon.methods.structure.merge_trained import MergeBudget, MergeConfig, MergeResult, merge_trained
 from graphsurgeon.training import Callback, TrainConfig, Trainer, fit
@@ -94,6 +95,7 @@ __all__ = [
     "TreeEditError",
     "TreeNode",
     "TrunkError",
+    "UnusedNodesWarning",
     "__version__",
     "check",
     "count_parameters",

@@ -1,4 +1,5 @@
-"""Every error the library raises on bad input derives from `GraphSurgeonError`.
+"""Every error the library raises on bad input derives from `GraphSurgeonError`; the warnings it
+gives about a result that may not be what the user meant are here too.
 
 Messages name the module/node at fault and end with what to do about it, so that a
 user never has to read an fx traceback to find out what went wrong.
@@ -110,3 +111,11 @@ class SideInputError(GraphSurgeonError):
     """A side input (a forward argument the backbone reads besides its main input, e.g. a
     transformer's ``attention_mask``) is missing from a call, unknown to the network, or not
     supported by the capture or export asked for; the message names it and what to pass."""
+
+
+class UnusedNodesWarning(UserWarning):
+    """Nodes of the traced backbone that the multi-task network will never run: computed from the
+    input, but neither on the way to the trunk nor after it (GoogLeNet's auxiliary classifiers in
+    train mode, LRASPP's low-level skip into its head). A warning, not an error: dropping an
+    auxiliary head is often what the user wants. The message names them by module and says how to
+    keep them (a trunk that consumes them) or silence it (``warnings.filterwarnings``)."""

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import difflib
 import operator
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -54,7 +55,14 @@ from graphsurgeon.core.trace import (
     qualified_name,
     resolve_node,
 )
-from graphsurgeon.errors import BoundaryError, ExampleInputError, OptionError, TraceError, TrunkError
+from graphsurgeon.errors import (
+    BoundaryError,
+    ExampleInputError,
+    OptionError,
+    TraceError,
+    TrunkError,
+    UnusedNodesWarning,
+)
 
 __all__ = [
     "MAX_BOUNDARY_VALUES",
@@ -425,9 +433,10 @@ def _prune_to(
 
 def _check_same_in_both_modes(
     gm: fx.GraphModule, order: Sequence[fx.Node], other: fx.GraphModule, trunk: str | None, trunk_node: fx.Node
-) -> None:
+) -> tuple[fx.Node, list[fx.Node], dict[fx.Node, bool]]:
     """Refuse a trunk whose graph differs between train and eval mode (see `graphsurgeon.core.trace`):
-    the segments would run the traced mode's path in both modes."""
+    the segments would run the traced mode's path in both modes. Returns the other mode's trunk
+    node, pruned order and input dependence (`_prune_to`), for `_left_outside`."""
     if trunk == SPATIAL:  # resolved on gm's shapes; the other mode's graph has none
         trunk = trunk_node.name
     if trunk is not None and resolve_node(other, trunk) is None:
@@ -437,10 +446,11 @@ def _check_same_in_both_modes(
             "Pass the module that branches on self.training in leaf_modules=[...], or pick a trunk node "
             "that both modes compute."
         )
-    other_order, _, _ = _prune_to(other, find_trunk(other, trunk))
+    other_trunk = find_trunk(other, trunk)
+    other_order, other_dep, _ = _prune_to(other, other_trunk)
     mine, theirs = graph_signature(order), graph_signature(other_order)
     if mine == theirs:
-        return
+        return other_trunk, other_order, other_dep
     first = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
     node = order[min(first, len(order) - 1)]
     stack = list(node.meta.get("nn_module_stack", {}).values())
@@ -457,6 +467,61 @@ def _check_same_in_both_modes(
         f"{type(gm).__name__} computes its trunk differently in train and eval mode, from node {qualified_name(node)!r} "
         f"in {where} on (it branches on self.training, or calls a function with training=self.training); "
         f"a traced graph would keep one mode's path in both modes. Fix: {fix}."
+    )
+
+
+def _left_outside(gm: fx.GraphModule, trunk: fx.Node, order: Sequence[fx.Node], dep: dict[fx.Node, bool]) -> list[fx.Node]:
+    """The nodes of the model's computation that the segments drop: computed from the input and
+    reaching the model's output (or writing in place), but neither in ``order`` (the trunk's
+    ancestors, see `_prune_to`) nor after the trunk. What comes after the trunk is the classifier
+    the task heads replace; constants, parameters, shape reads (LRASPP's head upsamples to
+    ``x.shape[-2:]``) and dead code (an unpacked ``x.shape`` entry nobody reads) are no
+    computation of the model's."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    computed = _ancestors([output, *(n for n in gm.graph.nodes if written_value(n, gm) is not None)], set())
+    after: set[fx.Node] = set()
+    stack = [trunk]
+    while stack:
+        n = stack.pop()
+        if n not in after:
+            after.add(n)
+            stack.extend(n.users)
+    dropped = computed - set(order) - after
+    return [
+        n
+        for n in gm.graph.nodes
+        if n in dropped and dep.get(n, False) and n.op not in ("placeholder", "output") and not _is_shape_value(n)
+    ]
+
+
+def _left_outside_message(gm: fx.GraphModule, trunk: fx.Node, left_out: dict[bool, list[fx.Node]]) -> str:
+    """`UnusedNodesWarning`'s text: the dropped nodes grouped by the module they belong to (the
+    deepest module path shared by a top-level module's dropped nodes: ``aux1``,
+    ``classifier.low_classifier``), with the mode they are dropped in when only one mode computes
+    them (GoogLeNet runs ``aux1`` in train mode only)."""
+    root = gm.meta.get("graphsurgeon_root_type", type(gm)).__name__
+    groups: dict[str, dict[bool, list[fx.Node]]] = {}
+    for training, nodes in left_out.items():
+        for n in nodes:
+            stack = [path for path, _ in n.meta.get("nn_module_stack", {}).values()]
+            groups.setdefault(stack[0] if stack else "", {}).setdefault(training, []).append(n)
+    parts = []
+    for top, by_mode in groups.items():
+        nodes = by_mode.get(gm.training) or next(iter(by_mode.values()))
+        paths = [[path for path, _ in n.meta.get("nn_module_stack", {}).values()] for n in nodes]
+        common = [p for p in paths[0] if all(p in ps for ps in paths)]
+        where = common[-1] if common else (top or f"the top-level {root}.forward")
+        names = [qualified_name(n) for n in nodes]
+        shown = "" if names == [where] else ": " + (names[0] if len(names) == 1 else f"{names[0]} ... {names[-1]}")
+        count = f"{len(nodes)} node{'s' if len(nodes) > 1 else ''}"
+        mode = "" if len(by_mode) > 1 or len(left_out) == 1 else f" in {'train' if next(iter(by_mode)) else 'eval'} mode"
+        parts.append(f"{where} ({count}{mode}{shown})")
+    return (
+        f"{root} computes values that the multi-task network will not run: {'; '.join(parts)}. They are neither on "
+        f"the way to the trunk {qualified_name(trunk)!r} nor after it (an auxiliary classifier, a skip connection "
+        "into the classifier), so the tasks never see them. If the tasks need them, pick a trunk that consumes them "
+        "(see graphsurgeon.get_graph_node_names(model)); if not, silence this with "
+        "warnings.filterwarnings('ignore', category=graphsurgeon.UnusedNodesWarning)."
     )
 
 
@@ -846,9 +911,13 @@ def segment(
             raise _example_input_error(gm, x, prop.current, exc) from exc
     trunk_node = find_trunk(gm, trunk)
     order, dep, views = _prune_to(gm, trunk_node)
+    left_out = {gm.training: _left_outside(gm, trunk_node, order, dep)}
     other_mode = gm.meta.get("graphsurgeon_other_mode")
     if other_mode is not None:
-        _check_same_in_both_modes(gm, order, other_mode, trunk, trunk_node)
+        other_trunk, other_order, other_dep = _check_same_in_both_modes(gm, order, other_mode, trunk, trunk_node)
+        left_out[other_mode.training] = _left_outside(other_mode, other_trunk, other_order, other_dep)
+    if any(left_out.values()):
+        warnings.warn(_left_outside_message(gm, trunk_node, left_out), UnusedNodesWarning, stacklevel=2)
     if trunk_node not in order:
         raise TrunkError(
             f"trunk={qualified_name(trunk_node)!r} does not depend on the model input. "
