@@ -33,9 +33,11 @@ from __future__ import annotations
 
 import difflib
 import operator
+import sys
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -494,6 +496,16 @@ def _left_outside(gm: fx.GraphModule, trunk: fx.Node, order: Sequence[fx.Node], 
     ]
 
 
+def _callers_level() -> int:
+    """The ``stacklevel`` of the innermost caller outside graphsurgeon, for a warning of the
+    function calling this: the warning then points at the user's ``multitask(...)`` line."""
+    package = str(Path(__file__).resolve().parents[1])
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        level, frame = level + 1, frame.f_back
+    return level
+
+
 def _left_outside_message(gm: fx.GraphModule, trunk: fx.Node, left_out: dict[bool, list[fx.Node]]) -> str:
     """`UnusedNodesWarning`'s text: the dropped nodes grouped by the module they belong to (the
     deepest module path shared by a top-level module's dropped nodes: ``aux1``,
@@ -917,7 +929,7 @@ def segment(
         other_trunk, other_order, other_dep = _check_same_in_both_modes(gm, order, other_mode, trunk, trunk_node)
         left_out[other_mode.training] = _left_outside(other_mode, other_trunk, other_order, other_dep)
     if any(left_out.values()):
-        warnings.warn(_left_outside_message(gm, trunk_node, left_out), UnusedNodesWarning, stacklevel=2)
+        warnings.warn(_left_outside_message(gm, trunk_node, left_out), UnusedNodesWarning, stacklevel=_callers_level())
     if trunk_node not in order:
         raise TrunkError(
             f"trunk={qualified_name(trunk_node)!r} does not depend on the model input. "
