@@ -17,11 +17,19 @@ final classifier conv, and its encoder skips, if any, are cut at multi-value bou
     torchscript  `graphsurgeon.to_torchscript(net, method="script")`, saved with
                  ``torch.jit.save`` to a file, loaded back, run: == ``net(x)``;
     export       `graphsurgeon.to_export(net, x).module()(x)` == ``net(x)``;
+    invariants   `graphsurgeon.check(net)`;
     modes        the backbone built in train mode and in eval mode, each switched
                  train → eval → train: a one-task network's trunk equals the eager model's,
                  bit for bit, in every mode (train-mode draws from the same seed), so no
-                 mode's path is frozen into the graph;
-    invariants   `graphsurgeon.check(net)`.
+                 mode's path is frozen into the graph. Dropout stays on, which is what checks
+                 that no ``training=`` flag is frozen into the graph, except for the
+                 `OUTSIDE_THE_TREE_IN_TRAINING` models, whose train-mode forward also runs
+                 branches the network leaves out: their random draws shift the main dropout's
+                 mask, so these compare with every ``nn.Dropout`` at ``p = 0`` (the issue's
+                 "in train mode (with dropout off)"). It runs last, after the other steps'
+                 network and outputs are released, and builds one backbone at a time, so that
+                 it fits beside nothing else (`MODES_IMAGE_SIZE`: where it needs a larger
+                 input than the other steps).
 
 Comparisons run in float64 (outputs must agree to 1e-10; the maximum difference is recorded,
 and is usually exactly 0). Backbones above `FLOAT32_ABOVE` parameters run in float32 (to
@@ -33,7 +41,8 @@ Usage::
     python benchmarks/zoo.py [--models a,b,c] [--out benchmarks/results] [--jobs 2] [--resume]
 
 Every model runs in its own subprocess (a crash, an out-of-memory kill or a hang in one model
-never stops the sweep) with one torch thread by default; ``--jobs`` runs several at once.
+never stops the sweep) with one torch thread by default; ``--jobs`` runs several at once. The
+worker's peak resident memory in each step is recorded (``peak_rss_mib``; Linux).
 Results go to ``<out>/zoo.json`` and ``<out>/zoo.md`` (rerunning a few models updates them).
 """
 from __future__ import annotations
@@ -60,7 +69,7 @@ from torch import fx, nn
 
 import graphsurgeon as gs
 
-STEPS = ("build", "forward", "modes", "materialise", "torchscript", "export", "invariants")
+STEPS = ("build", "forward", "materialise", "torchscript", "export", "invariants", "modes")
 TASK_OUTPUTS = {"a": 3, "b": 5, "c": 7}
 BRANCHES = (("a",), ("b", "c"))
 BATCH = 2
@@ -73,6 +82,18 @@ IMAGE_SIZE = {
     "maxvit_t": 224,  # every stage's grid (H/4 ... H/32) must be a multiple of the 7x7 partition
     "vit_h_14": 28,  # ViTs are built for the input (image_size=...): 2x2 patches of 14
 }
+MODES_IMAGE_SIZE = {
+    # in train mode its auxiliary classifier also runs, whose 5x5 conv needs Mixed_6e's 17x17 map
+    # (the 5x5 pool of stride 3 makes it 5x5): 299 is the smallest input the eager model takes
+    # in train mode (298 fails), found by trying sizes
+    "inception_v3": 299,
+}
+"""Inputs of the modes step where it needs more than `IMAGE_SIZE` (a train-mode-only branch)."""
+OUTSIDE_THE_TREE_IN_TRAINING = frozenset({"googlenet", "inception_v3"})
+"""Models whose train-mode forward runs branches the multi-task network leaves out (their
+auxiliary classifiers: `graphsurgeon.UnusedNodesWarning` names them). GoogLeNet's ``aux1`` and
+``aux2`` apply ``nn.Dropout`` before the main dropout, so the eager model's main mask comes from
+other random numbers than the network's; the modes step compares these with dropout off."""
 FLOAT32_ABOVE = 400_000_000
 """Backbones with more parameters than this run in float32 (vit_h_14, regnet_y_128gf)."""
 SEED = 0
@@ -99,6 +120,33 @@ def all_models() -> list[str]:
 
 def image_size_for(name: str) -> int:
     return IMAGE_SIZE.get(name, DEFAULT_IMAGE_SIZE)
+
+
+def dropout_off(model: nn.Module) -> nn.Module:
+    """``model`` with every ``nn.Dropout`` at ``p = 0`` (see `OUTSIDE_THE_TREE_IN_TRAINING`)."""
+    dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    if not dropouts:
+        raise Mismatch(f"{type(model).__name__} has no nn.Dropout to turn off; drop it from OUTSIDE_THE_TREE_IN_TRAINING")
+    for m in dropouts:
+        m.p = 0.0
+    return model
+
+
+def peak_rss_reset() -> bool:
+    """Reset the process's peak resident memory (Linux: ``/proc/self/clear_refs``), so that the
+    peak read after a step is that step's; False where the kernel does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_mib() -> float:
+    """The process's peak resident memory since the last `peak_rss_reset`, in MiB."""
+    import resource  # Unix only, as the reset is
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
 
 
 def build_backbone(name: str, image_size: int) -> nn.Module:
@@ -248,16 +296,25 @@ def run_model(
         result["max_diff"]["forward"] = compare(out, want, 0.0)  # bit for bit
 
     def modes() -> None:
-        x, worst = state["x"], 0.0
+        # the other steps' network and outputs are done with: free them before two more builds
+        x, classifier, worst = state.pop("x"), state.pop("classifier"), 0.0
+        state.clear()
+        gc.collect()
+        modes_size = MODES_IMAGE_SIZE.get(name, size)
+        if modes_size != size:
+            result["modes_image_size"] = modes_size
+            x = torch.randn(BATCH, 3, modes_size, modes_size, dtype=x.dtype, generator=torch.Generator().manual_seed(SEED))
         for built_in_train in (True, False):
             torch.manual_seed(SEED)
             model = build_backbone(name, size).to(x.dtype).train(built_in_train)
+            if name in OUTSIDE_THE_TREE_IN_TRAINING:
+                dropout_off(model)
             net = gs.multitask(model, {"z": nn.Identity()}, sharing="shared")  # no shapes needed: Identity head
             for training in (True, False, True):
                 model.train(training)
                 net.train(training)
                 torch.manual_seed(SEED)
-                want = {"z": trunk_of(model, state["classifier"], x)}
+                want = {"z": trunk_of(model, classifier, x)}
                 torch.manual_seed(SEED)
                 with torch.no_grad():
                     mode = "train" if training else "eval"
@@ -266,6 +323,8 @@ def run_model(
                     except Mismatch as exc:
                         built = "train" if built_in_train else "eval"
                         raise Mismatch(f"built in {built} mode, run in {mode} mode: {exc}") from None
+            del model, net, want  # one backbone at a time
+            gc.collect()
         result["max_diff"]["modes"] = worst
 
     def materialise() -> None:
@@ -296,20 +355,20 @@ def run_model(
     needs: dict[str, tuple[str, ...]] = {
         "build": (),
         "forward": ("net",),
-        "modes": ("net",),
         "materialise": ("out",),
         "torchscript": ("out",),
         "export": ("out",),
         "invariants": ("net",),
+        "modes": ("net",),
     }
     steps: dict[str, Callable[[], None]] = {
         "build": build,
         "forward": forward,
-        "modes": modes,
         "materialise": materialise,
         "torchscript": torchscript,
         "export": export,
         "invariants": invariants,
+        "modes": modes,
     }
     run_steps(steps, needs, state, result, progress)
     result["seconds"] = round(time.perf_counter() - start, 1)
@@ -325,7 +384,9 @@ def run_steps(
 ) -> None:
     """Run ``steps`` in order into ``result`` (``steps``, ``step_seconds``, ``ok``): a step whose
     ``needs`` are missing from ``state`` is skipped, a failing step records its error and the
-    next ones still run. Shared by the torchvision and timm sweeps."""
+    next ones still run; each step's peak resident memory goes to ``peak_rss_mib`` where the
+    peak can be reset between steps. Shared by the torchvision and timm sweeps."""
+    peaks: dict[str, float] = {}
     for step, run in steps.items():
         missing = [k for k in needs.get(step, ()) if k not in state]
         if missing:
@@ -333,6 +394,7 @@ def run_steps(
             continue
         if progress is not None:
             progress({**result, "running": step})
+        measured = peak_rss_reset()
         t0 = time.perf_counter()
         try:
             run()
@@ -340,6 +402,9 @@ def run_steps(
         except Exception as exc:  # a failing step is a result, not a crash
             result["steps"][step] = describe(exc)
         result["step_seconds"][step] = round(time.perf_counter() - t0, 2)
+        if measured:
+            peaks[step] = peak_rss_mib()
+            result["peak_rss_mib"] = peaks
         gc.collect()
     state.clear()
     gc.collect()
@@ -422,13 +487,17 @@ def _cell(status: str) -> str:
     return "**" + status.split(":", 1)[0] + "**"
 
 
+def _memory_gib() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
 def _threads(results: Sequence[dict[str, Any]]) -> str:
     counts = sorted({r.get("threads") for r in results if r.get("threads")})
     return "/".join(map(str, counts)) or "?"
 
 
 def markdown(results: Sequence[dict[str, Any]]) -> str:
-    header = ["model", "input", "dtype", "segments", "multi-value cuts", "params (M)", *STEPS, "seconds"]
+    header = ["model", "input", "dtype", "segments", "multi-value cuts", "params (M)", *STEPS, "seconds", "peak RSS (GiB)"]
     lines = [
         "# Zoo coverage",
         "",
@@ -439,6 +508,13 @@ def markdown(results: Sequence[dict[str, Any]]) -> str:
         "branches `{a}` and `{b, c}`), then forward, `materialise`, TorchScript (script, save, load), "
         "`torch.export` and `check`. Every output is compared with the eager multi-task network; the "
         "forward step also checks every branch against the original backbone's trunk bit for bit. "
+        "*modes*: the backbone built in train and in eval mode, each run train → eval → train, gives the "
+        "eager model's trunk bit for bit in every mode (dropout on, except for "
+        + ", ".join(f"`{m}`" for m in sorted(OUTSIDE_THE_TREE_IN_TRAINING))
+        + ", whose train-mode auxiliary classifiers draw random numbers the network does not; inputs "
+        + ", ".join(f"`{m}` {k}²" for m, k in MODES_IMAGE_SIZE.items())
+        + " where train mode needs more). *peak RSS*: the worker's largest resident memory in any step; "
+        "– where not measured. "
         "*multi-value cuts*: segments whose end boundary carries several tensors (encoder skips; "
         "`max_boundary_values`, default 8); – where the row predates them. "
         "Generated by `python benchmarks/zoo.py`.",
@@ -457,6 +533,7 @@ def markdown(results: Sequence[dict[str, Any]]) -> str:
             params,
             *(_cell(r["steps"].get(s, "skipped")) for s in STEPS),
             f"{r['seconds']:.0f}",
+            f"{max(r['peak_rss_mib'].values()) / 1024:.1f}" if r.get("peak_rss_mib") else "–",
         ]
         lines.append("| " + " | ".join(row) + " |")
     n = len(results)
@@ -478,7 +555,8 @@ def markdown(results: Sequence[dict[str, Any]]) -> str:
         f"- float32 (more than {FLOAT32_ABOVE / 1e6:.0f} M parameters): "
         + (", ".join(f"`{r['model']}`" for r in results if r.get("dtype") == "float32") or "none"),
         f"- time: {sum(r['seconds'] for r in results) / 60:.0f} min summed over models, each run with "
-        f"{_threads(results)} torch thread(s) on a {os.cpu_count()}-core {platform.machine()} machine",
+        f"{_threads(results)} torch thread(s) on a {os.cpu_count()}-core {platform.machine()} machine with "
+        f"{_memory_gib():.0f} GiB of memory",
         "",
         "## Failures",
         "",
@@ -504,6 +582,7 @@ def save(results: dict[str, dict[str, Any]], out: Path) -> list[dict[str, Any]]:
     payload = {
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
+        "machine": {"cpus": os.cpu_count(), "arch": platform.machine(), "memory_gib": round(_memory_gib(), 1)},
         "steps": list(STEPS),
         "models": len(ordered),
         "all_ok": sum(r["ok"] for r in ordered),
