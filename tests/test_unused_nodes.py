@@ -62,6 +62,14 @@ def test_a_side_branch_left_outside_the_tree_is_named_with_the_fix():
     assert "warnings.filterwarnings('ignore', category=graphsurgeon.UnusedNodesWarning)" in message
 
 
+def test_the_warning_points_at_the_callers_line():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gs.multitask(SideBranch(), {"a": nn.Linear(4, 3)})
+    [warning] = [w for w in caught if issubclass(w.category, gs.UnusedNodesWarning)]
+    assert warning.filename == __file__  # this multitask call, not a line inside graphsurgeon
+
+
 def test_the_warning_can_be_silenced_as_it_says():
     with warnings.catch_warnings():
         warnings.simplefilter("error")

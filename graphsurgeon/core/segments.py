@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import difflib
 import operator
+import os
 import sys
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -499,7 +500,7 @@ def _left_outside(gm: fx.GraphModule, trunk: fx.Node, order: Sequence[fx.Node], 
 def _callers_level() -> int:
     """The ``stacklevel`` of the innermost caller outside graphsurgeon, for a warning of the
     function calling this: the warning then points at the user's ``multitask(...)`` line."""
-    package = str(Path(__file__).resolve().parents[1])
+    package = str(Path(__file__).resolve().parents[1]) + os.sep
     level, frame = 1, sys._getframe(1)
     while frame is not None and frame.f_code.co_filename.startswith(package):
         level, frame = level + 1, frame.f_back
@@ -904,6 +905,11 @@ def segment(
 
     Returns:
         Segments 1..L; chaining them reproduces ``gm`` up to the trunk, bit for bit.
+
+    Warns:
+        UnusedNodesWarning: naming, by module, what the model computes from its input in either
+            mode that is neither on the way to the trunk nor after it (see `_left_outside`): the
+            segments never run it, so a skip connection or an auxiliary head is not lost unsaid.
     """
     if granularity not in ("block", "fine"):
         raise OptionError(
@@ -928,8 +934,6 @@ def segment(
     if other_mode is not None:
         other_trunk, other_order, other_dep = _check_same_in_both_modes(gm, order, other_mode, trunk, trunk_node)
         left_out[other_mode.training] = _left_outside(other_mode, other_trunk, other_order, other_dep)
-    if any(left_out.values()):
-        warnings.warn(_left_outside_message(gm, trunk_node, left_out), UnusedNodesWarning, stacklevel=_callers_level())
     if trunk_node not in order:
         raise TrunkError(
             f"trunk={qualified_name(trunk_node)!r} does not depend on the model input. "
@@ -976,4 +980,6 @@ def segment(
         module, side_inputs = _build(gm, nodes, live[a], live[b], dep, views, k)
         names = (tuple(v.name for v in live[a]), tuple(v.name for v in live[b]))
         segments.append(Segment(k, module, *names, tuple(n.name for n in nodes), side_inputs))
+    if any(left_out.values()):
+        warnings.warn(_left_outside_message(gm, trunk_node, left_out), UnusedNodesWarning, stacklevel=_callers_level())
     return segments
