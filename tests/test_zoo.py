@@ -82,6 +82,7 @@ def test_chain_of_segments_equals_traced_model_exactly(name):
         assert torch.equal(value, want), f"{name} {granularity}: max |diff| {(value - want).abs().max().item():.3g}"
 
 
+@pytest.mark.filterwarnings("ignore::graphsurgeon.UnusedNodesWarning")  # their train-mode auxiliary classifiers
 @pytest.mark.parametrize("name", ["googlenet", "inception_v3"])
 def test_blocks_held_by_the_root_module_are_blocks(name):
     size = zoo.image_size_for(name)
