@@ -94,10 +94,11 @@ def _features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_fx_rejects_the_model(name):
+def test_fx_rejects_the_model_and_names_the_export_capture(name):
     model, _ = _case(name)
-    with pytest.raises(TraceError, match="torch.fx cannot trace"):
+    with pytest.raises(TraceError, match="torch.fx cannot trace") as info:
         gs.trace(model)
+    assert "capture='export' (or capture='auto'" in str(info.value)  # the fix when no leaf module helps
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -130,7 +131,7 @@ def test_block_granularity_cuts_between_the_blocks():
     fine = gs.segment(gm, None, "fine", example_input=x)
     block = gs.segment(gm, None, "block", example_input=x)
     assert len(block) == 3 and len(fine) > len(block)  # the stem (with the loop), blocks.0, blocks.1
-    assert gs.get_graph_node_names(gm)[-2:] == ["fc", "output"]  # a torch.nn layer is named as by fx
+    assert gs.get_graph_node_names(gm)[-1] == "fc"  # a torch.nn layer is named as by fx (and no "output")
 
 
 def test_batchnorm_follows_the_mode():
@@ -179,6 +180,20 @@ def test_to_export_equals_eager(name):
     with torch.no_grad():
         got, want = program.module()(x), net(x)
     assert set(got) == set(want) and all(torch.equal(got[t], want[t]) for t in want)
+
+
+def test_torchscript_compiles_the_shape_check(tmp_path):
+    """The captured graph starts with `check_input_shape`, which TorchScript must compile (and
+    keep: a scripted network refuses another shape too)."""
+    model, x = _case("calls_helper")
+    net = gs.multitask(model, {"a": copy.deepcopy(model.fc)}, capture="export", example_input=x).eval()
+    scripted = gs.to_torchscript(net, method="script")
+    torch.jit.save(scripted, tmp_path / "net.pt")
+    loaded = torch.jit.load(tmp_path / "net.pt")
+    with torch.no_grad():
+        assert torch.equal(loaded(x)["a"], net(x)["a"])
+    with pytest.raises(Exception, match="captured with torch.export for inputs of shape"):
+        loaded(torch.randn(*x.shape[:-1], x.shape[-1] + 1, dtype=x.dtype))
 
 
 def test_auto_falls_back_to_export_and_says_why():

@@ -67,16 +67,23 @@ __all__ = [
 
 Capture = Literal["fx", "export", "auto"]
 
-def check_input_shape(x: torch.Tensor, shape: tuple[int | None, ...]) -> None:
+def check_input_shape(x: torch.Tensor, shape: list[int]) -> None:
     """The first node of an exported graph: refuse an input of another shape than the one the
-    graph was captured for (``None``: a dimension export kept dynamic, the batch unless the code
+    graph was captured for (``-1``: a dimension export kept dynamic, the batch unless the code
     specialised it), whose specialisations (unrolled loops, taken branches) would silently
-    compute something else."""
-    if x.dim() != len(shape) or any(want is not None and got != want for got, want in zip(x.shape, shape)):
-        wanted = "(" + ", ".join("*" if d is None else str(d) for d in shape) + ")"
+    compute something else. Written for TorchScript too (a list of ints, no generators), since
+    `graphsurgeon.to_torchscript` compiles the graph that calls it."""
+    same = x.dim() == len(shape)
+    if same:
+        for got, want in zip(x.shape, shape):
+            if want != -1 and got != want:
+                same = False
+    if not same:
+        wanted = ", ".join(["*" if d == -1 else str(d) for d in shape])
         raise ExampleInputError(
-            f"this backbone was captured with torch.export for inputs of shape {wanted}, got {tuple(x.shape)}; "
-            "the captured graph is specialised to that shape. Build it again with an example_input of this shape."
+            "this backbone was captured with torch.export for inputs of shape (" + wanted + "), got "
+            + str(list(x.shape)) + "; the captured graph is specialised to that shape. Build it again with an "
+            "example_input of this shape."
         )
 
 
@@ -229,6 +236,8 @@ def _name_nodes(gm: fx.GraphModule) -> None:
     latest: dict[str, int] = {}
     outputs: dict[str, str] = {}
     for n in gm.graph.nodes:
+        if n.op == "output":
+            continue  # not a node name, as on the fx path (trunk= cannot be the graph's output node)
         stack = _stack(n)
         if n.op in ("call_module", "get_attr"):
             base = str(n.target)
@@ -302,14 +311,14 @@ def _module_type(root: nn.Module, path: str) -> type[nn.Module] | None:
         return None
 
 
-def _static_shape(ep: torch.export.ExportedProgram) -> tuple[int | None, ...]:
-    """The input's shape as the program fixes it, ``None`` for a dimension it keeps dynamic: one
+def _static_shape(ep: torch.export.ExportedProgram) -> list[int]:
+    """The input's shape as the program fixes it, ``-1`` for a dimension it keeps dynamic: one
     whose symbol has a range (a symbol the code specialised, by a loop over it, has none)."""
     value = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name == ep.graph_signature.user_inputs[0])
-    return tuple(
-        None if isinstance(d, torch.SymInt) and d.node.expr in ep.range_constraints else int(d)
+    return [
+        -1 if isinstance(d, torch.SymInt) and d.node.expr in ep.range_constraints else int(d)
         for d in value.meta["val"].shape
-    )
+    ]
 
 
 def _export(own: nn.Module, example_input: torch.Tensor, kwargs: Mapping[str, Any]) -> torch.export.ExportedProgram:

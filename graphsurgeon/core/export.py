@@ -107,13 +107,13 @@ def to_torchscript(
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # TorchScript is deprecated upstream; users asked for it
-                return torch.jit.script(gm)
+                return torch.jit.script(_scriptable_ops(gm))
         except Exception as exc:  # TorchScript raises its own frontend error types
             if method == "script" or example_input is None:
                 raise ExportError(
-                    f"torch.jit.script failed on the materialised graph: {_script_failure(exc)}. The code named is "
-                    "the backbone's (a leaf module is compiled from its own source). Pass example_input=... with "
-                    "method='auto' to fall back to tracing, or use to_export()."
+                    f"torch.jit.script failed on the materialised graph: {_script_failure(exc)}. A leaf module "
+                    "is compiled from its own source, so the line may be the backbone's. Pass example_input=... "
+                    "with method='auto' to fall back to tracing, or use to_export()."
                 ) from exc
             warnings.warn(f"torch.jit.script failed ({_script_failure(exc)}); tracing instead.", stacklevel=2)
     if example_input is None:
@@ -121,6 +121,18 @@ def to_torchscript(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.jit.trace(gm, _arguments(net, example_input, "to_torchscript"), strict=False)
+
+
+def _scriptable_ops(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` calling each aten op by its name (``torch.ops.aten.conv2d``) rather than one
+    overload of it (``torch.ops.aten.conv2d.default``), which TorchScript cannot look up: a
+    backbone captured with torch.export (`graphsurgeon.core.capture`) is a graph of overloads.
+    TorchScript picks the overload from the arguments, as eager dispatch does."""
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload):
+            n.target = n.target.overloadpacket
+    gm.recompile()
+    return gm
 
 
 def _script_failure(exc: BaseException) -> str:

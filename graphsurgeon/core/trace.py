@@ -251,7 +251,9 @@ def _trace_once(
         mode = "train" if training else "eval"
         raise TraceError(
             f"torch.fx cannot trace {where} in {mode} mode: {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}\n  at {location}\n{fix}"
+            f"{str(exc).splitlines()[0] if str(exc) else ''}\n  at {location}\n{fix}\n"
+            "Or capture it with torch.export, which runs such code on example shapes: pass "
+            "capture='export' (or capture='auto': fx, else export) and example_input=<a batch>."
         ) from exc
     try:
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
