@@ -149,9 +149,9 @@ def test_the_output_check_is_relative_to_the_outputs_scale(tmp_path):
     from graphsurgeon.core.export import _check_onnx_outputs
 
     torch.manual_seed(0)
-    net = gs.multitask(nn.Sequential(nn.Linear(4, 4)), {"a": nn.Identity()}).eval()
+    net = gs.multitask(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), {"a": nn.Linear(4, 2)}).eval()
     with torch.no_grad():
-        net.seg1.n1.get_submodule("0").weight.mul_(1e8)
+        net.heads["a"].weight.mul_(1e8)
     x = torch.randn(3, 4)
     path = gs.to_onnx(net, x, tmp_path / "net.onnx")
     with torch.no_grad():
