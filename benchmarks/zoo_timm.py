@@ -19,7 +19,8 @@ subprocess through:
     train_step  one small SGD step on the summed task losses: finite, and the parameters move;
     merge       MTSL's edit: the two branches' first nodes fused (`surgery.fuse`, init "mean",
                 with the optimizer), invariants checked, outputs finite;
-    torchscript `to_torchscript(method="script")` == eager; export `to_export` == eager (see
+    torchscript `to_torchscript(method="script")` == eager (``"trace"`` for transformers models,
+                whose TorchScript support is tracing); export `to_export` == eager (see
                 `EXPORT_TOLERANCE`);
     onnx        `to_onnx` of the network as built (float32, checked in ONNX Runtime at 1e-5 of the
                 output's scale);
@@ -161,7 +162,7 @@ def run_model(name: str, progress: Callable[[dict[str, Any]], None] | None = Non
     size = x.shape[-1] if x.is_floating_point() else None  # token ids have no image size
     result.update(image_size=size, dtype=str(dtype).removeprefix("torch."), capture=None)
 
-    def heads(shape: tuple[int, ...]) -> dict[str, nn.Module]:
+    def heads(shape: tuple[int, ...], dtype: torch.dtype = dtype) -> dict[str, nn.Module]:
         return {t: nn.Sequential(nn.Flatten(), nn.LazyLinear(k)).to(dtype) for t, k in TASK_OUTPUTS.items()}
 
     def build() -> None:
@@ -174,7 +175,7 @@ def run_model(name: str, progress: Callable[[dict[str, Any]], None] | None = Non
             net = gs.multitask(model, heads(()), sharing=tree, example_input=x, capture=CAPTURE).eval()
         result.update(segments=net.depth, params=gs.count_parameters(net), capture=net.config["capture"])
         with torch.no_grad():
-            state.update(net=net, out=net(x), built=copy.deepcopy(net))
+            state.update(net=net, out=net(x), built=copy.deepcopy(net), tree=tree)
 
     def modes() -> None:
         worst = 0.0
@@ -230,7 +231,10 @@ def run_model(name: str, progress: Callable[[dict[str, Any]], None] | None = Non
             raise zoo.Mismatch("outputs are not finite after the merge")
 
     def torchscript() -> None:
-        scripted = gs.to_torchscript(state["net"], method="script")
+        # transformers supports TorchScript by tracing only (its graphs call torch.finfo, build
+        # ModelOutputs, ...): its models are traced on x, timm's compiled
+        method = "trace" if name.startswith(HF_PREFIX) else "script"
+        scripted = gs.to_torchscript(state["net"], x, method=method)
         with torch.no_grad():
             result["max_diff"]["torchscript"] = zoo.compare(scripted(x), state["out"], tol)
 
@@ -241,9 +245,19 @@ def run_model(name: str, progress: Callable[[dict[str, Any]], None] | None = Non
 
     def onnx() -> None:
         # the network as built, in float32 (what ONNX Runtime runs); the float64 one stays exact
-        net = copy.deepcopy(state["built"]).float()
+        x32 = x.float() if x.is_floating_point() else x
+        if name.startswith(HF_PREFIX):
+            # a transformers graph bakes in the dtype it was traced in (ELECTRA's attention mask:
+            # .to(dtype=self.dtype)), so its float32 network is built from the float32 model
+            torch.manual_seed(SEED)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                net = gs.multitask(make().float().eval(), heads((), torch.float32), sharing=state["tree"], example_input=x32,
+                                   capture=CAPTURE).eval()
+        else:
+            net = copy.deepcopy(state["built"]).float()
         with tempfile.TemporaryDirectory() as tmp:
-            gs.to_onnx(net, x.float() if x.is_floating_point() else x, Path(tmp) / "net.onnx")
+            gs.to_onnx(net, x32, Path(tmp) / "net.onnx")
 
     def save_load() -> None:
         with tempfile.TemporaryDirectory() as tmp:
