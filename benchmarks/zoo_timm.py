@@ -75,6 +75,12 @@ EXPORT_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-5}
 float32, so a float64 ViT's own exported program differs from its eager self (``test_vit``:
 1.1e-9 for the bare backbone with float64 weights, 3.4e-10 in the network) by float32 rounding."""
 CAPTURE = "auto"
+NOTES = {
+    "naflexvit_base_patch16_parfac_gap": "the backbone itself is not scriptable: `torch.jit.script(model)` fails in "
+    "timm's code too (naflexvit.py: `self.forward_head(**features)`, keyword-arg expansion is not supported); the "
+    "network's patch embedding is a leaf module, compiled from timm's source",
+}
+"""What was found about a model's failure beyond its error message, listed with it."""
 HF_PREFIX = "hf-"
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -294,7 +300,7 @@ def _table(results: Sequence[dict[str, Any]], first: str, label: Callable[[str],
         f"- every step ok: {ok} / {n}" + (f" ({100 * ok / n:.0f} %)" if n else ""),
         "- per step: " + ", ".join(f"{s} {per_step[s]} / {n}" for s in STEPS),
         "- failures:" if failures else "- failures: none",
-        *(f"  - `{m}` {s}: {v}" for m, s, v in failures),
+        *(f"  - `{m}` {s}: {v}" + (f" — {NOTES[m]}" if m in NOTES else "") for m, s, v in failures),
     ]
 
 
@@ -318,6 +324,17 @@ def markdown(results: Sequence[dict[str, Any]], chosen: dict[str, str], hf: Sequ
         f"{zoo.FLOAT32_ABOVE / 1e6:.0f} M parameters. Families run: {len(results)} of {len(chosen)}.",
         "",
         *_table(results, "family", lambda m: family_of.get(m, "?")),
+        "",
+        "Comparisons are relative to an output's scale (its largest magnitude, at least 1): a randomly initialised "
+        "deep CNN's outputs reach 1e10 (inception_v3: 1e12 for the bare backbone, visformer: 1e3), where float32 "
+        "rounds by more than an absolute 1e-5 (these two failed the ONNX check by 7e4 and 4e-4 that way; the bare "
+        "backbones' own ONNX exports differ from eager as much). The ONNX export writes fused attention out as "
+        "matmuls and a softmax: the exporter rejects `F.scaled_dot_product_attention` over 5-d inputs (hiera, nest, "
+        "twins) or 3-d ones (samvit), and with a non-contiguous mask (beit, relative-position ViTs) its decomposition "
+        "breaks a recorded `view` (the bare backbones fail `torch.onnx.export(..., dynamo=True)` the same way). The "
+        f"export step allows {EXPORT_TOLERANCE[torch.float64]:g} in float64: timm's code takes export-only paths "
+        "(`resample_abs_pos_embed` resamples the position embedding in float32 under `torch.export`), so test_vit's "
+        "own exported program differs from eager by 1e-9 once its weights are genuinely float64.",
         "",
         "## Hugging Face transformers",
         "",
