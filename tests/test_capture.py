@@ -515,3 +515,43 @@ def test_a_small_vit_segments_as_on_the_fx_path():
     reference = copy.deepcopy(model)
     reference.heads = nn.Identity()
     assert torch.equal(z, reference(x))
+
+
+class _ReturnsAMapping(nn.Module):
+    """Reads ``self.training`` (as Hugging Face's encoders do for gradient checkpointing) and
+    returns a mapping whose one tensor is used, as they return a ``ModelOutput``: the graph sees
+    one tensor out, the module does not return one. Its dropout is the mode-dependent part."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear, self.dropout, self.checkpointing = nn.Linear(4, 4), nn.Dropout(0.5), False
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.checkpointing and self.training:
+            raise NotImplementedError
+        return {"hidden": self.dropout(self.linear(x))}
+
+
+class _EncoderModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = _ReturnsAMapping()
+        self.norm = nn.LayerNorm(4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        hidden = self.norm(self.encoder(x)["hidden"])
+        return {"last_hidden_state": hidden, "pooler_output": self.fc(hidden.mean(1) * len(x))}
+
+
+def test_a_module_returning_a_mapping_is_traced_through_and_output_fields_are_trunks():
+    torch.manual_seed(0)
+    model, x = _EncoderModel().to(DTYPE).eval(), torch.randn(2, 3, 4, dtype=DTYPE)
+    gm = gs.trace(model, capture="export", example_input=x)
+    # collapsed, the encoder would hand its dict to the LayerNorm: its dropout is collapsed instead
+    assert gm.meta["graphsurgeon_leaf_modules"] == ("encoder.dropout",)
+    net = gs.multitask(model, {"a": nn.Identity()}, trunk="last_hidden_state", capture="export", example_input=x)
+    pooled = gs.multitask(model, {"a": nn.Identity()}, capture="export", example_input=x)  # default: pooler_output
+    with torch.no_grad():
+        assert torch.equal(net.eval()(x)["a"], model(x)["last_hidden_state"])
+        assert torch.equal(pooled.eval()(x)["a"], model(x)["pooler_output"])
