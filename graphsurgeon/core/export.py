@@ -205,8 +205,8 @@ def to_onnx(
     of a value, so a randomly initialised deep CNN whose outputs reach 1e10 (timm's inception_v3)
     cannot agree to an absolute 1e-5, nor, near zero, element by element to a relative one.
     Fused attention (``F.scaled_dot_product_attention``) is exported written out as matmuls and
-    a softmax (see `_attention`), which the exporter takes at any rank and with any mask. The file is written atomically: an export that fails leaves no
-    half-written model at ``path``.
+    a softmax (see `_attention`), which the exporter takes at any rank and with any mask. The
+    file is written atomically: an export that fails leaves no half-written model at ``path``.
 
     Needs the ``onnx`` extra (``pip install 'graphsurgeon[onnx]'``: onnx, onnxruntime, onnxscript).
     """
