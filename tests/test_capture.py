@@ -94,10 +94,11 @@ def _features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_fx_rejects_the_model(name):
+def test_fx_rejects_the_model_and_names_the_export_capture(name):
     model, _ = _case(name)
-    with pytest.raises(TraceError, match="torch.fx cannot trace"):
+    with pytest.raises(TraceError, match="torch.fx cannot trace") as info:
         gs.trace(model)
+    assert "capture='export' (or capture='auto'" in str(info.value)  # the fix when no leaf module helps
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -130,7 +131,7 @@ def test_block_granularity_cuts_between_the_blocks():
     fine = gs.segment(gm, None, "fine", example_input=x)
     block = gs.segment(gm, None, "block", example_input=x)
     assert len(block) == 3 and len(fine) > len(block)  # the stem (with the loop), blocks.0, blocks.1
-    assert gs.get_graph_node_names(gm)[-2:] == ["fc", "output"]  # a torch.nn layer is named as by fx
+    assert gs.get_graph_node_names(gm)[-1] == "fc"  # a torch.nn layer is named as by fx (and no "output")
 
 
 def test_batchnorm_follows_the_mode():
@@ -179,6 +180,20 @@ def test_to_export_equals_eager(name):
     with torch.no_grad():
         got, want = program.module()(x), net(x)
     assert set(got) == set(want) and all(torch.equal(got[t], want[t]) for t in want)
+
+
+def test_torchscript_compiles_the_shape_check(tmp_path):
+    """The captured graph starts with `check_input_shape`, which TorchScript must compile (and
+    keep: a scripted network refuses another shape too)."""
+    model, x = _case("calls_helper")
+    net = gs.multitask(model, {"a": copy.deepcopy(model.fc)}, capture="export", example_input=x).eval()
+    scripted = gs.to_torchscript(net, method="script")
+    torch.jit.save(scripted, tmp_path / "net.pt")
+    loaded = torch.jit.load(tmp_path / "net.pt")
+    with torch.no_grad():
+        assert torch.equal(loaded(x)["a"], net(x)["a"])
+    with pytest.raises(Exception, match="captured with torch.export for inputs of shape"):
+        loaded(torch.randn(*x.shape[:-1], x.shape[-1] + 1, dtype=x.dtype))
 
 
 def test_auto_falls_back_to_export_and_says_why():
@@ -500,3 +515,43 @@ def test_a_small_vit_segments_as_on_the_fx_path():
     reference = copy.deepcopy(model)
     reference.heads = nn.Identity()
     assert torch.equal(z, reference(x))
+
+
+class _ReturnsAMapping(nn.Module):
+    """Reads ``self.training`` (as Hugging Face's encoders do for gradient checkpointing) and
+    returns a mapping whose one tensor is used, as they return a ``ModelOutput``: the graph sees
+    one tensor out, the module does not return one. Its dropout is the mode-dependent part."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear, self.dropout, self.checkpointing = nn.Linear(4, 4), nn.Dropout(0.5), False
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.checkpointing and self.training:
+            raise NotImplementedError
+        return {"hidden": self.dropout(self.linear(x))}
+
+
+class _EncoderModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = _ReturnsAMapping()
+        self.norm = nn.LayerNorm(4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        hidden = self.norm(self.encoder(x)["hidden"])
+        return {"last_hidden_state": hidden, "pooler_output": self.fc(hidden.mean(1) * len(x))}
+
+
+def test_a_module_returning_a_mapping_is_traced_through_and_output_fields_are_trunks():
+    torch.manual_seed(0)
+    model, x = _EncoderModel().to(DTYPE).eval(), torch.randn(2, 3, 4, dtype=DTYPE)
+    gm = gs.trace(model, capture="export", example_input=x)
+    # collapsed, the encoder would hand its dict to the LayerNorm: its dropout is collapsed instead
+    assert gm.meta["graphsurgeon_leaf_modules"] == ("encoder.dropout",)
+    net = gs.multitask(model, {"a": nn.Identity()}, trunk="last_hidden_state", capture="export", example_input=x)
+    pooled = gs.multitask(model, {"a": nn.Identity()}, capture="export", example_input=x)  # default: pooler_output
+    with torch.no_grad():
+        assert torch.equal(net.eval()(x)["a"], model(x)["last_hidden_state"])
+        assert torch.equal(pooled.eval()(x)["a"], model(x)["pooler_output"])

@@ -1,8 +1,9 @@
 """Hugging Face backbones (BERT, GPT-2, ViT) through `gs.multitask`, end to end.
 
-Each model is built from a tiny config (no model hub), in float64 with every dropout
-probability 0, so that the multi-task network must reproduce the model's own output exactly in
-both modes: any op that tracing dropped, duplicated or froze to the tracing mode shows.
+Each model is built from a tiny config (no model hub: `benchmarks/tiny_transformers.py`), in
+float64 with every dropout probability 0, so that the multi-task network must reproduce the
+model's own output exactly in both modes: any op that tracing dropped, duplicated or froze to
+the tracing mode shows.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from benchmark_modules import load_benchmark
 from torch import nn
 
 import graphsurgeon as gs
@@ -20,43 +22,10 @@ from graphsurgeon.errors import MissingDependencyError, TraceError, TrunkError
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("transformers.utils.fx", reason="transformers >= 5 has no torch.fx tracer")
 
-HIDDEN = 32
-
-
-def _bert() -> nn.Module:
-    config = transformers.BertConfig(
-        hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
-    return transformers.BertModel(config)
-
-
-def _gpt2() -> nn.Module:
-    config = transformers.GPT2Config(
-        n_embd=HIDDEN, n_layer=2, n_head=2, vocab_size=100, n_positions=16, bos_token_id=0, eos_token_id=0,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        # under tracing, GPT-2's SDPA path builds its causal mask with torch.full(..., finfo(float64).min)
-        # in the default dtype, float32, which overflows (a transformers 4.x bug): eager attention
-        # takes the mask from its buffer
-        attn_implementation="eager",
-    )
-    return transformers.GPT2Model(config)
-
-
-def _vit() -> nn.Module:
-    config = transformers.ViTConfig(
-        hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=16,
-        patch_size=8, num_channels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
-    return transformers.ViTModel(config)
-
-
-def _tokens() -> torch.Tensor:
-    return torch.randint(0, 100, (3, 7), generator=torch.Generator().manual_seed(0))
-
-
-def _pixels() -> torch.Tensor:
-    return torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+# the tiny configs the coverage sweep runs too (benchmarks/tiny_transformers.py)
+tiny = load_benchmark("tiny_transformers")
+HIDDEN = tiny.HIDDEN
+_bert, _gpt2, _vit, _tokens, _pixels = tiny.bert, tiny.gpt2, tiny.vit, tiny.tokens, tiny.pixels
 
 
 # (model factory, input factory, trunk= value, ModelOutput field the trunk is); None = the default

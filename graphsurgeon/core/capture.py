@@ -50,6 +50,7 @@ from graphsurgeon.core.trace import (
     LeafSpec,
     _check_leaf_names,
     _code_reads,
+    _record_output_fields,
     graph_signature,
     trace,
 )
@@ -67,16 +68,23 @@ __all__ = [
 
 Capture = Literal["fx", "export", "auto"]
 
-def check_input_shape(x: torch.Tensor, shape: tuple[int | None, ...]) -> None:
+def check_input_shape(x: torch.Tensor, shape: list[int]) -> None:
     """The first node of an exported graph: refuse an input of another shape than the one the
-    graph was captured for (``None``: a dimension export kept dynamic, the batch unless the code
+    graph was captured for (``-1``: a dimension export kept dynamic, the batch unless the code
     specialised it), whose specialisations (unrolled loops, taken branches) would silently
-    compute something else."""
-    if x.dim() != len(shape) or any(want is not None and got != want for got, want in zip(x.shape, shape)):
-        wanted = "(" + ", ".join("*" if d is None else str(d) for d in shape) + ")"
+    compute something else. Written for TorchScript too (a list of ints, no generators), since
+    `graphsurgeon.to_torchscript` compiles the graph that calls it."""
+    same = x.dim() == len(shape)
+    if same:
+        for got, want in zip(x.shape, shape):
+            if want != -1 and got != want:
+                same = False
+    if not same:
+        wanted = ", ".join(["*" if d == -1 else str(d) for d in shape])
         raise ExampleInputError(
-            f"this backbone was captured with torch.export for inputs of shape {wanted}, got {tuple(x.shape)}; "
-            "the captured graph is specialised to that shape. Build it again with an example_input of this shape."
+            "this backbone was captured with torch.export for inputs of shape (" + wanted + "), got "
+            + str(list(x.shape)) + "; the captured graph is specialised to that shape. Build it again with an "
+            "example_input of this shape."
         )
 
 
@@ -191,21 +199,25 @@ def _reads_training(module: nn.Module) -> bool:
     )
 
 
-def _make_leaves(gm: fx.GraphModule, own: nn.Module, paths: Iterable[str], required: set[str]) -> tuple[str, ...]:
+def _make_leaves(
+    gm: fx.GraphModule, own: nn.Module, paths: Iterable[str], required: set[str], tensor_out: set[str]
+) -> tuple[str, ...]:
     """Collapse each module of ``paths`` that is not inside an already collapsed one (so the
-    outermost wins); the paths collapsed. A ``required`` one (a user's leaf module) that is
-    called but cannot be one call is an error: silently tracing through it is not what was asked."""
+    outermost wins) and returns one tensor (``tensor_out``, see `_tensor_returning`); the paths
+    collapsed. A ``required`` one (a user's leaf module) that is called but cannot be one call is
+    an error: silently tracing through it is not what was asked."""
     done: list[str] = []
     for path in sorted(paths, key=lambda p: p.count(".")):
         if any(path.startswith(f"{d}.") for d in done):
             continue
-        if path in required and (_calls_of(gm, path) is None or not _takes_one_argument(own.get_submodule(path))):
+        one_call = _calls_of(gm, path) is not None and _takes_one_argument(own.get_submodule(path))
+        if path in required and not (one_call and path in tensor_out):
             raise TraceError(
                 f"leaf_modules names {path!r} ({type(own.get_submodule(path)).__name__}), but with capture='export' a "
                 "leaf module must take one tensor and return one tensor in each call, and this one does not. "
                 "Fix: drop it from leaf_modules, or name a submodule of it that does."
             )
-        if _collapse(gm, path, own.get_submodule(path)):
+        if path in tensor_out and _collapse(gm, path, own.get_submodule(path)):
             done.append(path)
     return tuple(done)
 
@@ -229,6 +241,8 @@ def _name_nodes(gm: fx.GraphModule) -> None:
     latest: dict[str, int] = {}
     outputs: dict[str, str] = {}
     for n in gm.graph.nodes:
+        if n.op == "output":
+            continue  # not a node name, as on the fx path (trunk= cannot be the graph's output node)
         stack = _stack(n)
         if n.op in ("call_module", "get_attr"):
             base = str(n.target)
@@ -246,22 +260,56 @@ def _name_nodes(gm: fx.GraphModule) -> None:
     gm.meta[MODULE_OUTPUTS] = outputs
 
 
-def _ends_in_identity(model: nn.Module, example_input: torch.Tensor) -> bool:
-    """Whether the last layer ``model`` calls is an ``nn.Identity`` that returns the model's
-    output (timm's ``num_classes=0``, ``model.fc = nn.Identity()``). fx sees that call (see
-    `graphsurgeon.core.segments.find_trunk`); export records no op for it, so one eval-mode
-    forward of a private copy on the example input watches the calls."""
+def _watch_calls(model: nn.Module, example_input: torch.Tensor) -> tuple[list[tuple[str, nn.Module, Any]], Any]:
+    """Every module call of one eval-mode forward of a private copy of ``model`` on the example
+    input, as (path, module, output) in the order the calls return, and the model's output: what
+    the exported graph does not record (an ``nn.Identity`` call, what a module returns)."""
     own = copy.deepcopy(model).eval()
-    calls: list[tuple[nn.Module, Any]] = []
-    layers = [m for m in own.modules() if m is not own and next(m.children(), None) is None]
-    handles = [m.register_forward_hook(lambda m, args, out: calls.append((m, out))) for m in layers]
+    calls: list[tuple[str, nn.Module, Any]] = []
+    handles = [
+        m.register_forward_hook(lambda m, args, out, path=path: calls.append((path, m, out)))
+        for path, m in own.named_modules()
+        if m is not own
+    ]
     try:
         with torch.no_grad():
             output = own(example_input)
     finally:
         for handle in handles:
             handle.remove()
-    return bool(calls) and isinstance(calls[-1][0], nn.Identity) and calls[-1][1] is output
+    return calls, output
+
+
+def _ends_in_identity(calls: list[tuple[str, nn.Module, Any]], output: Any) -> bool:
+    """Whether the last layer the model calls (see `_watch_calls`) is an ``nn.Identity`` that
+    returns the model's output (timm's ``num_classes=0``, ``model.fc = nn.Identity()``). fx sees
+    that call (see `graphsurgeon.core.segments.find_trunk`); export records no op for it."""
+    layers = [(m, out) for _, m, out in calls if next(m.children(), None) is None]
+    return bool(layers) and isinstance(layers[-1][0], nn.Identity) and layers[-1][1] is output
+
+
+def _tensor_returning(calls: list[tuple[str, nn.Module, Any]]) -> set[str]:
+    """The modules every call of which returned one tensor (see `_watch_calls`). The graph cannot
+    tell: a module that returns a ``ModelOutput`` or a tuple whose one tensor is used (Hugging
+    Face's encoders) looks like one tensor out, and collapsing it would hand the whole object on."""
+    returns: dict[str, bool] = {}
+    for path, _, out in calls:
+        returns[path] = returns.get(path, True) and isinstance(out, torch.Tensor)
+    return {path for path, tensor in returns.items() if tensor}
+
+
+def _output_fields(gm: fx.GraphModule) -> dict[str, fx.Node] | None:
+    """``{field: node}`` of a graph whose forward returns a mapping (a Hugging Face
+    ``ModelOutput``): export flattens it into a tuple of nodes, and keeps the field names in the
+    pytree spec its generated code rebuilds the mapping with."""
+    spec = getattr(getattr(gm.graph._codegen, "pytree_info", None), "out_spec", None)
+    output = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    keys = getattr(spec, "context", None)
+    if not isinstance(output, tuple | list) or not isinstance(keys, list | tuple) or len(keys) != len(output):
+        return None
+    if not all(isinstance(k, str) for k in keys) or not all(c.is_leaf() for c in spec.children_specs):
+        return None
+    return dict(zip(keys, output))
 
 
 def _default_trunk(gm: fx.GraphModule, ends_in_identity: bool) -> str | None:
@@ -302,14 +350,14 @@ def _module_type(root: nn.Module, path: str) -> type[nn.Module] | None:
         return None
 
 
-def _static_shape(ep: torch.export.ExportedProgram) -> tuple[int | None, ...]:
-    """The input's shape as the program fixes it, ``None`` for a dimension it keeps dynamic: one
+def _static_shape(ep: torch.export.ExportedProgram) -> list[int]:
+    """The input's shape as the program fixes it, ``-1`` for a dimension it keeps dynamic: one
     whose symbol has a range (a symbol the code specialised, by a loop over it, has none)."""
     value = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name == ep.graph_signature.user_inputs[0])
-    return tuple(
-        None if isinstance(d, torch.SymInt) and d.node.expr in ep.range_constraints else int(d)
+    return [
+        -1 if isinstance(d, torch.SymInt) and d.node.expr in ep.range_constraints else int(d)
         for d in value.meta["val"].shape
-    )
+    ]
 
 
 def _export(own: nn.Module, example_input: torch.Tensor, kwargs: Mapping[str, Any]) -> torch.export.ExportedProgram:
@@ -390,11 +438,12 @@ def export_trace(
         return {name for name, m in own.named_modules() if name and _reads_training(m)}
 
     differ = graph_signature(captured[True][0].graph.nodes) != graph_signature(captured[False][0].graph.nodes)
-    ends_in_identity = _ends_in_identity(model, example_input)
+    calls, output = _watch_calls(model, example_input)
+    ends_in_identity, tensor_out = _ends_in_identity(calls, output), _tensor_returning(calls)
     graphs = {}
     for mode, (exported, own) in captured.items():
         required = user_leaves(own)
-        made = _make_leaves(exported, own, required | (mode_dependent(own) if differ else set()), required)
+        made = _make_leaves(exported, own, required | (mode_dependent(own) if differ else set()), required, tensor_out)
         # a plain GraphModule of what the graph reads: ep.module()'s class refuses train()/eval()
         gm = fx.GraphModule(exported, exported.graph, type(model).__name__).train(mode)
         _name_nodes(gm)
@@ -404,6 +453,7 @@ def export_trace(
         trunk = _default_trunk(gm, ends_in_identity)
         if trunk is not None:
             gm.meta[DEFAULT_TRUNK] = trunk
+        _record_output_fields(gm, _output_fields(gm))  # a ModelOutput's: trunk="pooler_output"
         graphs[mode] = gm
     gm = graphs[model.training]
     gm.meta["graphsurgeon_other_mode"] = graphs[not model.training]

@@ -251,7 +251,9 @@ def _trace_once(
         mode = "train" if training else "eval"
         raise TraceError(
             f"torch.fx cannot trace {where} in {mode} mode: {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}\n  at {location}\n{fix}"
+            f"{str(exc).splitlines()[0] if str(exc) else ''}\n  at {location}\n{fix}\n"
+            "Or capture it with torch.export, which runs such code on example shapes: pass "
+            "capture='export' (or capture='auto': fx, else export) and example_input=<a batch>."
         ) from exc
     try:
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
@@ -363,9 +365,10 @@ def _check_side_inputs(model: nn.Module, side_inputs: tuple[str, ...], concrete_
             )
 
 
-def _record_output_fields(gm: fx.GraphModule) -> None:
-    """Name the fields of a dict output (HFTracer turns a ``ModelOutput`` into a dict), and
-    pick the default trunk among them.
+def _record_output_fields(gm: fx.GraphModule, fields: Mapping[str, Any] | None = None) -> None:
+    """Name the fields of a dict output (HFTracer turns a ``ModelOutput`` into a dict; a graph
+    captured by torch.export passes ``fields``, read from its output's pytree spec), and pick the
+    default trunk among them.
 
     ``trunk="pooler_output"`` / ``trunk="last_hidden_state"`` then mean what the model's own
     output calls them. The default is the pooled output when there is one (BERT's and ViT's
@@ -373,13 +376,12 @@ def _record_output_fields(gm: fx.GraphModule) -> None:
     ``last_hidden_state`` (GPT-2): the classifier-based default of `find_trunk` would pick
     a node inside the last block, since these models have no classifier.
     """
-    output = next(n for n in gm.graph.nodes if n.op == "output")
-    value = output.args[0]
-    if not isinstance(value, dict):
+    value = next(n for n in gm.graph.nodes if n.op == "output").args[0] if fields is None else fields
+    if not isinstance(value, Mapping):
         return
-    fields = {key: node.name for key, node in value.items() if isinstance(key, str) and isinstance(node, fx.Node)}
-    gm.meta[OUTPUT_FIELDS] = fields
-    default = fields.get("pooler_output", fields.get("last_hidden_state"))
+    names = {key: node.name for key, node in value.items() if isinstance(key, str) and isinstance(node, fx.Node)}
+    gm.meta[OUTPUT_FIELDS] = names
+    default = names.get("pooler_output", names.get("last_hidden_state"))
     if default is not None:
         gm.meta[DEFAULT_TRUNK] = default
 
