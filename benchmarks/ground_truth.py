@@ -362,7 +362,9 @@ def main() -> None:
         trained = sorted({j[1] for j in jobs} - reused) or ["none"]
         provenance = (f"Trained for this file: {', '.join(f'`{t}`' for t in trained)}. The runs of "
                       f"{', '.join(f'`{t}`' for t in sorted(reused))} are the ones committed in `{args.previous}`, "
-                      "taken over unchanged (`--reuse`); their settings did not change.")
+                      "taken over unchanged (`--reuse`: only the labels given to `--rerun` trained again). They were trained "
+                      "by the commit that wrote that file: they pair with the rows trained here by seed and data split, "
+                      "not bit for bit by code version.")
     text, summary = report(all_runs, family_labels, args.seeds, command, fresh, provenance)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

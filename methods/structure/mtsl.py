@@ -110,20 +110,20 @@ RETRY_PHASES = 2
 
 def depth_schedule(depth: int, retries: int = RETRY_PHASES, phase_epochs: int = 1, distill_epochs: int = 1) -> dict[str, tuple[int, ...]]:
     """``task_phases`` and ``distill_epochs`` for a backbone of ``depth`` segments: one phase
-    per depth, then ``retries`` more (``MTSLConfig(**depth_schedule(net.tree.depth))``).
+    per depth, then ``retries`` more (``MTSLConfig(**depth_schedule(net.depth))``).
 
     Why this shape: the frontier goes down one depth per phase (a group's children are first
     compared in the phase after the group formed), so ``depth`` phases are the fewest that can
     reach every depth, and with exactly that many a set that fails at the deepest depth is never
     compared again; each of the ``retries`` phases after it compares the sets left unmerged once
-    more (at any depth), after one more task-learning phase under the alignment loss. The
-    official schedules have more phases than their backbone has stages for the same reason.
+    more (at any depth), after one more task-learning phase under the alignment loss, as the
+    official schedule's phases do while any set can still merge (`train_and_evaluate`).
     ``retries=0`` is the one-phase-per-depth schedule (an ablation: it cannot retry the last depth).
     """
     if depth < 1 or retries < 0 or phase_epochs < 1 or distill_epochs < 1:
         raise OptionError(
             f"depth_schedule(depth={depth}, retries={retries}, phase_epochs={phase_epochs}, distill_epochs={distill_epochs}): "
-            "depth, phase_epochs and distill_epochs must be >= 1 and retries >= 0; pass the network's depth (net.tree.depth)."
+            "depth, phase_epochs and distill_epochs must be >= 1 and retries >= 0; pass the network's depth (net.depth)."
         )
     phases = depth + retries
     return {"task_phases": (phase_epochs,) * phases, "distill_epochs": (distill_epochs,) * phases}
@@ -133,13 +133,15 @@ def depth_schedule(depth: int, retries: int = RETRY_PHASES, phase_epochs: int = 
 class MTSLConfig:
     """Every knob of MTSL; the defaults are the official code's.
 
-    The default schedule stays the official one (10 phases, enough for its 5-stage ResNet-18
-    and for any backbone up to 8 segments with 2 retries) rather than one derived from the
-    depth: a default that changes with the backbone would make the recipe hard to compare with
-    the paper's. What goes wrong silently with too few phases is instead reported: `MTSL`
-    warns at the start of training when fewer phases than the network's depth run within the
-    trainer's epochs (the deepest depths then stay split whatever their similarity);
-    `depth_schedule` builds a schedule with retries for any depth.
+    The default schedule stays the official one (10 phases, `--tse-ends` 3, 5, …, 49: enough
+    for a network of up to 8 depths with 2 retries) rather than one derived from the depth: a
+    default that changed with the backbone would no longer be the paper's recipe. What goes
+    wrong silently with too few phases is reported instead: `MTSL` warns at the start of
+    training when fewer phases than the network's depth fit in the trainer's epochs (the
+    deepest depths then stay split whatever their similarity), and `depth_schedule` builds one
+    phase per depth plus retries for any depth (what the demo and the ground-truth benchmark
+    run). A schedule of exactly one phase per depth is not warned about: it reaches every
+    depth, it only cannot retry a set that fails at the last one.
     """
 
     task_phases: Sequence[int] = (2, 2, 2, 2, 4, 4, 8, 8, 8, 8)
@@ -225,7 +227,7 @@ class MTSL(Method):
     def _warn_short_schedule(self, trainer: Trainer) -> None:
         """Warn when the phases that fit in the run cannot reach every depth (a warning, not an
         error: sharing only the first depths is a legitimate choice, but it should be one)."""
-        depth = trainer.net.tree.depth
+        depth = trainer.net.depth
         ends = self.phase_ends()
         runs = sum(end <= trainer.config.epochs for end in ends)
         if runs < depth:
