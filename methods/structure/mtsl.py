@@ -232,8 +232,9 @@ class MTSL(Method):
         runs = sum(end <= trainer.config.epochs for end in ends)
         if runs < depth:
             warnings.warn(
-                f"MTSL runs {runs} structural phase(s) ({len(ends)} in task_phases, those ending after epoch "
-                f"{trainer.config.epochs} never run) on a network of depth {depth}: the frontier goes down one depth "
+                f"MTSL runs {runs} structural phase(s)"
+                + (f" ({len(ends)} in task_phases, those ending after epoch {trainer.config.epochs} never run)" if len(ends) > runs else "")
+                + f" on a network of depth {depth}: the frontier goes down one depth "
                 f"per phase, so depths {runs + 1}-{depth} stay split whatever their similarity. Use "
                 f"MTSLConfig(**depth_schedule({depth})) (one phase per depth plus {RETRY_PHASES} retries) "
                 "and enough epochs to cover it.",
