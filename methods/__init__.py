@@ -23,7 +23,7 @@ from graphsurgeon.methods.aggregation import (
 from graphsurgeon.methods.base import Method, Step
 from graphsurgeon.methods.gradient_method import GradientMethod
 from graphsurgeon.methods.sam import SharpnessAware
-from graphsurgeon.methods.structure import DMTG, ITMTL, MTSL, TAG, DMTGConfig, MTSLConfig, TAGConfig
+from graphsurgeon.methods.structure import DMTG, ITMTL, MTSL, TAG, DMTGConfig, MTSLConfig, TAGConfig, depth_schedule
 
 __all__ = [
     "AGGREGATORS",
@@ -48,5 +48,6 @@ __all__ = [
     "SharpnessAware",
     "Step",
     "TAGConfig",
+    "depth_schedule",
     "make_aggregator",
 ]

@@ -1,7 +1,13 @@
 """The main job end to end on tiny data: every artefact the README promises is written."""
 import json
 
+from benchmark_modules import load_benchmark
+
 from graphsurgeon.__main__ import main
+from graphsurgeon.apps.demo import DEMO_DEPTH, demo_config
+from graphsurgeon.apps.experiment import build_network
+from graphsurgeon.data import get_dataset
+from graphsurgeon.methods.structure.mtsl import RETRY_PHASES
 
 
 def test_quick_demo_writes_table_tree_plots_and_exported_model(tmp_path, capsys):
@@ -19,3 +25,18 @@ def test_quick_demo_writes_table_tree_plots_and_exported_model(tmp_path, capsys)
     assert set(results["mtsl"]["ground_truth_score"]) == {"exact", "ari", "per_depth", "controls"}
     # single-task = one copy per task per depth; hard sharing = one per depth
     assert results["hps"]["parameters"] < results["mtsl"]["parameters"] <= results["single"]["parameters"]
+
+
+def test_demo_and_benchmark_run_mtsl_with_a_phase_per_depth_of_the_backbone_plus_retries(tmp_path):
+    """The schedule is derived from the demo's backbone (not typed for it), every phase fits in
+    the run, and the ground-truth benchmark's `mtsl` row is the demo's; `mtsl-per-depth` drops the retries."""
+    cfg = demo_config("mtsl", tmp_path, 0, progress=False)
+    data = get_dataset(cfg.data, "val", size=2, seed=0)
+    net = build_network(cfg, data.task_info, data.batch(slice(None))[0])
+    assert net.depth == DEMO_DEPTH
+    phases = cfg.mtsl["task_phases"]
+    assert len(phases) == net.depth + RETRY_PHASES == len(cfg.mtsl["distill_epochs"])
+    assert sum(phases) <= cfg.train.epochs  # every structural phase runs
+    benchmark = load_benchmark("ground_truth")
+    assert benchmark.config("gt_twins", "mtsl", 0, tmp_path / "mtsl").mtsl == cfg.mtsl
+    assert len(benchmark.config("gt_twins", "mtsl-per-depth", 0, tmp_path / "per_depth").mtsl["task_phases"]) == net.depth

@@ -1,5 +1,6 @@
 """MTSL on the engine: merge decisions, distillation, invariants after every structural phase."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -11,8 +12,9 @@ from torch.utils.data import Dataset
 import graphsurgeon as gs
 from graphsurgeon.apps.models import small_resnet
 from graphsurgeon.core.network import reinitialise
+from graphsurgeon.errors import OptionError
 from graphsurgeon.methods.structure.amalgamation import Amalgamation, feature_mse
-from graphsurgeon.methods.structure.mtsl import MTSL, MTSLConfig
+from graphsurgeon.methods.structure.mtsl import MTSL, RETRY_PHASES, MTSLConfig, depth_schedule
 from graphsurgeon.training.trainer import TrainConfig, Trainer
 
 
@@ -257,3 +259,27 @@ def test_every_open_set_is_compared_in_each_phase_at_its_own_depth():
     assert all(d["merged"] for d in second)
     assert {n.tasks for n in net.tree.at_depth(1)} == {("a", "twin"), ("other", "other2")}
     gs.check(net)
+
+
+def test_depth_schedule_is_one_phase_per_depth_then_the_retries():
+    assert depth_schedule(5) == {"task_phases": (1,) * (5 + RETRY_PHASES), "distill_epochs": (1,) * (5 + RETRY_PHASES)}
+    assert depth_schedule(3, retries=0, phase_epochs=2, distill_epochs=4) == {"task_phases": (2, 2, 2), "distill_epochs": (4, 4, 4)}
+    with pytest.raises(OptionError, match=r"retries=-1"):
+        depth_schedule(5, retries=-1)
+
+
+def test_a_schedule_that_cannot_reach_every_depth_warns_and_a_depth_schedule_does_not():
+    """The frontier goes down one depth per phase: with fewer phases run than depths, the deepest
+    depths can never merge, which the run says at its start."""
+    net = toy_net(0)
+    short = MTSL(MTSLConfig(task_phases=(1, 1), distill_epochs=(1, 1), similarity_samples=16))
+    with pytest.warns(UserWarning, match=rf"runs 2 structural phase.* depths 3-{net.depth} stay split"):
+        short.on_start(make_trainer(net, short, epochs=2))
+    # enough phases in the schedule, but the run ends before the last ones
+    cut = MTSL(MTSLConfig(**depth_schedule(net.depth), similarity_samples=16))
+    with pytest.warns(UserWarning, match=rf"runs 3 structural phase\(s\) \({net.depth + RETRY_PHASES} in task_phases"):
+        cut.on_start(make_trainer(net, cut, epochs=3))
+    full = MTSL(MTSLConfig(**depth_schedule(net.depth), similarity_samples=16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        full.on_start(make_trainer(net, full, epochs=net.depth + RETRY_PHASES))

@@ -21,21 +21,24 @@ import torch
 from graphsurgeon.apps.experiment import ExperimentConfig, delta_m, run
 from graphsurgeon.apps.report import levels, metrics_table, plot_cka, plot_losses, plot_tree
 from graphsurgeon.data.ground_truth import GROUND_TRUTH, GROUND_TRUTH_TASKS, learnable_tasks, score_partitions
+from graphsurgeon.methods.structure.mtsl import depth_schedule
 from graphsurgeon.training.trainer import TrainConfig
 
-__all__ = ["DEMO_DATA", "DEMO_EPOCHS", "DEMO_PHASES", "demo_config", "run_demo"]
+__all__ = ["DEMO_DATA", "DEMO_DEPTH", "DEMO_EPOCHS", "DEMO_SCHEDULE", "demo_config", "run_demo"]
 
 DEMO_DATA = "gt_twins"
 DEMO_EPOCHS = 10
-# one MTSL phase per depth of the 5-segment backbone, each followed by one distillation epoch
-DEMO_PHASES = (1, 1, 1, 1, 1)
+# the segments of `small_resnet`, the demo's backbone
+DEMO_DEPTH = 5
+# MTSL: one one-epoch phase per depth plus the retries (`depth_schedule`), each with one distillation epoch
+DEMO_SCHEDULE = depth_schedule(DEMO_DEPTH)
 
 
 def demo_config(method: str, out: Path, seed: int, progress: bool, quick: bool = False, data: str = DEMO_DATA) -> ExperimentConfig:
     """The demo's settings (and the ground-truth benchmark's): a cosine schedule, the best
     validation epoch restored, one data split for every seed; ``quick`` shrinks data and
     schedule to seconds (for tests)."""
-    phases = (1, 1) if quick else DEMO_PHASES
+    schedule = {"task_phases": (1, 1), "distill_epochs": (1, 1)} if quick else DEMO_SCHEDULE
     epochs = 3 if quick else DEMO_EPOCHS
     return ExperimentConfig(
         method=method,
@@ -47,7 +50,7 @@ def demo_config(method: str, out: Path, seed: int, progress: bool, quick: bool =
         epochs=epochs,
         train=TrainConfig(epochs=epochs, lr=2e-3, batch_size=64, seed=seed, schedule="cosine", restore_best=True,
                           progress=progress),
-        mtsl={"task_phases": phases, "distill_epochs": (1,) * len(phases), "similarity_samples": 64 if quick else 500},
+        mtsl={**schedule, "similarity_samples": 64 if quick else 500},
         out_dir=str(out / method),
         export=method == "mtsl",
     )

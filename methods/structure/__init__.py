@@ -6,7 +6,7 @@ from graphsurgeon.methods.structure.dmtg import DMTG, DMTGConfig
 from graphsurgeon.methods.structure.itmtl import ITMTL
 from graphsurgeon.methods.structure.lookahead import LookaheadMethod
 from graphsurgeon.methods.structure.merge_trained import MergeBudget, MergeConfig, MergeResult, merge_trained
-from graphsurgeon.methods.structure.mtsl import MTSL, MTSLConfig
+from graphsurgeon.methods.structure.mtsl import MTSL, MTSLConfig, depth_schedule
 from graphsurgeon.methods.structure.tag import TAG, TAGConfig
 
 __all__ = [
@@ -21,5 +21,6 @@ __all__ = [
     "MergeConfig",
     "MergeResult",
     "TAGConfig",
+    "depth_schedule",
     "merge_trained",
 ]

@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -43,7 +44,7 @@ import torch
 from graphsurgeon.core.modes import eval_mode
 from graphsurgeon.core.network import MultiTaskNetwork, main_value
 from graphsurgeon.core.surgery import fuse
-from graphsurgeon.errors import CheckpointError
+from graphsurgeon.errors import CheckpointError, OptionError
 from graphsurgeon.methods.base import Method
 from graphsurgeon.methods.structure.amalgamation import Amalgamation
 from graphsurgeon.methods.structure.partition import GroupingError, mtsl_partition
@@ -53,7 +54,7 @@ from graphsurgeon.training import distributed
 if TYPE_CHECKING:
     from graphsurgeon.training.trainer import Trainer
 
-__all__ = ["MTSL", "MTSLConfig", "central_first", "node_similarity"]
+__all__ = ["MTSL", "RETRY_PHASES", "MTSLConfig", "central_first", "depth_schedule", "node_similarity"]
 
 
 def pristine_digest(net: MultiTaskNetwork) -> str:
@@ -103,9 +104,45 @@ def central_first(ids: Sequence[int], similarity: torch.Tensor, blocks: Sequence
     return [[ids[i] for i in sorted(block, key=lambda i, b=block: -centrality(i, b))] for block in blocks]
 
 
+# phases after the one per depth: the times a set that failed at the deepest depth is compared again
+RETRY_PHASES = 2
+
+
+def depth_schedule(depth: int, retries: int = RETRY_PHASES, phase_epochs: int = 1, distill_epochs: int = 1) -> dict[str, tuple[int, ...]]:
+    """``task_phases`` and ``distill_epochs`` for a backbone of ``depth`` segments: one phase
+    per depth, then ``retries`` more (``MTSLConfig(**depth_schedule(net.depth))``).
+
+    Why this shape: the frontier goes down one depth per phase (a group's children are first
+    compared in the phase after the group formed), so ``depth`` phases are the fewest that can
+    reach every depth, and with exactly that many a set that fails at the deepest depth is never
+    compared again; each of the ``retries`` phases after it compares the sets left unmerged once
+    more (at any depth), after one more task-learning phase under the alignment loss, as the
+    official schedule's phases do while any set can still merge (`train_and_evaluate`).
+    ``retries=0`` is the one-phase-per-depth schedule (an ablation: it cannot retry the last depth).
+    """
+    if depth < 1 or retries < 0 or phase_epochs < 1 or distill_epochs < 1:
+        raise OptionError(
+            f"depth_schedule(depth={depth}, retries={retries}, phase_epochs={phase_epochs}, distill_epochs={distill_epochs}): "
+            "depth, phase_epochs and distill_epochs must be >= 1 and retries >= 0; pass the network's depth (net.depth)."
+        )
+    phases = depth + retries
+    return {"task_phases": (phase_epochs,) * phases, "distill_epochs": (distill_epochs,) * phases}
+
+
 @dataclass
 class MTSLConfig:
-    """Every knob of MTSL; the defaults are the official code's."""
+    """Every knob of MTSL; the defaults are the official code's.
+
+    The default schedule stays the official one (10 phases, `--tse-ends` 3, 5, …, 49: enough
+    for a network of up to 8 depths with 2 retries) rather than one derived from the depth: a
+    default that changed with the backbone would no longer be the paper's recipe. What goes
+    wrong silently with too few phases is reported instead: `MTSL` warns at the start of
+    training when fewer phases than the network's depth fit in the trainer's epochs (the
+    deepest depths then stay split whatever their similarity), and `depth_schedule` builds one
+    phase per depth plus retries for any depth (what the demo and the ground-truth benchmark
+    run). A schedule of exactly one phase per depth is not warned about: it reaches every
+    depth, it only cannot retry a set that fails at the last one.
+    """
 
     task_phases: Sequence[int] = (2, 2, 2, 2, 4, 4, 8, 8, 8, 8)
     distill_epochs: Sequence[int] = (1, 1, 2, 2, 2, 2, 4, 4, 8, 8)
@@ -184,7 +221,25 @@ class MTSL(Method):
                     "built from the same backbone weights (e.g. the same --weights), or set group_init='fresh'."
                 )
             self._pristine_digest = digest
+        self._warn_short_schedule(trainer)
         self._install_hooks(trainer)
+
+    def _warn_short_schedule(self, trainer: Trainer) -> None:
+        """Warn when the phases that fit in the run cannot reach every depth (a warning, not an
+        error: sharing only the first depths is a legitimate choice, but it should be one)."""
+        depth = trainer.net.depth
+        ends = self.phase_ends()
+        runs = sum(end <= trainer.config.epochs for end in ends)
+        if runs < depth:
+            warnings.warn(
+                f"MTSL runs {runs} structural phase(s)"
+                + (f" ({len(ends)} in task_phases, those ending after epoch {trainer.config.epochs} never run)" if len(ends) > runs else "")
+                + f" on a network of depth {depth}: the frontier goes down one depth "
+                f"per phase, so depths {runs + 1}-{depth} stay split whatever their similarity. Use "
+                f"MTSLConfig(**depth_schedule({depth})) (one phase per depth plus {RETRY_PHASES} retries) "
+                "and enough epochs to cover it.",
+                stacklevel=2,
+            )
 
     def _install_hooks(self, trainer: Trainer) -> None:
         """Capture the frontier siblings' outputs during the normal forward (no second pass)."""
