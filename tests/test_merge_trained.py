@@ -106,7 +106,58 @@ def test_the_budget_undoes_a_merge_that_drops_a_task_past_its_tolerance():
         models, data=data, tasks={t: SPEC for t in models}, budget=gs.MergeBudget(tolerance=math.inf), config=config(threshold=-2.0, finetune_epochs=1)
     )
     assert len(loose.net.tree.at_depth(1)) == 1 and all(p["accepted"] for p in loose.curve if p["kind"] == "merge")
-    assert loose.curve[-1]["kind"] == "finetune" and loose.final == loose.curve[-1]["results"]
+    assert loose.curve[-1]["kind"] == "finetune"
+    kept = [p for p in loose.curve if p.get("accepted")][-1]  # the fine-tune epoch if it helped, else the merge
+    assert loose.final == kept["results"]
+
+
+def test_a_fine_tune_that_breaks_the_budget_is_undone():
+    model = tiny(0)
+    models = {t: copy.deepcopy(model) for t in ("a", "b")}
+    data = OwnOutputs(models)
+    # copies merge exactly (within a zero tolerance); a fine-tune at a huge learning rate cannot stay within it
+    train = gs.TrainConfig(batch_size=16, lr=0.5, progress=False)
+    result = gs.merge_trained(
+        models, data=data, tasks={t: SPEC for t in models}, budget=gs.MergeBudget(tolerance=0.0),
+        config=gs.MergeConfig(similarity_samples=48, finetune_epochs=2, train=train),
+    )
+    tuned = [p for p in result.curve if p["kind"] == "finetune"]
+    assert [p["epoch"] for p in tuned] == [1, 2]
+    assert all(p["violations"] and not p["accepted"] for p in tuned)
+    merged = [p for p in result.curve if p["kind"] == "merge"][-1]
+    assert merged["accepted"] and result.final == merged["results"]
+    with torch.no_grad(), gs.core.eval_mode(result.net):
+        out = result.net(data.x)
+        expected = model(data.x)
+    for t in models:  # rolled back: what the budget accepted, exactly
+        assert torch.equal(out[t], expected)
+
+
+def test_the_budget_is_a_paired_test_whose_bound_shrinks_with_the_samples():
+    budget = gs.MergeBudget(tolerance=0.01, relative=False)
+    original = torch.tensor([1.0, 0.0] * 500)  # per-sample accuracy of an original on 1000 samples
+    assert budget.drop(original, original.clone(), higher_is_better=True) == (0.0, 0.0)
+    now = original.clone()
+    now[0:100:2] = 0.0  # 50 samples it got right become wrong, 45 it got wrong become right: 0.5 % worse
+    now[1:91:2] = 1.0
+    drop, bound = budget.drop(original, now, higher_is_better=True)
+    assert drop == pytest.approx(0.005)
+    assert drop < budget.tolerance < bound  # within the tolerance as measured, not within it at 95 %
+    _, more = budget.drop(original.repeat(10), now.repeat(10), higher_is_better=True)
+    assert drop < more < bound
+    assert gs.MergeBudget(tolerance=0.01, relative=False, confidence=None).drop(original, now, True) == (drop, drop)
+    # a lower-is-better metric: the same change reads as an improvement
+    assert budget.drop(original, now, higher_is_better=False)[0] == pytest.approx(-0.005)
+    # a merge that changes few samples is within the tolerance at 95 % though it drops the same on average
+    few = original.clone()
+    few[0:10:2] = 0.0
+    assert budget.drop(original, few, higher_is_better=True)[1] < 0.01
+
+
+@pytest.mark.parametrize("confidence", [0.0, 1.0, 1.5, True])
+def test_a_confidence_outside_0_and_1_is_refused(confidence):
+    with pytest.raises(gs.MergeError, match="MergeBudget.confidence"):
+        gs.MergeBudget(confidence=confidence).check(["a"])
 
 
 def test_a_parameter_target_stops_merging_once_reached():
