@@ -153,20 +153,32 @@ def markdown(record: dict) -> str:
         f"MTSL's partition rule (threshold {a['threshold']}), amalgamation {a['distill_epochs']} epoch(s) per merge "
         "(each task's output through its unchanged path fitted to its model's), "
         f"budget: any task's validation {'/'.join(sorted(set(metric.values())))} may drop at most {a['tolerance']:.0%} "
-        f"(relative) vs its model ({a['val_size']} validation samples), then {a['finetune_epochs']} fine-tune epoch(s). "
+        f"(relative) vs its model ({a['val_size']} validation samples"
+        + (f"; a merge is kept when the one-sided {a['confidence']:.0%} upper bound of every task's drop, a paired test on "
+           "those samples, is within it" if a.get("confidence") else "; the measured drop")
+        + f"), then {a['finetune_epochs']} fine-tune epoch(s), each checked against the budget (the best state within it is kept, "
+        "the merged network before the fine-tune included). "
         f"Test: {a['test_size']} samples. Merging stopped: {r['stopped']}. Wall time: training {record['train_seconds']:.0f} s, "
         f"merging (with fine-tune) {r['merge_seconds']:.0f} s"
         + (f"; the whole run {record['cpu_seconds']:.0f} s of CPU time (the machine was shared: load average "
            f"{record['machine']['load']} at the end)." if "cpu_seconds" in record else
            " (not CPU time: the machine was shared with other jobs, load average about 7 on its 2 cores)."),
         "",
-        "| task | metric | original val | merged val | original test | merged test |",
-        "|---|---|---|---|---|---|",
+        "| task | metric | original val | merged val | drop (upper bound) | original test | merged test |",
+        "|---|---|---|---|---|---|---|",
     ]
+    final = next(pt for pt in reversed(r["curve"]) if pt["kind"] == "start" or pt.get("accepted"))
     for t in tasks:
         m = metric[t]
         v, s = r["validation"], r["test"]
-        lines.append(f"| {t} | {m} | {v['original'][t][m]:.4f} | {v['merged'][t][m]:.4f} | {s['original'][t][m]:.4f} | {s['merged'][t][m]:.4f} |")
+        lines.append(f"| {t} | {m} | {v['original'][t][m]:.4f} | {v['merged'][t][m]:.4f} | {drop_cell(final, t)} | "
+                     f"{s['original'][t][m]:.4f} | {s['merged'][t][m]:.4f} |")
+    lines += ["", "Single-task models, validation " + "/".join(sorted(set(metric.values()))) + " after each training epoch"
+              + (" (reused from a previous run with the same training arguments)" if record.get("models_reused") else "") + ":", ""]
+    for t in tasks:
+        history = record["single_task_training"][t].get("val_per_epoch")
+        if history:
+            lines.append(f"- {t}: " + ", ".join(f"{h[metric[t]]:.3f}" for h in history))
     p, f = r["parameters"], r["flops"]
     lines += [
         "",
@@ -199,16 +211,23 @@ def markdown(record: dict) -> str:
         ]
     lines += [
         "",
-        "Trade-off curve (validation; every merge tried, in order; ![curve](merge_trained_curve.png)):",
+        "Trade-off curve (validation; every merge tried and every fine-tune epoch, in order; past tolerance: the task's "
+        "drop and its upper bound; ![curve](merge_trained_curve.png)):",
         "",
         "| step | kind | depth | tasks merged | kept | params | MFLOPs | " + " | ".join(tasks) + " | past tolerance |",
         "|---|---|---|---|---|---|---|" + "---|" * len(tasks) + "---|",
     ]
     for i, pt in enumerate(r["curve"]):
-        kept = {"start": "", "finetune": ""}.get(pt["kind"], "yes" if pt.get("accepted") else "no")
-        cells = [str(i), pt["kind"], str(pt.get("depth", "")), "+".join(pt.get("tasks", [])), kept, f"{pt['parameters']:,}",
-                 f"{pt['flops'] / 1e6:.2f}", *[f"{pt['metrics'][t]:.4f}" for t in tasks], ", ".join(pt["violations"])]
+        kept = "" if pt["kind"] == "start" else "yes" if pt.get("accepted") else "no"
+        what = "+".join(pt.get("tasks", [])) or (f"epoch {pt['epoch']}" if "epoch" in pt else "")
+        cells = [str(i), pt["kind"], str(pt.get("depth", "")), what, kept, f"{pt['parameters']:,}",
+                 f"{pt['flops'] / 1e6:.2f}", *[f"{pt['metrics'][t]:.4f}" for t in tasks],
+                 ", ".join(f"{t} {drop_cell(pt, t)}" for t in pt["violations"])]
         lines.append("| " + " | ".join(cells) + " |")
+    for key, label in (("originals_similarity", "on the CKA's training samples"),
+                       ("originals_similarity_all_training", "on the whole training split")):
+        if record.get(key):
+            lines += ["", similarity_table(record[key], record.get("sharing", {}).get("groups"), label)]
     lines += ["", "CKA between sibling nodes at each decision (rows in the order of `tasks`):", ""]
     for d in r["decisions"]:
         labels = ["+".join(t) for t in d["tasks"]]
@@ -216,6 +235,36 @@ def markdown(record: dict) -> str:
         merged = " | ".join("{" + ", ".join("+".join(t) for t in g) + "}" for g in d["merged"]) or "none"
         lines.append(f"- depth {d['depth']}: {sim}; MTSL merges {merged}")
     return "\n".join(lines) + "\n"
+
+
+def drop_cell(point: dict, task: str) -> str:
+    """A task's relative drop at a curve point and, where the budget had one, its upper bound."""
+    drop, bound = point["drops"][task], point.get("bounds", {}).get(task)
+    return f"{drop:+.1%}" + (f" ({bound:+.1%})" if bound is not None else "")
+
+
+def similarity_table(per_depth: list[dict], groups: list[list[str]] | None, label: str) -> str:
+    """The originals' CKA at every depth: each pair of tasks, and the mean within and across the
+    ground-truth groups."""
+    tasks = [t[0] for t in per_depth[0]["tasks"]]
+    pairs = list(itertools.combinations(range(len(tasks)), 2))
+    group_of = {t: i for i, g in enumerate(groups or []) for t in g}
+
+    def mean(values: list[float]) -> str:
+        return f"{sum(values) / len(values):.2f}" if values else ""
+
+    head = ["depth", *[f"{tasks[i]}~{tasks[j]}" for i, j in pairs]] + (["within groups", "across groups"] if groups else [])
+    rows = [f"CKA between the original models' segment outputs at every depth ({label}, {per_depth[0]['samples']} samples):",
+            "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for d in per_depth:
+        sim = d["similarity"]
+        cells = [str(d["depth"]), *[f"{sim[i][j]:.2f}" for i, j in pairs]]
+        if groups:
+            scored = [(i, j) for i, j in pairs if tasks[i] in group_of and tasks[j] in group_of]
+            cells += [mean([sim[i][j] for i, j in scored if group_of[tasks[i]] == group_of[tasks[j]]]),
+                      mean([sim[i][j] for i, j in scored if group_of[tasks[i]] != group_of[tasks[j]]])]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 def main() -> None:
