@@ -25,9 +25,11 @@ learning on them *post hoc*, with no task learning in between:
    that drops any task's metric by more than its tolerance versus its original model (by
    default: whose drop is not within the tolerance with 95 % confidence, a paired test on the
    validation samples, `MergeBudget.drop`) is undone
-   (`graphsurgeon.core.surgery.relayout` puts the members back) and tried again without the
-   members whose tasks dropped past their tolerance (those stay apart from that depth down), and
-   merging stops once a parameter or FLOP target is reached. Every merge tried is a point of
+   (`graphsurgeon.core.surgery.relayout` puts the members back) and tried again in smaller
+   groups: split by MTSL's rule on the similarity of the members' tasks at the deepest depth,
+   else without the members whose tasks dropped past their tolerance (members left out stay
+   apart from that depth down; `_Merger.merge_group`), and merging stops once a parameter or
+   FLOP target is reached. Every merge tried is a point of
    the trade-off curve (`MergeResult.curve`).
 5. Optionally the merged network is fine-tuned jointly for a few epochs (`MergeConfig.finetune_epochs`),
    each epoch measured as a merge is: what is returned is the state within the budget (the
@@ -474,6 +476,58 @@ class _Merger:
             trainer.net.load_state_dict(state)
         self.current = kept
 
+    def deepest_blocks(self, depth: int, group: list[int]) -> list[list[int]]:
+        """The blocks of ``group`` (sibling nodes at ``depth``) that MTSL's rule merges on the
+        similarity of their tasks' nodes at the deepest depth, which still hold one task each
+        (merging runs from the earliest depth down, so every node below ``depth`` is one task's)."""
+        net = self.trainer.net
+        deepest = [net.tree.path(net.tree.node(i).tasks[0])[-1].id for i in group]
+        sim = node_similarity(self.trainer, net.depth, deepest, self.config.similarity_samples)
+        decision = mtsl_partition(sim.numpy(), self.config.threshold, exhaustive_limit=self.config.exhaustive_limit)
+        blocks = central_first(group, sim, decision.merge_groups)
+        self.decisions.append({
+            "depth": depth,
+            "retry": True,
+            "measured_at": net.depth,
+            "tasks": [list(net.tree.node(i).tasks) for i in group],
+            "similarity": sim.tolist(),
+            "partition": [list(b) for b in decision.partition],
+            "merged": [[list(net.tree.node(i).tasks) for i in b] for b in blocks],
+        })
+        return blocks
+
+    def merge_group(self, depth: int, group: list[int]) -> str | None:
+        """Merge ``group`` at ``depth`` within the budget; why merging must stop, if it must.
+
+        A merge the budget undoes is tried again in smaller groups. First split by the agreement
+        of the members' tasks at the deepest depth (MTSL's rule on the CKA there): a shallow
+        segment is alike in nearly every model (CKA near 1 whatever the task), so which tasks
+        drop past their tolerance when it is shared by all is a small, task-unrelated effect,
+        and a task left apart at a depth is apart at every depth below: splitting where the
+        models disagree deep keeps together the tasks that could go on sharing. When the deep
+        rule would merge the same group again (or nothing), the members whose tasks dropped
+        past their tolerance leave it instead."""
+        tree = self.trainer.net.tree
+        pending = [group]
+        while pending:
+            group = pending.pop(0)
+            if len(group) < 2:
+                continue
+            point = self.try_merge(depth, group)
+            if point["accepted"]:
+                reached = self.target_reached(point)
+                if reached:
+                    return reached
+                continue
+            blocks = self.deepest_blocks(depth, group)
+            if blocks and sorted(blocks[0]) != sorted(group):
+                pending[:0] = blocks
+                continue
+            kept = [i for i in group if not set(tree.node(i).tasks) & set(point["violations"])]
+            if len(kept) < len(group):
+                pending.insert(0, kept)
+        return None
+
     def run(self) -> str:
         net = self.trainer.net
         for depth in range(1, net.depth + 1):
@@ -493,18 +547,9 @@ class _Merger:
                     "merged": [[list(tree.node(i).tasks) for i in g] for g in groups],
                 })
                 for group in groups:
-                    while len(group) >= 2:
-                        point = self.try_merge(depth, group)
-                        if point["accepted"]:
-                            reached = self.target_reached(point)
-                            if reached:
-                                return reached
-                            break
-                        # undone: the members whose tasks dropped past their tolerance leave the group
-                        kept = [i for i in group if not set(tree.node(i).tasks) & set(point["violations"])]
-                        if len(kept) == len(group):
-                            break
-                        group = kept
+                    reached = self.merge_group(depth, group)
+                    if reached:
+                        return reached
         return "no more siblings similar enough (MTSL's rule) within the budget"
 
 
