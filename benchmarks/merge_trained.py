@@ -228,12 +228,14 @@ def markdown(record: dict) -> str:
                        ("originals_similarity_all_training", "on the whole training split")):
         if record.get(key):
             lines += ["", similarity_table(record[key], record.get("sharing", {}).get("groups"), label)]
-    lines += ["", "CKA between sibling nodes at each decision (rows in the order of `tasks`):", ""]
+    lines += ["", "CKA between sibling nodes at each decision (a retry: after the budget undid a merge, the CKA of the "
+              "members' tasks at the deepest depth, which splits the group):", ""]
     for d in r["decisions"]:
         labels = ["+".join(t) for t in d["tasks"]]
         sim = "; ".join(f"{labels[i]}~{labels[j]} {d['similarity'][i][j]:.2f}" for i, j in itertools.combinations(range(len(labels)), 2))
         merged = " | ".join("{" + ", ".join("+".join(t) for t in g) + "}" for g in d["merged"]) or "none"
-        lines.append(f"- depth {d['depth']}: {sim}; MTSL merges {merged}")
+        where = f"depth {d['depth']}, retry (CKA at depth {d['measured_at']})" if d.get("retry") else f"depth {d['depth']}"
+        lines.append(f"- {where}: {sim}; MTSL merges {merged}")
     return "\n".join(lines) + "\n"
 
 

@@ -240,3 +240,25 @@ def test_output_amalgamation_brings_each_task_output_closer_than_the_mean_of_the
     batches = lambda: (x[i : i + 16] for i in range(0, len(x), 16))
     Amalgamation(batches, epochs=20, lr=1e-2, target="outputs")(start, 1, 0, members, distilled)
     assert output_error(distilled) < 0.5 * output_error(mean), (output_error(distilled), output_error(mean))
+
+
+def test_an_undone_merge_is_retried_split_where_the_models_disagree_deepest():
+    a = tiny(0)
+    c = copy.deepcopy(a)  # a's stem, slightly moved, over another model's last stage
+    with torch.no_grad():
+        c.stages[3].load_state_dict(tiny(7).stages[3].state_dict())
+        for p in c.stem.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    models = {"a": a, "b": copy.deepcopy(a), "c": c}
+    data = OwnOutputs(models)
+    result = gs.merge_trained(models, data=data, tasks={t: SPEC for t in models}, budget=gs.MergeBudget(tolerance=0.0),
+                              config=config(threshold=0.9))
+    first, retry = result.decisions[:2]
+    assert first["merged"] == [[["a"], ["b"], ["c"]]] and not first.get("retry")  # the stems are alike in all three
+    tried = [p for p in result.curve if p["kind"] == "merge"]
+    assert not tried[0]["accepted"] and set(tried[0]["violations"]) == {"a", "b", "c"}  # dropping them would leave none
+    assert retry["retry"] and retry["measured_at"] == result.net.depth and retry["merged"] == [[["a"], ["b"]]]
+    tree = result.net.tree
+    assert all(tree.path("a")[d].id == tree.path("b")[d].id for d in range(result.net.depth + 1))
+    assert tree.path("c")[1].id != tree.path("a")[1].id
+    assert result.final == result.original  # a and b are one function: merged exactly; c as it was
