@@ -162,7 +162,8 @@ class MergeConfig:
         group_init: how a group node starts: ``"mean"`` of the members' weights (their common
             init makes the average meaningful), ``"copy"`` of the most central member,
             ``"fresh"``, or ``"pristine"`` (the first model's segment).
-        finetune_epochs: joint training of the merged network afterwards (0: none).
+        finetune_epochs: joint training of the merged network afterwards (0: none), checked
+            against the budget after every epoch (`MergeResult.curve`'s ``"finetune"`` points).
         exhaustive_limit: largest sibling set whose partitions are searched exhaustively.
         train: the trainer's settings (batch size, device, optimizer and lr of the fine-tune).
     """
