@@ -158,8 +158,11 @@ def markdown(record: dict) -> str:
            "those samples, is within it" if a.get("confidence") else "; the measured drop")
         + f"), then {a['finetune_epochs']} fine-tune epoch(s), each checked against the budget (the best state within it is kept, "
         "the merged network before the fine-tune included). "
-        f"Test: {a['test_size']} samples. Merging stopped: {r['stopped']}. Wall time: training {record['train_seconds']:.0f} s, "
-        f"merging (with fine-tune) {r['merge_seconds']:.0f} s"
+        f"Test: {a['test_size']} samples. Merging stopped: {r['stopped']}. Wall time: training "
+        + (f"{sum(m['seconds'] for m in record['single_task_training'].values()):.0f} s (the single-task models' training, in the "
+           "run that trained them; this run reused them)" if record.get("models_reused") else f"{record['train_seconds']:.0f} s")
+        + ", "
+        + f"merging (with fine-tune) {r['merge_seconds']:.0f} s"
         + (f"; the whole run {record['cpu_seconds']:.0f} s of CPU time (the machine was shared: load average "
            f"{record['machine']['load']} at the end)." if "cpu_seconds" in record else
            " (not CPU time: the machine was shared with other jobs, load average about 7 on its 2 cores)."),
