@@ -195,6 +195,8 @@ def test_the_command_line_merges_model_files_and_saves_a_loadable_network(tmp_pa
     sizes = ["--train-size", "32", "--val-size", "16", "--test-size", "16", "--similarity-samples", "32"]
     assert main(["merge", "--models", *files, "--tasks", "left", "--out", str(tmp_path / "bad")]) == 2
     assert "--tasks names 1 tasks ['left'] for 2 --models" in capsys.readouterr().err
+    assert main(["merge", "--models", *files, "--confidence", "1.5", "--out", str(tmp_path / "bad")]) == 2
+    assert "--confidence 1.5 is not valid" in capsys.readouterr().err
     out = tmp_path / "run"
     assert main(["merge", "--models", *files, "--data", "multimnist", *sizes, "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())

@@ -150,6 +150,8 @@ def _merge(args) -> int:
             raise ConfigError(f"{flag} {value} is not valid; use a positive int.")
     if args.finetune_epochs < 0:
         raise ConfigError(f"--finetune-epochs {args.finetune_epochs} is not valid; use 0 (no fine-tune) or more.")
+    if not 0 <= args.confidence < 1:
+        raise ConfigError(f"--confidence {args.confidence} is not valid; use a level in (0, 1) such as 0.95, or 0 for the measured drop.")
     out = args.out or f"runs/merge-{args.data}-{args.seed}"
     _check_out(Path(out), resume=False, overwrite=args.overwrite)
     train = TrainConfig(epochs=max(args.finetune_epochs, 1), lr=args.lr, batch_size=args.batch_size, seed=args.seed,
