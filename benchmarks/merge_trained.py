@@ -77,7 +77,44 @@ def train_single(task: str, info, splits, args, path: Path, pretrained: dict[str
         state.update(net.node_module(node).state_dict())
     model.load_state_dict(state)
     save_file(model.state_dict(), str(path))
-    return {"val": trainer.history[-1]["val"][task], "seconds": seconds}
+    return {"val": trainer.history[-1]["val"][task], "val_per_epoch": [r["val"][task] for r in trainer.history], "seconds": seconds}
+
+
+# the arguments a single-task model's weights depend on: models trained with the same ones are reused
+TRAINING_ARGS = ("data", "tasks", "train_size", "epochs", "pretrain_data", "pretrain_tasks", "pretrain_epochs", "lr",
+                 "finetune_lr", "batch_size", "seed")
+
+
+def trained_models(args, tasks: list[str], info, splits, folder: Path) -> tuple[dict, bool]:
+    """Each task's single-task model file in ``folder``, trained unless a previous run with the same
+    training arguments left them there (its ``manifest.json``); the training records, and whether
+    they were reused."""
+    manifest = folder / "manifest.json"
+    wanted = {k: getattr(args, k) for k in TRAINING_ARGS}
+    if manifest.exists() and not args.retrain:
+        saved = json.loads(manifest.read_text())
+        if saved["args"] == wanted and all((folder / f"{t}.safetensors").exists() and t in saved["single"] for t in tasks):
+            return {t: saved["single"][t] for t in tasks}, True
+    pretrained = pretrain(args, splits["train"][0][0][None]) if args.pretrain_epochs else None
+    single = {t: train_single(t, info[t], splits, args, folder / f"{t}.safetensors", pretrained) for t in tasks}
+    manifest.write_text(json.dumps({"args": wanted, "single": single}, indent=1))
+    return single, False
+
+
+def similarity_of_originals(separate: gs.MultiTaskNetwork, data, samples: int, seed: int) -> list[dict]:
+    """Debiased linear CKA between the original models' segment outputs at every depth (the
+    separate network holds one path per model), on ``samples`` training inputs: what MTSL's rule
+    would see at each depth if nothing had been merged above it."""
+    from graphsurgeon.methods.structure.mtsl import node_similarity
+    from graphsurgeon.training.trainer import Trainer
+
+    trainer = Trainer(separate, None, data, None, TrainConfig(seed=seed, progress=False))
+    out = []
+    for depth in range(1, separate.depth + 1):
+        ids = [node.id for node in separate.tree.at_depth(depth)]
+        out.append({"depth": depth, "tasks": [list(separate.tree.node(i).tasks) for i in ids],
+                    "samples": min(samples, len(data)), "similarity": node_similarity(trainer, depth, ids, samples).tolist()})
+    return out
 
 
 def shared_depth(tree: gs.TaskTree, a: str, b: str) -> int:
@@ -116,20 +153,35 @@ def markdown(record: dict) -> str:
         f"MTSL's partition rule (threshold {a['threshold']}), amalgamation {a['distill_epochs']} epoch(s) per merge "
         "(each task's output through its unchanged path fitted to its model's), "
         f"budget: any task's validation {'/'.join(sorted(set(metric.values())))} may drop at most {a['tolerance']:.0%} "
-        f"(relative) vs its model ({a['val_size']} validation samples), then {a['finetune_epochs']} fine-tune epoch(s). "
-        f"Test: {a['test_size']} samples. Merging stopped: {r['stopped']}. Wall time: training {record['train_seconds']:.0f} s, "
-        f"merging (with fine-tune) {r['merge_seconds']:.0f} s"
+        f"(relative) vs its model ({a['val_size']} validation samples"
+        + (f"; a merge is kept when the one-sided {a['confidence']:.0%} upper bound of every task's drop, a paired test on "
+           "those samples, is within it" if a.get("confidence") else "; the measured drop")
+        + f"), then {a['finetune_epochs']} fine-tune epoch(s), each checked against the budget (the best state within it is kept, "
+        "the merged network before the fine-tune included). "
+        f"Test: {a['test_size']} samples. Merging stopped: {r['stopped']}. Wall time: training "
+        + (f"{sum(m['seconds'] for m in record['single_task_training'].values()):.0f} s (the single-task models' training, in the "
+           "run that trained them; this run reused them)" if record.get("models_reused") else f"{record['train_seconds']:.0f} s")
+        + ", "
+        + f"merging (with fine-tune) {r['merge_seconds']:.0f} s"
         + (f"; the whole run {record['cpu_seconds']:.0f} s of CPU time (the machine was shared: load average "
            f"{record['machine']['load']} at the end)." if "cpu_seconds" in record else
            " (not CPU time: the machine was shared with other jobs, load average about 7 on its 2 cores)."),
         "",
-        "| task | metric | original val | merged val | original test | merged test |",
-        "|---|---|---|---|---|---|",
+        "| task | metric | original val | merged val | drop (upper bound) | original test | merged test |",
+        "|---|---|---|---|---|---|---|",
     ]
+    final = next(pt for pt in reversed(r["curve"]) if pt["kind"] == "start" or pt.get("accepted"))
     for t in tasks:
         m = metric[t]
         v, s = r["validation"], r["test"]
-        lines.append(f"| {t} | {m} | {v['original'][t][m]:.4f} | {v['merged'][t][m]:.4f} | {s['original'][t][m]:.4f} | {s['merged'][t][m]:.4f} |")
+        lines.append(f"| {t} | {m} | {v['original'][t][m]:.4f} | {v['merged'][t][m]:.4f} | {drop_cell(final, t)} | "
+                     f"{s['original'][t][m]:.4f} | {s['merged'][t][m]:.4f} |")
+    lines += ["", "Single-task models, validation " + "/".join(sorted(set(metric.values()))) + " after each training epoch"
+              + (" (reused from a previous run with the same training arguments)" if record.get("models_reused") else "") + ":", ""]
+    for t in tasks:
+        history = record["single_task_training"][t].get("val_per_epoch")
+        if history:
+            lines.append(f"- {t}: " + ", ".join(f"{h[metric[t]]:.3f}" for h in history))
     p, f = r["parameters"], r["flops"]
     lines += [
         "",
@@ -162,23 +214,62 @@ def markdown(record: dict) -> str:
         ]
     lines += [
         "",
-        "Trade-off curve (validation; every merge tried, in order; ![curve](merge_trained_curve.png)):",
+        "Trade-off curve (validation; every merge tried and every fine-tune epoch, in order; past tolerance: the task's "
+        "drop and its upper bound; ![curve](merge_trained_curve.png)):",
         "",
         "| step | kind | depth | tasks merged | kept | params | MFLOPs | " + " | ".join(tasks) + " | past tolerance |",
         "|---|---|---|---|---|---|---|" + "---|" * len(tasks) + "---|",
     ]
     for i, pt in enumerate(r["curve"]):
-        kept = {"start": "", "finetune": ""}.get(pt["kind"], "yes" if pt.get("accepted") else "no")
-        cells = [str(i), pt["kind"], str(pt.get("depth", "")), "+".join(pt.get("tasks", [])), kept, f"{pt['parameters']:,}",
-                 f"{pt['flops'] / 1e6:.2f}", *[f"{pt['metrics'][t]:.4f}" for t in tasks], ", ".join(pt["violations"])]
+        kept = "" if pt["kind"] == "start" else "yes" if pt.get("accepted") else "no"
+        what = "+".join(pt.get("tasks", [])) or (f"epoch {pt['epoch']}" if "epoch" in pt else "")
+        cells = [str(i), pt["kind"], str(pt.get("depth", "")), what, kept, f"{pt['parameters']:,}",
+                 f"{pt['flops'] / 1e6:.2f}", *[f"{pt['metrics'][t]:.4f}" for t in tasks],
+                 ", ".join(f"{t} {drop_cell(pt, t)}" for t in pt["violations"])]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "CKA between sibling nodes at each decision (rows in the order of `tasks`):", ""]
+    for key, label in (("originals_similarity", "on the CKA's training samples"),
+                       ("originals_similarity_all_training", "on the whole training split")):
+        if record.get(key):
+            lines += ["", similarity_table(record[key], record.get("sharing", {}).get("groups"), label)]
+    lines += ["", "CKA between sibling nodes at each decision (a retry: after the budget undid a merge, the CKA of the "
+              "members' tasks at the deepest depth, which splits the group):", ""]
     for d in r["decisions"]:
         labels = ["+".join(t) for t in d["tasks"]]
         sim = "; ".join(f"{labels[i]}~{labels[j]} {d['similarity'][i][j]:.2f}" for i, j in itertools.combinations(range(len(labels)), 2))
         merged = " | ".join("{" + ", ".join("+".join(t) for t in g) + "}" for g in d["merged"]) or "none"
-        lines.append(f"- depth {d['depth']}: {sim}; MTSL merges {merged}")
+        where = f"depth {d['depth']}, retry (CKA at depth {d['measured_at']})" if d.get("retry") else f"depth {d['depth']}"
+        lines.append(f"- {where}: {sim}; MTSL merges {merged}")
     return "\n".join(lines) + "\n"
+
+
+def drop_cell(point: dict, task: str) -> str:
+    """A task's relative drop at a curve point and, where the budget had one, its upper bound."""
+    drop, bound = point["drops"][task], point.get("bounds", {}).get(task)
+    return f"{drop:+.1%}" + (f" ({bound:+.1%})" if bound is not None else "")
+
+
+def similarity_table(per_depth: list[dict], groups: list[list[str]] | None, label: str) -> str:
+    """The originals' CKA at every depth: each pair of tasks, and the mean within and across the
+    ground-truth groups."""
+    tasks = [t[0] for t in per_depth[0]["tasks"]]
+    pairs = list(itertools.combinations(range(len(tasks)), 2))
+    group_of = {t: i for i, g in enumerate(groups or []) for t in g}
+
+    def mean(values: list[float]) -> str:
+        return f"{sum(values) / len(values):.2f}" if values else ""
+
+    head = ["depth", *[f"{tasks[i]}~{tasks[j]}" for i, j in pairs]] + (["within groups", "across groups"] if groups else [])
+    rows = [f"CKA between the original models' segment outputs at every depth ({label}, {per_depth[0]['samples']} samples):",
+            "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for d in per_depth:
+        sim = d["similarity"]
+        cells = [str(d["depth"]), *[f"{sim[i][j]:.2f}" for i, j in pairs]]
+        if groups:
+            scored = [(i, j) for i, j in pairs if tasks[i] in group_of and tasks[j] in group_of]
+            cells += [mean([sim[i][j] for i, j in scored if group_of[tasks[i]] == group_of[tasks[j]]]),
+                      mean([sim[i][j] for i, j in scored if group_of[tasks[i]] != group_of[tasks[j]]])]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 def main() -> None:
@@ -187,7 +278,8 @@ def main() -> None:
     parser.add_argument("--tasks", default=None, help="comma-separated (default: all of the dataset's)")
     parser.add_argument("--groups", nargs="*", default=None, help="ground-truth groups, each comma-separated")
     parser.add_argument("--train-size", type=int, default=3000)
-    parser.add_argument("--val-size", type=int, default=1000)
+    parser.add_argument("--val-size", type=int, default=5000,
+                        help="the budget's validation samples: a 1 %% drop of 0.8 accuracy is 0.6 standard errors on 1000")
     parser.add_argument("--test-size", type=int, default=1000)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--pretrain-data", default="multimnist", choices=sorted(DATASETS))
@@ -198,12 +290,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tolerance", type=float, default=0.01)
+    parser.add_argument("--confidence", type=float, default=0.95, help="the budget's one-sided confidence (MergeBudget.confidence)")
     parser.add_argument("--threshold", type=float, default=0.8)
     parser.add_argument("--similarity-samples", type=int, default=800)
-    parser.add_argument("--distill-epochs", type=int, default=1)
+    parser.add_argument("--distill-epochs", type=int, default=2)
     parser.add_argument("--finetune-epochs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", default="runs/merge_trained")
+    parser.add_argument("--retrain", action="store_true", help="train the single-task models even if a previous run left them")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--render", action="store_true", help="only rewrite the markdown and the curve from the JSON")
     args = parser.parse_args()
@@ -224,24 +318,27 @@ def main() -> None:
     models = Path(args.runs) / "models"
     models.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    pretrained = pretrain(args, splits["train"][0][0][None]) if args.pretrain_epochs else None
-    single = {t: train_single(t, info[t], splits, args, models / f"{t}.safetensors", pretrained) for t in tasks}
+    single, reused = trained_models(args, tasks, info, splits, models)
     train_seconds = time.perf_counter() - start
-    budget = gs.MergeBudget(tolerance=args.tolerance)
+    budget = gs.MergeBudget(tolerance=args.tolerance, confidence=args.confidence)
     merge = gs.MergeConfig(threshold=args.threshold, similarity_samples=args.similarity_samples, distill_epochs=args.distill_epochs,
                            distill_lr=args.lr, finetune_epochs=args.finetune_epochs, train=train)
     results = run_merge(cfg, {t: models / f"{t}.safetensors" for t in tasks}, budget, merge)
-    net = results.pop("merge").net
+    result = results.pop("merge")
+    net = result.net
     variant = args.data.removeprefix("gt_") if args.data.startswith("gt_") else None
     truth = GROUND_TRUTH.get(variant) if variant else None
     groups = [g.split(",") for g in args.groups] if args.groups is not None else [list(g) for g in truth.groups] if truth else None
     record = {
         "args": vars(args),
         "command": " ".join(f"--{k.replace('_', '-')} {v if not isinstance(v, list) else ' '.join(v)}"
-                            for k, v in vars(args).items() if v is not None and k not in ("runs", "out")),
+                            for k, v in vars(args).items() if v is not None and k not in ("runs", "out", "retrain", "render")),
         "machine": machine(),
         "single_task_training": single,
+        "models_reused": reused,
         "train_seconds": train_seconds,
+        "originals_similarity": similarity_of_originals(result.separate, splits["train"], args.similarity_samples, args.seed),
+        "originals_similarity_all_training": similarity_of_originals(result.separate, splits["train"], args.train_size, args.seed),
         "merge": results,
     }
     if truth is not None and set(truth.tasks) <= set(tasks):

@@ -106,7 +106,58 @@ def test_the_budget_undoes_a_merge_that_drops_a_task_past_its_tolerance():
         models, data=data, tasks={t: SPEC for t in models}, budget=gs.MergeBudget(tolerance=math.inf), config=config(threshold=-2.0, finetune_epochs=1)
     )
     assert len(loose.net.tree.at_depth(1)) == 1 and all(p["accepted"] for p in loose.curve if p["kind"] == "merge")
-    assert loose.curve[-1]["kind"] == "finetune" and loose.final == loose.curve[-1]["results"]
+    assert loose.curve[-1]["kind"] == "finetune"
+    kept = [p for p in loose.curve if p.get("accepted")][-1]  # the fine-tune epoch if it helped, else the merge
+    assert loose.final == kept["results"]
+
+
+def test_a_fine_tune_that_breaks_the_budget_is_undone():
+    model = tiny(0)
+    models = {t: copy.deepcopy(model) for t in ("a", "b")}
+    data = OwnOutputs(models)
+    # copies merge exactly (within a zero tolerance); a fine-tune at a huge learning rate cannot stay within it
+    train = gs.TrainConfig(batch_size=16, lr=0.5, progress=False)
+    result = gs.merge_trained(
+        models, data=data, tasks={t: SPEC for t in models}, budget=gs.MergeBudget(tolerance=0.0),
+        config=gs.MergeConfig(similarity_samples=48, finetune_epochs=2, train=train),
+    )
+    tuned = [p for p in result.curve if p["kind"] == "finetune"]
+    assert [p["epoch"] for p in tuned] == [1, 2]
+    assert all(p["violations"] and not p["accepted"] for p in tuned)
+    merged = [p for p in result.curve if p["kind"] == "merge"][-1]
+    assert merged["accepted"] and result.final == merged["results"]
+    with torch.no_grad(), gs.core.eval_mode(result.net):
+        out = result.net(data.x)
+        expected = model(data.x)
+    for t in models:  # rolled back: what the budget accepted, exactly
+        assert torch.equal(out[t], expected)
+
+
+def test_the_budget_is_a_paired_test_whose_bound_shrinks_with_the_samples():
+    budget = gs.MergeBudget(tolerance=0.01, relative=False)
+    original = torch.tensor([1.0, 0.0] * 500)  # per-sample accuracy of an original on 1000 samples
+    assert budget.drop(original, original.clone(), higher_is_better=True) == (0.0, 0.0)
+    now = original.clone()
+    now[0:100:2] = 0.0  # 50 samples it got right become wrong, 45 it got wrong become right: 0.5 % worse
+    now[1:91:2] = 1.0
+    drop, bound = budget.drop(original, now, higher_is_better=True)
+    assert drop == pytest.approx(0.005)
+    assert drop < budget.tolerance < bound  # within the tolerance as measured, not within it at 95 %
+    _, more = budget.drop(original.repeat(10), now.repeat(10), higher_is_better=True)
+    assert drop < more < bound
+    assert gs.MergeBudget(tolerance=0.01, relative=False, confidence=None).drop(original, now, True) == (drop, drop)
+    # a lower-is-better metric: the same change reads as an improvement
+    assert budget.drop(original, now, higher_is_better=False)[0] == pytest.approx(-0.005)
+    # a merge that changes few samples is within the tolerance at 95 % though it drops the same on average
+    few = original.clone()
+    few[0:10:2] = 0.0
+    assert budget.drop(original, few, higher_is_better=True)[1] < 0.01
+
+
+@pytest.mark.parametrize("confidence", [0.0, 1.0, 1.5, True])
+def test_a_confidence_outside_0_and_1_is_refused(confidence):
+    with pytest.raises(gs.MergeError, match="MergeBudget.confidence"):
+        gs.MergeBudget(confidence=confidence).check(["a"])
 
 
 def test_a_parameter_target_stops_merging_once_reached():
@@ -144,6 +195,8 @@ def test_the_command_line_merges_model_files_and_saves_a_loadable_network(tmp_pa
     sizes = ["--train-size", "32", "--val-size", "16", "--test-size", "16", "--similarity-samples", "32"]
     assert main(["merge", "--models", *files, "--tasks", "left", "--out", str(tmp_path / "bad")]) == 2
     assert "--tasks names 1 tasks ['left'] for 2 --models" in capsys.readouterr().err
+    assert main(["merge", "--models", *files, "--confidence", "1.5", "--out", str(tmp_path / "bad")]) == 2
+    assert "--confidence 1.5 is not valid" in capsys.readouterr().err
     out = tmp_path / "run"
     assert main(["merge", "--models", *files, "--data", "multimnist", *sizes, "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
@@ -189,3 +242,25 @@ def test_output_amalgamation_brings_each_task_output_closer_than_the_mean_of_the
     batches = lambda: (x[i : i + 16] for i in range(0, len(x), 16))
     Amalgamation(batches, epochs=20, lr=1e-2, target="outputs")(start, 1, 0, members, distilled)
     assert output_error(distilled) < 0.5 * output_error(mean), (output_error(distilled), output_error(mean))
+
+
+def test_an_undone_merge_is_retried_split_where_the_models_disagree_deepest():
+    a = tiny(0)
+    c = copy.deepcopy(a)  # a's stem, slightly moved, over another model's last stage
+    with torch.no_grad():
+        c.stages[3].load_state_dict(tiny(7).stages[3].state_dict())
+        for p in c.stem.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    models = {"a": a, "b": copy.deepcopy(a), "c": c}
+    data = OwnOutputs(models)
+    result = gs.merge_trained(models, data=data, tasks={t: SPEC for t in models}, budget=gs.MergeBudget(tolerance=0.0),
+                              config=config(threshold=0.9))
+    first, retry = result.decisions[:2]
+    assert first["merged"] == [[["a"], ["b"], ["c"]]] and not first.get("retry")  # the stems are alike in all three
+    tried = [p for p in result.curve if p["kind"] == "merge"]
+    assert not tried[0]["accepted"] and set(tried[0]["violations"]) == {"a", "b", "c"}  # dropping them would leave none
+    assert retry["retry"] and retry["measured_at"] == result.net.depth and retry["merged"] == [[["a"], ["b"]]]
+    tree = result.net.tree
+    assert all(tree.path("a")[d].id == tree.path("b")[d].id for d in range(result.net.depth + 1))
+    assert tree.path("c")[1].id != tree.path("a")[1].id
+    assert result.final == result.original  # a and b are one function: merged exactly; c as it was

@@ -110,6 +110,9 @@ def _merge_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=0.01,
                    help="largest drop of any task's validation metric vs its model that a merge may cause (0.01: 1 %%)")
     p.add_argument("--absolute", action="store_true", help="--tolerance is in the metric's units, not relative")
+    p.add_argument("--confidence", type=float, default=0.95,
+                   help="a merge is kept when its drop is within --tolerance at this one-sided confidence (a paired "
+                        "test on the validation samples); 0: the measured drop as it is")
     p.add_argument("--max-params", type=int, default=None, help="stop merging at this many parameters")
     p.add_argument("--max-flops", type=int, default=None, help="stop merging at this many forward FLOPs per sample")
     p.add_argument("--threshold", type=float, default=0.8, help="MTSL's CKA threshold for a group to merge")
@@ -147,6 +150,8 @@ def _merge(args) -> int:
             raise ConfigError(f"{flag} {value} is not valid; use a positive int.")
     if args.finetune_epochs < 0:
         raise ConfigError(f"--finetune-epochs {args.finetune_epochs} is not valid; use 0 (no fine-tune) or more.")
+    if not 0 <= args.confidence < 1:
+        raise ConfigError(f"--confidence {args.confidence} is not valid; use a level in (0, 1) such as 0.95, or 0 for the measured drop.")
     out = args.out or f"runs/merge-{args.data}-{args.seed}"
     _check_out(Path(out), resume=False, overwrite=args.overwrite)
     train = TrainConfig(epochs=max(args.finetune_epochs, 1), lr=args.lr, batch_size=args.batch_size, seed=args.seed,
@@ -155,8 +160,8 @@ def _merge(args) -> int:
     cfg = ExperimentConfig(backbone=args.backbone, data=args.data, data_root=args.data_root, tasks=names, trunk=args.trunk,
                            train_size=args.train_size, val_size=args.val_size, test_size=args.test_size, train=train,
                            out_dir=out)
-    budget = MergeBudget(tolerance=args.tolerance, relative=not args.absolute, max_parameters=args.max_params,
-                         max_flops=args.max_flops)
+    budget = MergeBudget(tolerance=args.tolerance, relative=not args.absolute, confidence=args.confidence or None,
+                         max_parameters=args.max_params, max_flops=args.max_flops)
     merge = MergeConfig(threshold=args.threshold, similarity_samples=args.similarity_samples, distill_epochs=args.distill_epochs,
                         distill_lr=args.lr, finetune_epochs=args.finetune_epochs, train=train)
     results = run_merge(cfg, dict(zip(names, args.models)), budget, merge)

@@ -121,24 +121,30 @@ def plot_losses(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: Path
 def plot_merge_curve(curve: Sequence[Mapping[str, Any]], metric: Mapping[str, str], path: Path, title: str = "") -> None:
     """`graphsurgeon.merge_trained`'s trade-off: every task's validation metric against the
     network's parameters and FLOPs at each merge kept (line), each merge undone by the budget
-    (cross) and the fine-tune (square)."""
+    (cross) and each fine-tune epoch (square: filled where it is the state kept, hollow where
+    the budget or a better state set it aside)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-    kept = [p for p in curve if p["kind"] == "start" or (p["kind"] == "merge" and p["accepted"])]
+    kept = [p for p in curve if p["kind"] == "start" or p.get("accepted")]
     undone = [p for p in curve if p["kind"] == "merge" and not p["accepted"]]
     tuned = [p for p in curve if p["kind"] == "finetune"]
+    tuned_kept = [p for p in tuned if p.get("accepted")]
+    tuned_not = [p for p in tuned if not p.get("accepted")]
     for ax, cost, unit in ((axes[0], "parameters", 1e3), (axes[1], "flops", 1e6)):
         for i, t in enumerate(metric):
             color = f"C{i}"
             ax.plot([p[cost] / unit for p in kept], [p["metrics"][t] for p in kept], marker="o", ms=3, color=color, label=t)
             ax.scatter([p[cost] / unit for p in undone], [p["metrics"][t] for p in undone], marker="x", color=color)
-            ax.scatter([p[cost] / unit for p in tuned], [p["metrics"][t] for p in tuned], marker="s", color=color)
+            ax.scatter([p[cost] / unit for p in tuned_kept], [p["metrics"][t] for p in tuned_kept], marker="s", color=color)
+            ax.scatter([p[cost] / unit for p in tuned_not], [p["metrics"][t] for p in tuned_not], marker="s",
+                       facecolors="none", edgecolors=color)
         ax.invert_xaxis()  # merging moves left: fewer parameters, fewer FLOPs
         ax.set_xlabel("parameters (thousands)" if cost == "parameters" else "forward MFLOPs per sample")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("validation " + "/".join(sorted(set(metric.values()))))
     axes[1].legend(fontsize=7, loc="best")
-    fig.suptitle(title or "merging trained models: o kept, x undone by the budget, ■ fine-tuned", fontsize=9)
+    fig.suptitle((title + ": " if title else "") + "o kept, x undone by the budget, ■ fine-tune epoch kept, □ set aside",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

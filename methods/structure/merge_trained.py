@@ -22,12 +22,19 @@ learning on them *post hoc*, with no task learning in between:
    feature objective is ``distill_target="features"``). Members that are one and the same
    function (equal weights) need no distillation: the group node is a copy.
 4. The budget (`MergeBudget`) is checked after every merge on the validation data: a merge
-   that drops any task's metric by more than its tolerance versus its original model is undone
-   (`graphsurgeon.core.surgery.relayout` puts the members back) and tried again without the
-   members whose tasks dropped past their tolerance (those stay apart from that depth down), and
-   merging stops once a parameter or FLOP target is reached. Every merge tried is a point of
+   that drops any task's metric by more than its tolerance versus its original model (by
+   default: whose drop is not within the tolerance with 95 % confidence, a paired test on the
+   validation samples, `MergeBudget.drop`) is undone
+   (`graphsurgeon.core.surgery.relayout` puts the members back) and tried again in smaller
+   groups: split by MTSL's rule on the similarity of the members' tasks at the deepest depth,
+   else without the members whose tasks dropped past their tolerance (members left out stay
+   apart from that depth down; `_Merger.merge_group`), and merging stops once a parameter or
+   FLOP target is reached. Every merge tried is a point of
    the trade-off curve (`MergeResult.curve`).
-5. Optionally the merged network is fine-tuned jointly for a few epochs (`MergeConfig.finetune_epochs`).
+5. Optionally the merged network is fine-tuned jointly for a few epochs (`MergeConfig.finetune_epochs`),
+   each epoch measured as a merge is: what is returned is the state within the budget (the
+   merged network before the fine-tune included) with the smallest mean drop over the tasks, so
+   the budget holds for the returned network and a fine-tune that does not help is undone.
 
 Heads: a task model is a whole model, backbone and its own classifier. By default each task's
 head is its model's own final classifier, the module the trunk (by default the classifier's
@@ -41,6 +48,7 @@ import copy
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import Any, Literal
 
 import torch
@@ -74,12 +82,19 @@ class MergeBudget:
             (0.01 = 1 %) unless ``relative=False``.
         relative: whether ``tolerance`` is a fraction of the original metric (an original of 0
             is compared absolutely).
+        confidence: a merge is within the budget when the drop's one-sided upper confidence
+            bound at this level is at most the tolerance (`drop`): the measured drop alone is
+            noise-sized on a usual validation split (1 % of 0.8 accuracy on 1,000 samples is
+            0.6 standard errors of the accuracy), so a merge that changes nothing real could be
+            undone and one that costs more than the tolerance kept by luck. ``None``: the
+            measured drop is compared as it is.
         max_parameters, max_flops: stop merging once the network has at most this many
             parameters / forward FLOPs per sample (``None``: no such target).
     """
 
     tolerance: float | Mapping[str, float] = 0.01
     relative: bool = True
+    confidence: float | None = 0.95
     max_parameters: int | None = None
     max_flops: int | None = None
 
@@ -102,15 +117,32 @@ class MergeBudget:
                     f"MergeBudget.tolerance for task {t!r} is {value!r}; use a number >= 0 (0.01: a 1 % drop), "
                     "or math.inf to merge whatever the metric does."
                 )
+        if self.confidence is not None and (isinstance(self.confidence, bool) or not 0 < self.confidence < 1):
+            raise MergeError(
+                f"MergeBudget.confidence={self.confidence!r}; use a level strictly between 0 and 1 (0.95: the drop is "
+                "within the tolerance with 95 % confidence) or None (the measured drop as it is)."
+            )
         for name in ("max_parameters", "max_flops"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise MergeError(f"MergeBudget.{name}={value!r}; use a positive int or None (no target).")
 
-    def drop(self, task: str, original: float, now: float, higher_is_better: bool) -> float:
-        """How much worse ``now`` is than ``original`` (negative: better), in the tolerance's unit."""
+    def drop(self, original: torch.Tensor, now: torch.Tensor, higher_is_better: bool) -> tuple[float, float]:
+        """How much worse ``now`` is than ``original`` (negative: better), in the tolerance's
+        unit, and the one-sided upper ``confidence`` bound of that drop.
+
+        Both are per-sample values of the metric on the same validation samples, so the test
+        is paired: its standard error is that of the per-sample differences, which is small when
+        a merge changes few samples' results (an unpaired comparison of two accuracies would
+        count every sample's noise twice). Samples are taken as independent."""
+        original, now = original.double().flatten(), now.double().flatten()
         worse = (original - now) if higher_is_better else (now - original)
-        return worse / abs(original) if self.relative and original != 0 else worse
+        mean = float(worse.mean())
+        z = 0.0 if self.confidence is None else NormalDist().inv_cdf(self.confidence)
+        spread = float(worse.std()) / math.sqrt(len(worse)) if len(worse) > 1 else 0.0
+        base = float(original.mean())
+        scale = abs(base) if self.relative and base != 0 else 1.0
+        return mean / scale, (mean + z * spread) / scale
 
 
 @dataclass
@@ -130,7 +162,8 @@ class MergeConfig:
         group_init: how a group node starts: ``"mean"`` of the members' weights (their common
             init makes the average meaningful), ``"copy"`` of the most central member,
             ``"fresh"``, or ``"pristine"`` (the first model's segment).
-        finetune_epochs: joint training of the merged network afterwards (0: none).
+        finetune_epochs: joint training of the merged network afterwards (0: none), checked
+            against the budget after every epoch (`MergeResult.curve`'s ``"finetune"`` points).
         exhaustive_limit: largest sibling set whose partitions are searched exhaustively.
         train: the trainer's settings (batch size, device, optimizer and lr of the fine-tune).
     """
@@ -154,9 +187,11 @@ class MergeResult:
 
     ``curve`` has one point per network measured: the separate start (``"start"``), every
     merge tried (``"merge"``, with ``accepted``; a rejected one names the tasks it would have
-    dropped past their tolerance in ``violations``) and the fine-tune (``"finetune"``). Each
-    point holds the parameters, the forward FLOPs per sample, every task's validation metric,
-    its drop versus the original and the tree (one partition per depth).
+    dropped past their tolerance in ``violations``) and every fine-tune epoch (``"finetune"``,
+    ``accepted`` on the one kept, if any). Each point holds the parameters, the forward FLOPs
+    per sample, every task's validation metric, its drop versus the original (``drops``) and
+    that drop's upper confidence bound (``bounds``, what the budget compares), and the tree
+    (one partition per depth).
     """
 
     net: MultiTaskNetwork
@@ -167,7 +202,7 @@ class MergeResult:
     original: dict[str, dict[str, float]]
     """The original models' validation metrics (and losses), by task."""
     final: dict[str, dict[str, float]]
-    """The returned network's validation metrics (and losses), by task."""
+    """The returned network's validation metrics (and losses), by task: its curve point's."""
     curve: list[dict[str, Any]]
     decisions: list[dict[str, Any]]
     """Every sibling set compared: depth, tasks, CKA matrix, MTSL's partition and its groups."""
@@ -322,6 +357,34 @@ def _identical(modules: Sequence[nn.Module]) -> bool:
     return all(all(torch.equal(first[k], v) for k, v in m.state_dict().items()) for m in modules[1:])
 
 
+@torch.no_grad()
+def _scores(trainer: Trainer, data: Dataset, metric: Mapping[str, tuple[str, bool]]) -> tuple[dict[str, dict[str, float]], dict[str, torch.Tensor]]:
+    """Every task's loss and metrics on ``data`` (means over the samples) and the budget's
+    metric per sample, for the paired test (`MergeBudget.drop`). One pass of the network; each
+    sample is scored on its own (a batch of one), so a metric must be a mean over samples, as
+    `Trainer.evaluate` assumes too when it weights batches by their size."""
+    net = trainer.net
+    values: dict[str, dict[str, list[float]]] = {t: {"loss": [], **{k: [] for k in trainer.tasks[t].metrics}} for t in net.tasks}
+    with eval_mode(net):
+        for batch in trainer.loader(data, shuffle=False, batch_size=trainer.config.eval_batch_size):
+            x, targets = trainer.to_device(batch)
+            with trainer.autocast():
+                outputs = net(x)
+            for t, pred in outputs.items():
+                spec, pred = trainer.tasks[t], pred.float()
+                for i in range(len(pred)):
+                    p, y = pred[i : i + 1], targets[t][i : i + 1]
+                    values[t]["loss"].append(float(spec.loss(p, y)))
+                    for name, fn in spec.metrics.items():
+                        values[t][name].append(float(fn(p, y)))
+    results = {t: {k: sum(v) / max(len(v), 1) for k, v in m.items()} for t, m in values.items()}
+    return results, {t: torch.tensor(values[t][m], dtype=torch.float64) for t, (m, _) in metric.items()}
+
+
+def _mean_drop(point: Mapping[str, Any]) -> float:
+    return sum(point["drops"].values()) / len(point["drops"])
+
+
 class _Merger:
     """One merge run: the trainer over the current network, the budget, the curve."""
 
@@ -331,21 +394,25 @@ class _Merger:
         self.metric, self.example = metric, example
         self.curve: list[dict[str, Any]] = []
         self.decisions: list[dict[str, Any]] = []
-        self.original = trainer.evaluate(val)
+        self.original, self.per_sample = _scores(trainer, val, metric)
+        self.current = self.measure("start")
+        """The point that describes the network as it now stands."""
 
     def measure(self, kind: str, **extra: Any) -> dict[str, Any]:
         net = self.trainer.net
-        results = self.trainer.evaluate(self.val)
-        values = {t: results[t][m] for t, (m, _) in self.metric.items()}
-        drops = {t: self.budget.drop(t, self.original[t][m], values[t], up) for t, (m, up) in self.metric.items()}
+        results, per_sample = _scores(self.trainer, self.val, self.metric)
+        drops, bounds = {}, {}
+        for t, (_, up) in self.metric.items():
+            drops[t], bounds[t] = self.budget.drop(self.per_sample[t], per_sample[t], up)
         point = {
             "kind": kind,
             **extra,
             "parameters": sum(p.numel() for p in net.parameters()),
             "flops": count_flops(net, self.example.to(self.trainer.device)),
-            "metrics": values,
+            "metrics": {t: results[t][m] for t, (m, _) in self.metric.items()},
             "drops": drops,
-            "violations": [t for t, d in drops.items() if d > self.budget.tolerance_of(t)],
+            "bounds": bounds,
+            "violations": [t for t, b in bounds.items() if b > self.budget.tolerance_of(t)],
             "tree": [list(map(list, p)) for p in net.tree.partitions()],
             "results": results,
         }
@@ -379,9 +446,88 @@ class _Merger:
         point["accepted"] = not point["violations"]
         if amalgamation is not None:
             point["distill_loss"] = [h["loss_curve"] for h in amalgamation.history]
-        if not point["accepted"]:  # the members come back, with their children under them again
+        if point["accepted"]:
+            self.current = point
+        else:  # the members come back, with their children under them again
             relayout(trainer.net, before, {n.id: (n.id,) for n in before.nodes if n.id not in members}, modules=members)
         return point
+
+    def finetune(self, epochs: int) -> None:
+        """Joint training of the merged network, measured after every epoch; the state kept is
+        the one within the budget with the smallest mean drop over the tasks, the merged network
+        before the fine-tune included (which the budget accepted).
+
+        Training every task's loss together can cost one task what it gives another, and a few
+        epochs on the training split can overfit: checked only before it, the budget would not
+        hold for what is returned. The choice is made on the validation split the budget reads,
+        so that split's numbers are optimistic for the kept state; the test split is not used."""
+        trainer = self.trainer
+        trainer.set_network(trainer.net)  # a fresh optimizer over the merged network's parameters
+        kept, state = self.current, copy.deepcopy(trainer.net.state_dict())
+        tried = []
+        for epoch in range(1, epochs + 1):
+            trainer.fit(trainer.epoch + 1)
+            point = self.measure("finetune", epoch=epoch)
+            tried.append(point)
+            if not point["violations"] and _mean_drop(point) < _mean_drop(kept):
+                kept, state = point, copy.deepcopy(trainer.net.state_dict())
+        for point in tried:
+            point["accepted"] = point is kept
+        if kept is not tried[-1]:
+            trainer.net.load_state_dict(state)
+        self.current = kept
+
+    def deepest_blocks(self, depth: int, group: list[int]) -> list[list[int]]:
+        """The blocks of ``group`` (sibling nodes at ``depth``) that MTSL's rule merges on the
+        similarity of their tasks' nodes at the deepest depth, which still hold one task each
+        (merging runs from the earliest depth down, so every node below ``depth`` is one task's)."""
+        net = self.trainer.net
+        deepest = [net.tree.path(net.tree.node(i).tasks[0])[-1].id for i in group]
+        sim = node_similarity(self.trainer, net.depth, deepest, self.config.similarity_samples)
+        decision = mtsl_partition(sim.numpy(), self.config.threshold, exhaustive_limit=self.config.exhaustive_limit)
+        blocks = central_first(group, sim, decision.merge_groups)
+        self.decisions.append({
+            "depth": depth,
+            "retry": True,
+            "measured_at": net.depth,
+            "tasks": [list(net.tree.node(i).tasks) for i in group],
+            "similarity": sim.tolist(),
+            "partition": [list(b) for b in decision.partition],
+            "merged": [[list(net.tree.node(i).tasks) for i in b] for b in blocks],
+        })
+        return blocks
+
+    def merge_group(self, depth: int, group: list[int]) -> str | None:
+        """Merge ``group`` at ``depth`` within the budget; why merging must stop, if it must.
+
+        A merge the budget undoes is tried again in smaller groups. First split by the agreement
+        of the members' tasks at the deepest depth (MTSL's rule on the CKA there): a shallow
+        segment is alike in nearly every model (CKA near 1 whatever the task), so which tasks
+        drop past their tolerance when it is shared by all is a small, task-unrelated effect,
+        and a task left apart at a depth is apart at every depth below: splitting where the
+        models disagree deep keeps together the tasks that could go on sharing. When the deep
+        rule would merge the same group again (or nothing), the members whose tasks dropped
+        past their tolerance leave it instead."""
+        tree = self.trainer.net.tree
+        pending = [group]
+        while pending:
+            group = pending.pop(0)
+            if len(group) < 2:
+                continue
+            point = self.try_merge(depth, group)
+            if point["accepted"]:
+                reached = self.target_reached(point)
+                if reached:
+                    return reached
+                continue
+            blocks = self.deepest_blocks(depth, group)
+            if blocks and sorted(blocks[0]) != sorted(group):
+                pending[:0] = blocks
+                continue
+            kept = [i for i in group if not set(tree.node(i).tasks) & set(point["violations"])]
+            if len(kept) < len(group):
+                pending.insert(0, kept)
+        return None
 
     def run(self) -> str:
         net = self.trainer.net
@@ -402,18 +548,9 @@ class _Merger:
                     "merged": [[list(tree.node(i).tasks) for i in g] for g in groups],
                 })
                 for group in groups:
-                    while len(group) >= 2:
-                        point = self.try_merge(depth, group)
-                        if point["accepted"]:
-                            reached = self.target_reached(point)
-                            if reached:
-                                return reached
-                            break
-                        # undone: the members whose tasks dropped past their tolerance leave the group
-                        kept = [i for i in group if not set(tree.node(i).tasks) & set(point["violations"])]
-                        if len(kept) == len(group):
-                            break
-                        group = kept
+                    reached = self.merge_group(depth, group)
+                    if reached:
+                        return reached
         return "no more siblings similar enough (MTSL's rule) within the budget"
 
 
@@ -461,20 +598,17 @@ def merge_trained(
     net = _start(models, specs, heads, example, trunk, granularity, leaf_modules, concrete_args)
     separate = copy.deepcopy(net)
     val_data = val if val is not None else data
-    trainer = Trainer(net, None, data, val_data, config.train)
+    trainer = Trainer(net, None, data, None, config.train)  # the merger measures the validation data itself
     merger = _Merger(trainer, val_data, budget, config, {t: _metric_of(specs[t]) for t in names}, example)
-    start = merger.measure("start")
-    stopped = merger.target_reached(start) or merger.run()
+    stopped = merger.target_reached(merger.current) or merger.run()
     if config.finetune_epochs > 0:
-        trainer.set_network(trainer.net)  # a fresh optimizer over the merged network's parameters
-        trainer.fit(trainer.epoch + config.finetune_epochs)
-        merger.measure("finetune", epochs=config.finetune_epochs)
+        merger.finetune(config.finetune_epochs)
     return MergeResult(
         net=trainer.net,
         separate=separate,
         metric={t: m for t, (m, _) in merger.metric.items()},
         original=merger.original,
-        final=trainer.evaluate(val_data),
+        final=merger.current["results"],
         curve=merger.curve,
         decisions=merger.decisions,
         stopped=stopped,
