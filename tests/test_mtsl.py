@@ -268,6 +268,18 @@ def test_depth_schedule_is_one_phase_per_depth_then_the_retries():
         depth_schedule(5, retries=-1)
 
 
+def test_depth_schedule_for_a_run_retries_in_every_phase_but_the_last_epoch():
+    """With the run's length, every epoch but the last ends a structural phase (the official
+    code compares the sets left unmerged in every phase it has), so the final structure trains
+    one phase with the alignment loss off; a run too short for one phase per depth is refused."""
+    assert depth_schedule(5, epochs=10) == depth_schedule(5, retries=4)
+    assert sum(depth_schedule(5, epochs=10)["task_phases"]) == 9
+    assert depth_schedule(2, phase_epochs=2, epochs=9) == {"task_phases": (2, 2, 2), "distill_epochs": (1, 1, 1)}
+    assert depth_schedule(5, epochs=6) == depth_schedule(5, retries=0)
+    with pytest.raises(OptionError, match=r"epochs=5\).*at least \(depth \+ 1\) \* phase_epochs"):
+        depth_schedule(5, epochs=5)
+
+
 def test_a_schedule_that_cannot_reach_every_depth_warns_and_a_depth_schedule_does_not():
     """The frontier goes down one depth per phase: with fewer phases run than depths, the deepest
     depths can never merge, which the run says at its start."""

@@ -30,8 +30,9 @@ DEMO_DATA = "gt_twins"
 DEMO_EPOCHS = 10
 # the segments of `small_resnet`, the demo's backbone
 DEMO_DEPTH = 5
-# MTSL: one one-epoch phase per depth plus the retries (`depth_schedule`), each with one distillation epoch
-DEMO_SCHEDULE = depth_schedule(DEMO_DEPTH)
+# MTSL: one one-epoch phase per depth, then retries in every epoch but the last (`depth_schedule`),
+# each phase with one distillation epoch
+DEMO_SCHEDULE = depth_schedule(DEMO_DEPTH, epochs=DEMO_EPOCHS)
 
 
 def demo_config(method: str, out: Path, seed: int, progress: bool, quick: bool = False, data: str = DEMO_DATA) -> ExperimentConfig:

@@ -108,22 +108,31 @@ def central_first(ids: Sequence[int], similarity: torch.Tensor, blocks: Sequence
 RETRY_PHASES = 2
 
 
-def depth_schedule(depth: int, retries: int = RETRY_PHASES, phase_epochs: int = 1, distill_epochs: int = 1) -> dict[str, tuple[int, ...]]:
+def depth_schedule(depth: int, retries: int = RETRY_PHASES, phase_epochs: int = 1, distill_epochs: int = 1,
+                   *, epochs: int | None = None) -> dict[str, tuple[int, ...]]:
     """``task_phases`` and ``distill_epochs`` for a backbone of ``depth`` segments: one phase
-    per depth, then ``retries`` more (``MTSLConfig(**depth_schedule(net.depth))``).
+    per depth, then ``retries`` more (``MTSLConfig(**depth_schedule(net.depth))``); with
+    ``epochs`` (the run's length), as many retries as fit before its last epoch instead.
 
     Why this shape: the frontier goes down one depth per phase (a group's children are first
     compared in the phase after the group formed), so ``depth`` phases are the fewest that can
     reach every depth, and with exactly that many a set that fails at the deepest depth is never
-    compared again; each of the ``retries`` phases after it compares the sets left unmerged once
-    more (at any depth), after one more task-learning phase under the alignment loss, as the
-    official schedule's phases do while any set can still merge (`train_and_evaluate`).
-    ``retries=0`` is the one-phase-per-depth schedule (an ablation: it cannot retry the last depth).
+    compared again; each retry phase after them compares the sets left unmerged once more (at
+    any depth), after one more task-learning phase under the alignment loss, as the official
+    schedule's phases do while any set can still merge (`train_and_evaluate`). The official
+    code retries in every phase its schedule has left; ``epochs`` does the same in a run of that
+    length, keeping the last ``phase_epochs`` after the last structural phase, where the final
+    structure trains with the alignment loss off. ``retries=0`` is the one-phase-per-depth
+    schedule (an ablation: it cannot retry the last depth).
     """
+    if epochs is not None:
+        retries = (epochs - phase_epochs) // max(phase_epochs, 1) - depth
     if depth < 1 or retries < 0 or phase_epochs < 1 or distill_epochs < 1:
+        length = "" if epochs is None else f", epochs={epochs}"
         raise OptionError(
-            f"depth_schedule(depth={depth}, retries={retries}, phase_epochs={phase_epochs}, distill_epochs={distill_epochs}): "
-            "depth, phase_epochs and distill_epochs must be >= 1 and retries >= 0; pass the network's depth (net.depth)."
+            f"depth_schedule(depth={depth}, retries={retries}, phase_epochs={phase_epochs}, distill_epochs={distill_epochs}{length}): "
+            "depth, phase_epochs and distill_epochs must be >= 1 and retries >= 0 (with epochs: a run of at least "
+            "(depth + 1) * phase_epochs epochs); pass the network's depth (net.depth)."
         )
     phases = depth + retries
     return {"task_phases": (phase_epochs,) * phases, "distill_epochs": (distill_epochs,) * phases}
@@ -236,8 +245,8 @@ class MTSL(Method):
                 + (f" ({len(ends)} in task_phases, those ending after epoch {trainer.config.epochs} never run)" if len(ends) > runs else "")
                 + f" on a network of depth {depth}: the frontier goes down one depth "
                 f"per phase, so depths {runs + 1}-{depth} stay split whatever their similarity. Use "
-                f"MTSLConfig(**depth_schedule({depth})) (one phase per depth plus {RETRY_PHASES} retries) "
-                "and enough epochs to cover it.",
+                f"MTSLConfig(**depth_schedule({depth}, epochs={trainer.config.epochs})) (one phase per depth, then "
+                "retries in every phase left before the last epoch) or more epochs.",
                 stacklevel=2,
             )
 
