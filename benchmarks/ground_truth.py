@@ -259,6 +259,63 @@ def fresh_report(fresh: dict[int, dict], seeds: list[int], table: dict | None) -
     return line, {"seeds": seeds_fresh, "exact": exact, "ari": ari, "trees": trees}
 
 
+def _pairs(tasks: list[str], sim: list[list[float]], keep: set[str]) -> str:
+    kept = [i for i, t in enumerate(tasks) if t in keep]
+    return ", ".join(f"{tasks[i]}~{tasks[j]} {sim[i][j]:.2f}" for a, i in enumerate(kept) for j in kept[a + 1:])
+
+
+def why_missed(run: dict, data: str) -> str | None:
+    """Where a learned tree first departs from the truth, and what the method saw there: for
+    MTSL the CKA of the sibling set it last compared at that depth and the partition the
+    official rule chose from it; for DMTG how far from uniform its branch probabilities ended;
+    for TAG its affinities' scale. None when the tree is the true one."""
+    from graphsurgeon.methods.structure.partition import mtsl_partition
+
+    if run["score"]["exact"]:
+        return None
+    truth = GROUND_TRUTH[data.removeprefix("gt_")]
+    group_of = {t: i for i, g in enumerate(truth.groups) for t in g}
+    decisions = run["decisions"]
+    if decisions and "probabilities" in decisions[-1]:
+        p = decisions[-1]["probabilities"]
+        top = statistics.fmean(max(v) for v in p.values())
+        return (f"branch probabilities at the end of the search: largest {top:.2f} on average (uniform "
+                f"{1 / len(next(iter(p.values()))):.2f}), at τ {decisions[-1]['tau']}")
+    if decisions and "affinity" in decisions[-1]:
+        a = decisions[-1]["affinity"]
+        return f"affinities of magnitude {max(abs(x) for row in a for x in row):.1e} at most"
+    wrong = next(d for d in run["score"]["per_depth"] if not d["exact"] and (truth.depths == "all" or d is run["score"]["per_depth"][-1]))
+    depth, partition = wrong["depth"], wrong["partition"]
+    across = next((b for b in partition if len({group_of[t] for t in b}) > 1), None)
+    split = next(g for g in truth.groups if not any(set(g) <= set(b) for b in partition)) if across is None else None
+    focus = set(across or split)
+    compared = [d for d in decisions if d.get("depth") == depth and focus & {t for ts in d["tasks"] for t in ts}]
+    if not compared:
+        return f"d{depth}: no sibling set holding {sorted(focus)} was compared there (the schedule ended first)"
+    merging = [d for d in compared if any(focus <= {t for i in m for t in d["tasks"][d["nodes"].index(i)]} for m in d["merged"])]
+    d = merging[0] if across and merging else compared[-1]
+    tasks = [ts[0] for ts in d["tasks"]]
+    decision = mtsl_partition(d["similarity"], 0.8)
+    chosen = " ".join("{" + ", ".join(tasks[i] for i in b) + "}" for b in decision.partition)
+    what = "merged across the true groups" if across else "left the true group apart"
+    return (f"d{depth} ({what}; phase {d['phase']}, CKA {_pairs(tasks, d['similarity'], set(tasks))}): the official rule's "
+            f"partition {chosen} scores {decision.score:.2f} against the threshold 0.8")
+
+
+def missed_report(runs: dict[int, dict[str, dict]], data: str, labels: list[str]) -> list[str]:
+    """One line per learned tree that is not the true one, with `why_missed` (IT-MTL picks a
+    gradient update per step for one hard-shared network: its tree is fixed, as hard sharing's)."""
+    out = []
+    for label in labels:
+        if label in ("single", "hps", "itmtl") or label.startswith("hps+"):
+            continue
+        for s in sorted(runs):
+            why = why_missed(runs[s][label], data)
+            if why:
+                out.append(f"- `{label}` seed {s}: {why}.")
+    return out
+
+
 def verdicts(summary: dict, data: str) -> list[str]:
     """What the table supports, in words: recovery counts, and Δm comparisons only outside the noise."""
     methods = summary["methods"]
@@ -311,6 +368,9 @@ def report(all_runs: dict[str, dict[int, dict[str, dict]]], labels: dict[str, li
             line, summary[data]["fresh_seeds"] = fresh_report(fresh[data], seeds, summary[data]["methods"].get("mtsl"))
             shows.insert(1, line)
         lines += family + ["", "What this shows:", "", *shows, ""]
+        missed = missed_report(runs, data, labels[data])
+        if missed:
+            lines += ["Why each tree that is not the true one departs from it (the first depth where it does):", "", *missed, ""]
     return "\n".join(lines) + "\n", summary
 
 
