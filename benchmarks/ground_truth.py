@@ -302,17 +302,27 @@ def why_missed(run: dict, data: str) -> str | None:
             f"partition {chosen} scores {decision.score:.2f} against the threshold 0.8")
 
 
-def missed_report(runs: dict[int, dict[str, dict]], data: str, labels: list[str]) -> list[str]:
-    """One line per learned tree that is not the true one, with `why_missed` (IT-MTL picks a
-    gradient update per step for one hard-shared network: its tree is fixed, as hard sharing's)."""
-    out = []
+def missed_report(runs: dict[int, dict[str, dict]], data: str, labels: list[str], fresh: dict[int, dict] | None = None) -> list[str]:
+    """One line per learned tree that is not the true one, with `why_missed`; labels whose
+    explanations are the same on every seed share a line, and the fresh seeds' misses follow
+    (IT-MTL picks a gradient update per step for one hard-shared network: its tree is fixed,
+    as hard sharing's)."""
+    by_label: dict[str, list[tuple[int, str]]] = {}
     for label in labels:
         if label in ("single", "hps", "itmtl") or label.startswith("hps+"):
             continue
-        for s in sorted(runs):
-            why = why_missed(runs[s][label], data)
-            if why:
-                out.append(f"- `{label}` seed {s}: {why}.")
+        misses = [(s, why_missed(runs[s][label], data)) for s in sorted(runs)]
+        by_label[label] = [(s, why) for s, why in misses if why]
+    if fresh and "mtsl" in by_label:
+        by_label["mtsl"] += [(s, why) for s in sorted(fresh) if (why := why_missed(fresh[s], data))]
+    out, done = [], set()
+    for label, misses in by_label.items():
+        if label in done or not misses:
+            continue
+        same = [other for other, m in by_label.items() if m == misses]
+        done.update(same)
+        names = ", ".join(f"`{x}`" for x in same)
+        out += [f"- {names} seed {s}: {why}." for s, why in misses]
     return out
 
 
@@ -368,7 +378,7 @@ def report(all_runs: dict[str, dict[int, dict[str, dict]]], labels: dict[str, li
             line, summary[data]["fresh_seeds"] = fresh_report(fresh[data], seeds, summary[data]["methods"].get("mtsl"))
             shows.insert(1, line)
         lines += family + ["", "What this shows:", "", *shows, ""]
-        missed = missed_report(runs, data, labels[data])
+        missed = missed_report(runs, data, labels[data], fresh.get(data))
         if missed:
             lines += ["Why each tree that is not the true one departs from it (the first depth where it does):", "", *missed, ""]
     return "\n".join(lines) + "\n", summary
