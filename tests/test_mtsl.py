@@ -285,7 +285,8 @@ def test_a_schedule_that_cannot_reach_every_depth_warns_and_a_depth_schedule_doe
     depths can never merge, which the run says at its start."""
     net = toy_net(0)
     short = MTSL(MTSLConfig(task_phases=(1, 1), distill_epochs=(1, 1), similarity_samples=16))
-    with pytest.warns(UserWarning, match=rf"runs 2 structural phase.* depths 3-{net.depth} stay split"):
+    with pytest.warns(UserWarning, match=rf"runs 2 structural phase.* depths 3-{net.depth} stay split.* at least "
+                      rf"{net.depth + 1} epochs and MTSLConfig\(\*\*depth_schedule\({net.depth}, epochs={net.depth + 1}\)\)"):
         short.on_start(make_trainer(net, short, epochs=2))
     # enough phases in the schedule, but the run ends before the last ones
     cut = MTSL(MTSLConfig(**depth_schedule(net.depth), similarity_samples=16))

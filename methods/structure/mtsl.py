@@ -236,17 +236,18 @@ class MTSL(Method):
     def _warn_short_schedule(self, trainer: Trainer) -> None:
         """Warn when the phases that fit in the run cannot reach every depth (a warning, not an
         error: sharing only the first depths is a legitimate choice, but it should be one)."""
-        depth = trainer.net.depth
+        depth, epochs = trainer.net.depth, trainer.config.epochs
         ends = self.phase_ends()
-        runs = sum(end <= trainer.config.epochs for end in ends)
+        runs = sum(end <= epochs for end in ends)
         if runs < depth:
             warnings.warn(
                 f"MTSL runs {runs} structural phase(s)"
-                + (f" ({len(ends)} in task_phases, those ending after epoch {trainer.config.epochs} never run)" if len(ends) > runs else "")
+                + (f" ({len(ends)} in task_phases, those ending after epoch {epochs} never run)" if len(ends) > runs else "")
                 + f" on a network of depth {depth}: the frontier goes down one depth "
                 f"per phase, so depths {runs + 1}-{depth} stay split whatever their similarity. Use "
-                f"MTSLConfig(**depth_schedule({depth}, epochs={trainer.config.epochs})) (one phase per depth, then "
-                "retries in every phase left before the last epoch) or more epochs.",
+                + (f"MTSLConfig(**depth_schedule({depth}, epochs={epochs}))" if epochs > depth else
+                   f"at least {depth + 1} epochs and MTSLConfig(**depth_schedule({depth}, epochs={depth + 1}))")
+                + " (one phase per depth, then a retry in every epoch left but the last).",
                 stacklevel=2,
             )
 
