@@ -70,19 +70,20 @@ def train_single(task: str, info, splits, args, path: Path, pretrained: dict[str
     net = gs.multitask(model, {task: info.task(nn.Identity())}, trunk="fc", sharing="shared", example_input=example)
     start = time.perf_counter()
     trainer = gs.fit(net, splits["train"], splits["val"], epochs=args.epochs, lr=args.finetune_lr, batch_size=args.batch_size,
-                     seed=args.seed, progress=False)
+                     seed=args.seed, progress=False, schedule=args.schedule, restore_best=True)
     seconds = time.perf_counter() - start
     state = {}
     for node in net.tree.path(task)[1:]:
         state.update(net.node_module(node).state_dict())
     model.load_state_dict(state)
     save_file(model.state_dict(), str(path))
-    return {"val": trainer.history[-1]["val"][task], "val_per_epoch": [r["val"][task] for r in trainer.history], "seconds": seconds}
+    return {"val": trainer.best_record["val"][task], "best_epoch": trainer.best_record["epoch"],
+            "val_per_epoch": [r["val"][task] for r in trainer.history], "seconds": seconds}
 
 
 # the arguments a single-task model's weights depend on: models trained with the same ones are reused
-TRAINING_ARGS = ("data", "tasks", "train_size", "epochs", "pretrain_data", "pretrain_tasks", "pretrain_epochs", "lr",
-                 "finetune_lr", "batch_size", "seed")
+TRAINING_ARGS = ("data", "tasks", "train_size", "val_size", "epochs", "schedule", "pretrain_data", "pretrain_tasks",
+                 "pretrain_epochs", "lr", "finetune_lr", "batch_size", "seed")
 
 
 def trained_models(args, tasks: list[str], info, splits, folder: Path) -> tuple[dict, bool]:
@@ -148,15 +149,18 @@ def markdown(record: dict) -> str:
         "",
         (f"A small_resnet pretrained {a['pretrain_epochs']} epochs (hard sharing, lr {a['lr']}) on {a['pretrain_data']}'s "
          f"{a['pretrain_tasks']} ({a['train_size']} samples), then " if a["pretrain_epochs"] else "")
-        + f"one single-task model per task fine-tuned from it {a['epochs']} epochs (lr {a['finetune_lr']}) on {a['train_size']} samples, "
+        + f"one single-task model per task fine-tuned from it {a['epochs']} epochs (lr {a['finetune_lr']}"
+        + (f", {a['schedule']} schedule, the best validation epoch kept" if a.get("schedule", "none") != "none" else "")
+        + f") on {a['train_size']} samples, "
         f"saved as safetensors and merged as `graphsurgeon merge` does: CKA on {a['similarity_samples']} training samples, "
         f"MTSL's partition rule (threshold {a['threshold']}), amalgamation {a['distill_epochs']} epoch(s) per merge "
+        f"(lr {a.get('distill_lr', a['lr'])}) "
         "(each task's output through its unchanged path fitted to its model's), "
         f"budget: any task's validation {'/'.join(sorted(set(metric.values())))} may drop at most {a['tolerance']:.0%} "
         f"(relative) vs its model ({a['val_size']} validation samples"
         + (f"; a merge is kept when the one-sided {a['confidence']:.0%} upper bound of every task's drop, a paired test on "
            "those samples, is within it" if a.get("confidence") else "; the measured drop")
-        + f"), then {a['finetune_epochs']} fine-tune epoch(s), each checked against the budget (the best state within it is kept, "
+        + f"), then {a['finetune_epochs']} fine-tune epoch(s) (lr {a.get('joint_lr', a['lr'])}), each checked against the budget (the best state within it is kept, "
         "the merged network before the fine-tune included). "
         f"Test: {a['test_size']} samples. Merging stopped: {r['stopped']}. Wall time: training "
         + (f"{sum(m['seconds'] for m in record['single_task_training'].values()):.0f} s (the single-task models' training, in the "
@@ -239,6 +243,10 @@ def markdown(record: dict) -> str:
         merged = " | ".join("{" + ", ".join("+".join(t) for t in g) + "}" for g in d["merged"]) or "none"
         where = f"depth {d['depth']}, retry (CKA at depth {d['measured_at']})" if d.get("retry") else f"depth {d['depth']}"
         lines.append(f"- {where}: {sim}; MTSL merges {merged}")
+    if record.get("seeds"):
+        lines[lines.index("") + 1:lines.index("") + 1] = [
+            f"Every seed ({len(record['seeds'])}; each its own pretraining, models and merge; the detail below is seed "
+            f"{a['seed']}'s, every seed's report is in `{SEEDS_FOLDER}/`):", "", *seeds_table(record["seeds"]), ""]
     return "\n".join(lines) + "\n"
 
 
@@ -281,12 +289,17 @@ def main() -> None:
     parser.add_argument("--val-size", type=int, default=5000,
                         help="the budget's validation samples: a 1 %% drop of 0.8 accuracy is 0.6 standard errors on 1000")
     parser.add_argument("--test-size", type=int, default=1000)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--pretrain-data", default="multimnist", choices=sorted(DATASETS))
     parser.add_argument("--pretrain-tasks", default="left,right")
     parser.add_argument("--pretrain-epochs", type=int, default=2, help="0: every model starts from one random init")
-    parser.add_argument("--lr", type=float, default=2e-3, help="pretraining, amalgamation and joint fine-tune")
+    parser.add_argument("--lr", type=float, default=2e-3, help="pretraining")
     parser.add_argument("--finetune-lr", type=float, default=1e-3, help="training of each single-task model")
+    parser.add_argument("--schedule", default="cosine", choices=["none", "cosine"],
+                        help="of each single-task model's training, whose best validation epoch is kept (a converged model, as users hold)")
+    # the group node starts from the members' mean and the models are converged: steps smaller than training's
+    parser.add_argument("--distill-lr", type=float, default=5e-4, help="the amalgamation's")
+    parser.add_argument("--joint-lr", type=float, default=1e-4, help="the joint fine-tune of the merged network's")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tolerance", type=float, default=0.01)
@@ -300,15 +313,40 @@ def main() -> None:
     parser.add_argument("--retrain", action="store_true", help="train the single-task models even if a previous run left them")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--render", action="store_true", help="only rewrite the markdown and the curve from the JSON")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="run every step for each seed (its own models and folders); the report details the first and "
+                             "tabulates them all")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds run in parallel (with --seeds)")
     args = parser.parse_args()
     out = Path(args.out)
     if args.render:
         record = json.loads((out / "merge_trained.json").read_text())
         write(record, out)
         return
+    if args.seeds is None:
+        record = run_seed(args)
+    else:
+        import multiprocessing
+
+        per_seed = [argparse.Namespace(**{**vars(args), "seed": s, "runs": str(Path(args.runs) / f"seed{s}"),
+                                          "out": str(out / SEEDS_FOLDER / f"seed{s}")}) for s in args.seeds]
+        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+            records = pool.map(run_seed, per_seed)
+        record = {**records[0], "seeds": [seed_summary(r) for r in records]}
+        record["command"] = record["command"].replace(f"--seed {args.seeds[0]}", f"--seeds {' '.join(map(str, args.seeds))} --jobs {args.jobs}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "merge_trained.json").write_text(json.dumps(record, indent=1, default=str))
+    write(record, out)
+
+
+def run_seed(args: argparse.Namespace) -> dict:
+    """Pretrain, train the single-task models (or reuse them), merge and score one seed; its
+    record, also written to ``args.out``."""
+    out = Path(args.out)
     cpu_start = time.process_time()
     torch.set_num_threads(args.threads)
-    train = TrainConfig(epochs=max(args.finetune_epochs, 1), lr=args.lr, batch_size=args.batch_size, seed=args.seed, progress=False)
+    train = TrainConfig(epochs=max(args.finetune_epochs, 1), lr=args.joint_lr, batch_size=args.batch_size, seed=args.seed,
+                        progress=False)
     cfg = ExperimentConfig(backbone="small_resnet", data=args.data, tasks=args.tasks.split(",") if args.tasks else None,
                            train_size=args.train_size, val_size=args.val_size, test_size=args.test_size, train=train,
                            out_dir=str(Path(args.runs) / "merged"))
@@ -322,7 +360,7 @@ def main() -> None:
     train_seconds = time.perf_counter() - start
     budget = gs.MergeBudget(tolerance=args.tolerance, confidence=args.confidence)
     merge = gs.MergeConfig(threshold=args.threshold, similarity_samples=args.similarity_samples, distill_epochs=args.distill_epochs,
-                           distill_lr=args.lr, finetune_epochs=args.finetune_epochs, train=train)
+                           distill_lr=args.distill_lr, finetune_epochs=args.finetune_epochs, train=train)
     results = run_merge(cfg, {t: models / f"{t}.safetensors" for t in tasks}, budget, merge)
     result = results.pop("merge")
     net = result.net
@@ -332,7 +370,7 @@ def main() -> None:
     record = {
         "args": vars(args),
         "command": " ".join(f"--{k.replace('_', '-')} {v if not isinstance(v, list) else ' '.join(v)}"
-                            for k, v in vars(args).items() if v is not None and k not in ("runs", "out", "retrain", "render")),
+                            for k, v in vars(args).items() if v is not None and k not in ("runs", "out", "retrain", "render", "seeds", "jobs")),
         "machine": machine(),
         "single_task_training": single,
         "models_reused": reused,
@@ -358,6 +396,43 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "merge_trained.json").write_text(json.dumps(record, indent=1, default=str))
     write(record, out)
+    return record
+
+
+# where `--seeds` writes each seed's own report, under --out
+SEEDS_FOLDER = "merge_trained_seeds"
+
+
+def seed_summary(record: dict) -> dict:
+    """What the across-seeds table shows of one seed's record."""
+    r = record["merge"]
+    final = next(pt for pt in reversed(r["curve"]) if pt["kind"] == "start" or pt.get("accepted"))
+    return {
+        "seed": record["args"]["seed"],
+        "sharing": record.get("sharing"),
+        "parameters": r["parameters"]["merged"] / r["parameters"]["original"],
+        "flops": r["flops"]["merged"] / r["flops"]["original"],
+        "largest_bound": max(final["bounds"].values()),
+        "test_change": {t: r["test"]["merged"][t][m] - r["test"]["original"][t][m] for t, m in r["metric"].items()},
+        "merges": sum(pt["kind"] == "merge" and bool(pt.get("accepted")) for pt in r["curve"]),
+        "tried": sum(pt["kind"] == "merge" for pt in r["curve"]),
+    }
+
+
+def seeds_table(seeds: list[dict]) -> list[str]:
+    """One row per seed: whether the ground-truth groups share deeper, how deep, the cost saved
+    and the budget's bound; then the count."""
+    lines = ["| seed | twins share deeper | deepest shared within groups | across groups | merges kept / tried | params | FLOPs "
+             "| largest drop bound (val) | largest test change |", "|---|---|---|---|---|---|---|---|---|"]
+    for s in seeds:
+        sh = s["sharing"] or {}
+        worst = min(s["test_change"].items(), key=lambda kv: kv[1])
+        lines.append(f"| {s['seed']} | {sh.get('verdict', '')} | {sh.get('within', '')} | max {sh.get('max_across', '')} | "
+                     f"{s['merges']} / {s['tried']} | {s['parameters']:.1%} | {s['flops']:.1%} | {s['largest_bound']:+.1%} | "
+                     f"{worst[0]} {worst[1]:+.3f} |")
+    yes = sum((s["sharing"] or {}).get("verdict") == "yes" for s in seeds)
+    lines += ["", f"Tasks of one ground-truth group share deeper than tasks of different groups in **{yes} of {len(seeds)}** seeds."]
+    return lines
 
 
 def write(record: dict, out: Path) -> None:

@@ -101,6 +101,10 @@ def test_the_budget_undoes_a_merge_that_drops_a_task_past_its_tolerance():
     assert all(tried[0]["drops"][t] > 0 for t in tried[0]["violations"])
     assert strict.net.tree.same_structure(gs.TaskTree.separate(["a", "b"], strict.net.depth))
     assert strict.final == strict.original  # undone: the originals, exactly
+    with torch.no_grad(), gs.core.eval_mode(strict.net):
+        out = strict.net(data.x)
+        for t, m in models.items():  # every node as it was, those below the merge too (adapt_below trained them)
+            assert torch.equal(out[t], m(data.x))
     gs.check(strict.net)
     loose = gs.merge_trained(
         models, data=data, tasks={t: SPEC for t in models}, budget=gs.MergeBudget(tolerance=math.inf), config=config(threshold=-2.0, finetune_epochs=1)
@@ -197,6 +201,8 @@ def test_the_command_line_merges_model_files_and_saves_a_loadable_network(tmp_pa
     assert "--tasks names 1 tasks ['left'] for 2 --models" in capsys.readouterr().err
     assert main(["merge", "--models", *files, "--confidence", "1.5", "--out", str(tmp_path / "bad")]) == 2
     assert "--confidence 1.5 is not valid" in capsys.readouterr().err
+    assert main(["merge", "--models", *files, "--distill-lr", "0", "--out", str(tmp_path / "bad")]) == 2
+    assert "--distill-lr 0.0 is not valid" in capsys.readouterr().err
     out = tmp_path / "run"
     assert main(["merge", "--models", *files, "--data", "multimnist", *sizes, "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
@@ -264,3 +270,24 @@ def test_an_undone_merge_is_retried_split_where_the_models_disagree_deepest():
     assert all(tree.path("a")[d].id == tree.path("b")[d].id for d in range(result.net.depth + 1))
     assert tree.path("c")[1].id != tree.path("a")[1].id
     assert result.final == result.original  # a and b are one function: merged exactly; c as it was
+
+
+def test_adapting_the_nodes_below_a_shallow_merge_keeps_each_task_closer_to_its_model():
+    """A shallow group node feeds deep layers trained on other features: fitted alone it cannot
+    give every task back its model's outputs, and with the paths below trained towards them
+    (from a frozen copy) it comes closer; the user's models are not touched."""
+    models = {"a": tiny(0), "b": tiny(1)}
+    before = {t: copy.deepcopy(m.state_dict()) for t, m in models.items()}
+    data = OwnOutputs(models)
+    errors = {}
+    for adapt in (False, True):
+        result = gs.merge_trained(
+            models, data=data, tasks={t: SPEC for t in models}, budget=gs.MergeBudget(tolerance=math.inf),
+            config=config(threshold=-2.0, distill_epochs=3, distill_lr=3e-3, adapt_below=adapt),
+        )
+        first = result.curve[1]  # the merge at the first depth (every depth merges after it)
+        assert first["kind"] == "merge" and first["depth"] == 1 and first["accepted"]
+        errors[adapt] = sum(first["metrics"].values())
+    assert errors[True] < 0.8 * errors[False]
+    for t, m in models.items():
+        assert all(torch.equal(v, before[t][k]) for k, v in m.state_dict().items())

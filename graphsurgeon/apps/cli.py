@@ -119,7 +119,8 @@ def _merge_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--similarity-samples", type=int, default=800, help="training samples the CKA is measured on")
     p.add_argument("--distill-epochs", type=int, default=1, help="amalgamation epochs per merge")
     p.add_argument("--finetune-epochs", type=int, default=0, help="joint training of the merged network afterwards")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the amalgamation and the fine-tune")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the fine-tune (and of the amalgamation without --distill-lr)")
+    p.add_argument("--distill-lr", type=float, default=None, help="learning rate of the amalgamation (default: --lr)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -150,6 +151,8 @@ def _merge(args) -> int:
             raise ConfigError(f"{flag} {value} is not valid; use a positive int.")
     if args.finetune_epochs < 0:
         raise ConfigError(f"--finetune-epochs {args.finetune_epochs} is not valid; use 0 (no fine-tune) or more.")
+    if args.distill_lr is not None and not args.distill_lr > 0:
+        raise ConfigError(f"--distill-lr {args.distill_lr} is not valid; use a positive learning rate such as 5e-4.")
     if not 0 <= args.confidence < 1:
         raise ConfigError(f"--confidence {args.confidence} is not valid; use a level in (0, 1) such as 0.95, or 0 for the measured drop.")
     out = args.out or f"runs/merge-{args.data}-{args.seed}"
@@ -163,7 +166,7 @@ def _merge(args) -> int:
     budget = MergeBudget(tolerance=args.tolerance, relative=not args.absolute, confidence=args.confidence or None,
                          max_parameters=args.max_params, max_flops=args.max_flops)
     merge = MergeConfig(threshold=args.threshold, similarity_samples=args.similarity_samples, distill_epochs=args.distill_epochs,
-                        distill_lr=args.lr, finetune_epochs=args.finetune_epochs, train=train)
+                        distill_lr=args.distill_lr or args.lr, finetune_epochs=args.finetune_epochs, train=train)
     results = run_merge(cfg, dict(zip(names, args.models)), budget, merge)
     print(results["tree"])
     print(json.dumps({k: results[k] for k in ("test", "parameters", "flops", "stopped")}, indent=1))

@@ -11,7 +11,11 @@ children to features a gate would have rescaled (`graphsurgeon.methods.structure
 With ``target="outputs"`` what is fitted is each task's output instead: the group node, in its
 member's place, feeds the nodes below and the head unchanged, and the task's output is fitted
 to the one its member gives, so the group node keeps what each task reads of it rather than
-every feature alike.
+every feature alike. With ``adapt_below=True`` as well, the nodes below the members and their
+tasks' heads train too, each task's path fitted to reproduce its own output as a frozen copy
+taken before the merge gives it: a shallow group node need then not reproduce every member's
+features exactly for deep paths that cannot move, as in a merge of trained models, where no
+task learning follows to adapt them.
 
 A segment at a multi-value boundary (a decoder stage carrying encoder skips) returns a tuple:
 every value gets its own gate and MSE term (values the segment only passes on are equal in G
@@ -20,6 +24,7 @@ below as it is.
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -127,7 +132,9 @@ class Amalgamation:
         target: ``"features"`` (MTSL): the group node's output is fitted to each member's;
             ``"outputs"``: every task's output, computed through the rest of its path with the
             group node in its member's place, is fitted to the output its member gives (the
-            nodes below and the heads stay as they are; no gates).
+            nodes below and the heads stay as they are, unless ``adapt_below``; no gates).
+        adapt_below: with ``"outputs"``, train the nodes below the members and their tasks'
+            heads too, towards the outputs a frozen copy of them gives (module docstring).
     """
 
     batches: Callable[[], Iterable[torch.Tensor]]
@@ -136,6 +143,7 @@ class Amalgamation:
     reduction: int = 1
     gated: bool = True
     target: Literal["features", "outputs"] = "features"
+    adapt_below: bool = False
     progress: Callable[[Iterable], Iterable] | None = None
     history: list[dict] = field(default_factory=list)
     gates: list[BoundaryGate] | None = field(default=None, repr=False)
@@ -162,6 +170,9 @@ class Amalgamation:
         outputs = self.target == "outputs"
         node_of = {id(net.node_module(n)): n for n in net.tree.at_depth(depth)}
         member_tasks = [node_of[id(m)].tasks for m in members] if outputs else []
+        below = self._below(net, depth, [t for tasks in member_tasks for t in tasks]) if outputs and self.adapt_below else []
+        # the targets' paths as they were before the merge (a copy, as the live ones train)
+        teacher = copy.deepcopy(net) if below else net
         gates: list[BoundaryGate] | None = None
         params: list[nn.Parameter] = []
         opt: torch.optim.Optimizer | None = None
@@ -175,12 +186,13 @@ class Amalgamation:
                     inp = net.features(x, depth=depth - 1)[parent]
                     targets = [m(inp) for m in members]
                     if outputs:
-                        targets = [net.outputs_from(depth, f, tasks) for f, tasks in zip(targets, member_tasks)]
+                        targets = [teacher.outputs_from(depth, f, tasks) for f, tasks in zip(targets, member_tasks)]
                 fg = group(inp)
                 if opt is None:
                     if self.gated and not outputs:
                         gates = [BoundaryGate(fg, self.reduction).to(device) for _ in members]
                     params = list(group.parameters()) + [p for g in gates or () for p in g.parameters()]
+                    params += [p for m in below for p in m.parameters() if p.requires_grad]
                     opt = torch.optim.Adam(params, lr=self.lr)
                 if outputs:
                     preds = [net.outputs_from(depth, fg, tasks) for tasks in member_tasks]
@@ -188,7 +200,8 @@ class Amalgamation:
                 else:
                     feats = [gate(fg) for gate in gates] if gates is not None else [fg] * len(targets)
                     loss = torch.stack([_mse_mean(f, t) for f, t in zip(feats, targets)]).sum()
-                # gradients of the group node (and gates) only: the nodes and heads below stay as they are
+                # gradients of the group node (and gates, or with adapt_below the nodes and heads
+                # below) only: the rest of the network stays as it is
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
                 for p, g in zip(params, grads):
                     p.grad = g
@@ -198,3 +211,14 @@ class Amalgamation:
                 opt.step()
                 curve.append(float(loss.detach()))
         return curve, gates
+
+    @staticmethod
+    def _below(net: MultiTaskNetwork, depth: int, tasks: Sequence[str]) -> list[nn.Module]:
+        """The nodes below ``depth`` on ``tasks``' paths and their heads, each once. Merging
+        goes from shallow to deep, so they are the members' descendants: no other task's."""
+        seen: dict[int, nn.Module] = {}
+        for t in tasks:
+            for node in net.tree.path(t)[depth + 1:]:
+                seen.setdefault(node.id, net.node_module(node))
+        return [*seen.values(), *(net.heads[t] for t in tasks)]
+

@@ -157,6 +157,11 @@ class MergeConfig:
         distill_target: what the amalgamation fits: ``"outputs"``, every task's output through
             the unchanged nodes below and its head (what the budget measures), or ``"features"``,
             the members' outputs (MTSL's objective; cheaper, as nothing below runs).
+        adapt_below: with ``"outputs"``, the amalgamation also trains the nodes below the group
+            and its tasks' heads, each path towards the outputs it gave before the merge: the
+            models' deeper layers were trained on their own shallow features and cannot move
+            otherwise, so a shallow merge would have to reproduce every member's features alone
+            (undone with the merge when the budget undoes it).
         gated: with ``"features"``, MTSL's per-member channel gates (off: the group node is
             fitted to the members' features as they are, which the children were trained on).
         group_init: how a group node starts: ``"mean"`` of the members' weights (their common
@@ -174,6 +179,7 @@ class MergeConfig:
     distill_lr: float = 1e-3
     gated: bool = False
     distill_target: Literal["features", "outputs"] = "outputs"
+    adapt_below: bool = True
     group_init: GroupInit = "mean"
     gate_reduction: int = 1
     finetune_epochs: int = 0
@@ -440,7 +446,10 @@ class _Merger:
             reduction=self.config.gate_reduction,
             gated=self.config.gated,
             target=self.config.distill_target,
+            adapt_below=self.config.adapt_below,
         )
+        # with adapt_below the amalgamation trains the nodes below too: an undone merge puts them back
+        state = copy.deepcopy(trainer.net.state_dict()) if amalgamation is not None and amalgamation.adapt_below else None
         fuse(trainer.net, depth, [group], init="copy" if same else self.config.group_init, distill=amalgamation)
         point = self.measure("merge", depth=depth, tasks=tasks, distilled=not same)
         point["accepted"] = not point["violations"]
@@ -450,6 +459,8 @@ class _Merger:
             self.current = point
         else:  # the members come back, with their children under them again
             relayout(trainer.net, before, {n.id: (n.id,) for n in before.nodes if n.id not in members}, modules=members)
+            if state is not None:
+                trainer.net.load_state_dict(state)
         return point
 
     def finetune(self, epochs: int) -> None:
