@@ -291,3 +291,17 @@ def test_adapting_the_nodes_below_a_shallow_merge_keeps_each_task_closer_to_its_
     assert errors[True] < 0.8 * errors[False]
     for t, m in models.items():
         assert all(torch.equal(v, before[t][k]) for k, v in m.state_dict().items())
+
+
+def test_the_committed_merge_report_is_what_its_committed_record_gives(tmp_path):
+    """`benchmarks/results/merge_trained.md` is rendered from its JSON alone (`--render`): every
+    figure in it, the across-seeds table and its count included, comes from a committed run."""
+    from benchmark_modules import ROOT, load_benchmark
+
+    benchmark = load_benchmark("merge_trained")
+    results = ROOT / "benchmarks" / "results"
+    record = json.loads((results / "merge_trained.json").read_text())
+    assert benchmark.markdown(record) == (results / "merge_trained.md").read_text()
+    for s in record.get("seeds", []):  # each seed's row is its own report's verdict
+        own = json.loads((results / benchmark.SEEDS_FOLDER / f"seed{s['seed']}" / "merge_trained.json").read_text())
+        assert s == benchmark.seed_summary(own)
