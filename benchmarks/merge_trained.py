@@ -160,6 +160,9 @@ def markdown(record: dict) -> str:
         f"(relative) vs its model ({a['val_size']} validation samples"
         + (f"; a merge is kept when the one-sided {a['confidence']:.0%} upper bound of every task's drop, a paired test on "
            "those samples, is within it" if a.get("confidence") else "; the measured drop")
+        + ("" if a.get("independent_samples", True) else
+           ", its standard error taken over the digits the images are made of (cluster-robust, the larger over the digit "
+           f"positions: the validation images hold {' and '.join(map(str, record.get('val_sources', [])))} distinct digits)")
         + f"), then {a['finetune_epochs']} fine-tune epoch(s) (lr {a.get('joint_lr', a['lr'])}), each checked against the budget (the best state within it is kept, "
         "the merged network before the fine-tune included). "
         f"Test: {a['test_size']} samples. Merging stopped: {r['stopped']}. Wall time: training "
@@ -304,6 +307,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tolerance", type=float, default=0.01)
     parser.add_argument("--confidence", type=float, default=0.95, help="the budget's one-sided confidence (MergeBudget.confidence)")
+    parser.add_argument("--independent-samples", action="store_true",
+                        help="take the validation images as independent in the budget's bound (default: those that share "
+                             "a digit count as one source, MergeBudget.groups)")
     parser.add_argument("--threshold", type=float, default=0.8)
     parser.add_argument("--similarity-samples", type=int, default=800)
     parser.add_argument("--distill-epochs", type=int, default=2)
@@ -361,7 +367,8 @@ def run_seed(args: argparse.Namespace) -> dict:
     budget = gs.MergeBudget(tolerance=args.tolerance, confidence=args.confidence)
     merge = gs.MergeConfig(threshold=args.threshold, similarity_samples=args.similarity_samples, distill_epochs=args.distill_epochs,
                            distill_lr=args.distill_lr, finetune_epochs=args.finetune_epochs, train=train)
-    results = run_merge(cfg, {t: models / f"{t}.safetensors" for t in tasks}, budget, merge)
+    results = run_merge(cfg, {t: models / f"{t}.safetensors" for t in tasks}, budget, merge,
+                        group_by_source=not args.independent_samples)
     result = results.pop("merge")
     net = result.net
     variant = args.data.removeprefix("gt_") if args.data.startswith("gt_") else None
@@ -373,6 +380,7 @@ def run_seed(args: argparse.Namespace) -> dict:
                             for k, v in vars(args).items() if v is not None and k not in ("runs", "out", "retrain", "render", "seeds", "jobs")),
         "machine": machine(),
         "single_task_training": single,
+        "val_sources": [int(c.unique().numel()) for c in getattr(splits["val"], "source_indices", torch.empty(0, 0)).T],
         "models_reused": reused,
         "train_seconds": train_seconds,
         "originals_similarity": similarity_of_originals(result.separate, splits["train"], args.similarity_samples, args.seed),

@@ -158,6 +158,36 @@ def test_the_budget_is_a_paired_test_whose_bound_shrinks_with_the_samples():
     assert budget.drop(original, few, higher_is_better=True)[1] < 0.01
 
 
+def test_samples_of_one_source_count_once_in_the_bound():
+    """Ten copies of 1000 samples are 1000 independent samples, not 10,000: with their sources
+    named the bound is the 1000 samples' own; one source per sample changes nothing."""
+    original = torch.tensor([1.0, 0.0] * 500)
+    now = original.clone()
+    now[0:100:2] = 0.0
+    now[1:91:2] = 1.0
+    alone = gs.MergeBudget(tolerance=0.01, relative=False)
+    _, bound = alone.drop(original, now, True)
+    source = torch.arange(1000).repeat(10)
+    grouped = gs.MergeBudget(tolerance=0.01, relative=False, groups=source)
+    _, copies = grouped.drop(original.repeat(10), now.repeat(10), True)
+    assert copies == pytest.approx(bound, rel=1e-3)  # (G/(G-1) against the samples' n-1: equal to 1e-3)
+    assert alone.drop(original.repeat(10), now.repeat(10), True)[1] < bound  # unnamed: too narrow
+    each = gs.MergeBudget(tolerance=0.01, relative=False, groups=torch.arange(1000))
+    assert each.drop(original, now, True)[1] == pytest.approx(bound)
+    # two groupings (the two digits of a canvas): the wider bound of the two
+    both = torch.stack([source, torch.arange(10_000)], 1)
+    assert gs.MergeBudget(tolerance=0.01, relative=False, groups=both).drop(original.repeat(10), now.repeat(10), True)[1] == (
+        pytest.approx(copies))
+    with pytest.raises(gs.MergeError, match=r"groups has 1000 rows for 48 validation samples"):
+        models = {"a": tiny(0), "b": tiny(1)}
+        gs.merge_trained(models, data=OwnOutputs(models), tasks={t: SPEC for t in models},
+                         budget=gs.MergeBudget(groups=torch.arange(1000)), config=config())
+    with pytest.raises(gs.MergeError, match=r"MergeBudget.groups must be an integer tensor"):
+        gs.MergeBudget(groups=torch.rand(10)).check(["a"])
+    with pytest.raises(gs.MergeError, match=r"every validation sample in one source"):
+        gs.MergeBudget(groups=torch.zeros(1000, dtype=torch.long)).drop(original, now, True)
+
+
 @pytest.mark.parametrize("confidence", [0.0, 1.0, 1.5, True])
 def test_a_confidence_outside_0_and_1_is_refused(confidence):
     with pytest.raises(gs.MergeError, match="MergeBudget.confidence"):
@@ -204,7 +234,7 @@ def test_the_command_line_merges_model_files_and_saves_a_loadable_network(tmp_pa
     assert main(["merge", "--models", *files, "--distill-lr", "0", "--out", str(tmp_path / "bad")]) == 2
     assert "--distill-lr 0.0 is not valid" in capsys.readouterr().err
     out = tmp_path / "run"
-    assert main(["merge", "--models", *files, "--data", "multimnist", *sizes, "--out", str(out)]) == 0
+    assert main(["merge", "--models", *files, "--data", "multimnist", *sizes, "--group-by-source", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert all(len(p) == 1 for p in results["tree_partitions"])  # one model twice: hard sharing
     assert results["test"]["merged"] == results["test"]["original"]

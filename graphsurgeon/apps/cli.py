@@ -113,6 +113,9 @@ def _merge_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--confidence", type=float, default=0.95,
                    help="a merge is kept when its drop is within --tolerance at this one-sided confidence (a paired "
                         "test on the validation samples); 0: the measured drop as it is")
+    p.add_argument("--group-by-source", action="store_true",
+                   help="count validation images made of one source (a digit of the embedded data sets) as one sample "
+                        "in the budget's bound (MergeBudget.groups)")
     p.add_argument("--max-params", type=int, default=None, help="stop merging at this many parameters")
     p.add_argument("--max-flops", type=int, default=None, help="stop merging at this many forward FLOPs per sample")
     p.add_argument("--threshold", type=float, default=0.8, help="MTSL's CKA threshold for a group to merge")
@@ -167,7 +170,7 @@ def _merge(args) -> int:
                          max_parameters=args.max_params, max_flops=args.max_flops)
     merge = MergeConfig(threshold=args.threshold, similarity_samples=args.similarity_samples, distill_epochs=args.distill_epochs,
                         distill_lr=args.distill_lr or args.lr, finetune_epochs=args.finetune_epochs, train=train)
-    results = run_merge(cfg, dict(zip(names, args.models)), budget, merge)
+    results = run_merge(cfg, dict(zip(names, args.models)), budget, merge, group_by_source=args.group_by_source)
     print(results["tree"])
     print(json.dumps({k: results[k] for k in ("test", "parameters", "flops", "stopped")}, indent=1))
     return 0

@@ -11,7 +11,7 @@ import math
 import pickle
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,7 +26,7 @@ from graphsurgeon.core.invariants import count_flops
 from graphsurgeon.core.network import MultiTaskNetwork
 from graphsurgeon.data.corruptions import DEFAULT_CORRUPTIONS
 from graphsurgeon.data.tasks import TaskInfo
-from graphsurgeon.errors import CheckpointError, TaskSpecError
+from graphsurgeon.errors import CheckpointError, ConfigError, TaskSpecError
 from graphsurgeon.methods.base import Method
 from graphsurgeon.methods.structure.merge_trained import MergeBudget, MergeConfig, merge_trained
 from graphsurgeon.training.trainer import TrainConfig, Trainer, seed_everything
@@ -461,14 +461,28 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _source_indices(data: Dataset) -> torch.Tensor | None:
+    """The embedded digits each sample of ``data`` is made of (``source_indices``), through subsets."""
+    if isinstance(data, Subset):
+        base = _source_indices(data.dataset)
+        return None if base is None else base[torch.as_tensor(data.indices)]
+    return getattr(data, "source_indices", None)
+
+
 def run_merge(
     cfg: ExperimentConfig,
     model_files: Mapping[str, str | Path],
     budget: MergeBudget | None = None,
     merge: MergeConfig | None = None,
+    group_by_source: bool = False,
 ) -> dict[str, Any]:
     """Merge trained single-task models (``{task: state dict file}``, each a whole ``cfg.backbone``
     with its own classifier for that task of ``cfg.data``) into one multi-task network.
+
+    ``group_by_source``: the budget's bound counts the validation images that share a source
+    (a digit of the embedded data, the dataset's ``source_indices``) as one sample
+    (`MergeBudget.groups`): the embedded data sets compose their images from a few hundred
+    digits per split.
 
     The budget is measured on the validation split, the CKA, amalgamation and fine-tune use the
     training split, and the test split scores the originals and the merged network. Writes
@@ -488,6 +502,12 @@ def run_merge(
             f"tasks {dense} are not classification tasks: a model file holds a backbone and its classifier, so "
             "merging from files takes classification tasks; call graphsurgeon.merge_trained with heads= for others."
         )
+    if group_by_source:
+        sources = _source_indices(data["val"])
+        if sources is None:
+            raise ConfigError(f"group_by_source: the {cfg.data!r} validation set records no source_indices; "
+                              "leave it off (the samples are then taken as independent).")
+        budget = replace(budget or MergeBudget(), groups=sources)
     example = data["train"][0][0][None]
     models = {}
     for t, path in model_files.items():

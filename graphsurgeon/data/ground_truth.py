@@ -144,7 +144,9 @@ class GroundTruthDigits(Dataset):
 
     Items are ``(image, targets)``: image float32 (C, 36, 36) in [0, 1], targets maps each
     selected task to an int64 scalar. ``task_info`` holds the selected tasks' `TaskInfo` and
-    ``ground_truth`` the variant's `GroundTruth`.
+    ``ground_truth`` the variant's `GroundTruth`; ``source_indices`` (N, 2) which embedded
+    digits each image holds (left and right, or first and second): images that share a digit
+    are not independent samples (`graphsurgeon.MergeBudget.groups`).
     """
 
     def __init__(self, variant: Variant = "twins", split: str = "train", size: int | None = None, seed: int = 0,
@@ -164,31 +166,32 @@ class GroundTruthDigits(Dataset):
         self.variant, self.split, self.seed = variant, split, seed
         self.ground_truth = GROUND_TRUTH[variant]
         self.task_info: dict[str, TaskInfo] = {t: known[t] for t in names}
-        image, digits = self._twins(split, size, seed) if variant == "twins" else self._branching(split, size, seed)
+        image, digits, self.source_indices = self._twins(split, size, seed) if variant == "twins" else self._branching(split, size, seed)
         self._image = image
         self._targets = {t: self._target(t, digits) for t in names}
 
     @staticmethod
-    def _twins(split: str, size: int, seed: int) -> tuple[Tensor, dict[str, Tensor]]:
+    def _twins(split: str, size: int, seed: int) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         # MultiMNIST's canvases for the same (split, size, seed), with a grating underneath
         pair = MultiMNIST(split, size, seed, tasks=["left", "right"])
         image, labels = pair.batch(slice(None))
         grating, texture = _gratings(np.random.default_rng([seed, SPLITS.index(split), 1]), size)
         canvas = torch.maximum(torch.round(image[:, 0] * 255).to(torch.uint8), torch.from_numpy(grating))
-        return canvas[:, None], {**labels, "texture": torch.from_numpy(texture.astype(np.int64))}
+        return canvas[:, None], {**labels, "texture": torch.from_numpy(texture.astype(np.int64))}, pair.source_indices
 
     @staticmethod
-    def _branching(split: str, size: int, seed: int) -> tuple[Tensor, dict[str, Tensor]]:
+    def _branching(split: str, size: int, seed: int) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         images, labels = load_mnist_5k()
         pool = source_digit_pools(labels)[split]
         rng = np.random.default_rng([seed, SPLITS.index(split), 2])
-        channels, digits = [], {}
+        channels, digits, sources = [], {}, []
         for name in ("first", "second"):
             idx = pool[rng.integers(0, len(pool), size)]
+            sources.append(idx)
             rows, cols = (rng.integers(BRANCHING_CORNER[0], BRANCHING_CORNER[1] + 1, size) for _ in range(2))
             channels.append(torch.from_numpy(place_digits(images[idx], rows, cols)))
             digits[name] = torch.from_numpy(labels[idx].astype(np.int64))
-        return torch.stack(channels, 1), digits
+        return torch.stack(channels, 1), digits, torch.from_numpy(np.stack(sources, axis=1))
 
     @staticmethod
     def _target(task: str, digits: Mapping[str, Tensor]) -> Tensor:

@@ -90,6 +90,12 @@ class MergeBudget:
             measured drop is compared as it is.
         max_parameters, max_flops: stop merging once the network has at most this many
             parameters / forward FLOPs per sample (``None``: no such target).
+        groups: the source of each validation sample, in the validation set's order: an (n,)
+            tensor of ids, or (n, k) for k groupings (the two digits of a two-digit canvas, the
+            image of each of its crops). Samples of one source are not independent: the
+            bound's standard error is then computed over sources (cluster-robust), the largest
+            of the k, instead of over samples, which would take n correlated samples for n
+            independent ones and make the bound too narrow. ``None``: samples are independent.
     """
 
     tolerance: float | Mapping[str, float] = 0.01
@@ -97,6 +103,7 @@ class MergeBudget:
     confidence: float | None = 0.95
     max_parameters: int | None = None
     max_flops: int | None = None
+    groups: torch.Tensor | None = None
 
     def tolerance_of(self, task: str) -> float:
         return float(self.tolerance[task] if isinstance(self.tolerance, Mapping) else self.tolerance)
@@ -126,6 +133,45 @@ class MergeBudget:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise MergeError(f"MergeBudget.{name}={value!r}; use a positive int or None (no target).")
+        if self.groups is not None and (not isinstance(self.groups, torch.Tensor) or self.groups.dim() not in (1, 2)
+                                        or self.groups.is_floating_point() or self.groups.is_complex()):
+            raise MergeError(
+                f"MergeBudget.groups must be an integer tensor of shape (n,) or (n, k) (each validation sample's "
+                f"source id), got {type(self.groups).__name__}"
+                + (f" of shape {tuple(self.groups.shape)} and dtype {self.groups.dtype}" if isinstance(self.groups, torch.Tensor) else "")
+                + "; pass e.g. torch.as_tensor(source_ids) or None."
+            )
+
+    def check_samples(self, n: int) -> None:
+        """Raise `MergeError` when ``groups`` does not give one source per validation sample."""
+        if self.groups is not None and len(self.groups) != n:
+            raise MergeError(
+                f"MergeBudget.groups has {len(self.groups)} rows for {n} validation samples; give the source id of "
+                "every validation sample, in the validation set's order."
+            )
+
+    def _standard_error(self, worse: torch.Tensor) -> float:
+        """Of the mean of ``worse``: over samples, or over each grouping's sources (the
+        cluster-robust estimate, with the G/(G-1) correction; one sample per source gives the
+        samples' own), the largest."""
+        n = len(worse)
+        if n < 2:
+            return 0.0
+        if self.groups is None:
+            return float(worse.std()) / math.sqrt(n)
+        centered = worse - worse.mean()
+        columns = self.groups.reshape(n, -1)
+        spread = 0.0
+        for k in range(columns.shape[1]):
+            ids, inverse = torch.unique(columns[:, k], return_inverse=True)
+            if len(ids) < 2:
+                raise MergeError(
+                    f"MergeBudget.groups column {k} puts every validation sample in one source; a bound needs at least "
+                    "two sources (or groups=None for independent samples)."
+                )
+            sums = torch.zeros(len(ids), dtype=worse.dtype).index_add_(0, inverse, centered)
+            spread = max(spread, math.sqrt(float((sums ** 2).sum()) / n**2 * len(ids) / (len(ids) - 1)))
+        return spread
 
     def drop(self, original: torch.Tensor, now: torch.Tensor, higher_is_better: bool) -> tuple[float, float]:
         """How much worse ``now`` is than ``original`` (negative: better), in the tolerance's
@@ -134,12 +180,13 @@ class MergeBudget:
         Both are per-sample values of the metric on the same validation samples, so the test
         is paired: its standard error is that of the per-sample differences, which is small when
         a merge changes few samples' results (an unpaired comparison of two accuracies would
-        count every sample's noise twice). Samples are taken as independent."""
+        count every sample's noise twice). Samples are taken as independent unless ``groups``
+        names their sources."""
         original, now = original.double().flatten(), now.double().flatten()
         worse = (original - now) if higher_is_better else (now - original)
         mean = float(worse.mean())
         z = 0.0 if self.confidence is None else NormalDist().inv_cdf(self.confidence)
-        spread = float(worse.std()) / math.sqrt(len(worse)) if len(worse) > 1 else 0.0
+        spread = self._standard_error(worse)
         base = float(original.mean())
         scale = abs(base) if self.relative and base != 0 else 1.0
         return mean / scale, (mean + z * spread) / scale
@@ -609,6 +656,7 @@ def merge_trained(
     net = _start(models, specs, heads, example, trunk, granularity, leaf_modules, concrete_args)
     separate = copy.deepcopy(net)
     val_data = val if val is not None else data
+    budget.check_samples(len(val_data))
     trainer = Trainer(net, None, data, None, config.train)  # the merger measures the validation data itself
     merger = _Merger(trainer, val_data, budget, config, {t: _metric_of(specs[t]) for t in names}, example)
     stopped = merger.target_reached(merger.current) or merger.run()
