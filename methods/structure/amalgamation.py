@@ -221,4 +221,3 @@ class Amalgamation:
             for node in net.tree.path(t)[depth + 1:]:
                 seen.setdefault(node.id, net.node_module(node))
         return [*seen.values(), *(net.heads[t] for t in tasks)]
-

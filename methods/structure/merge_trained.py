@@ -160,7 +160,7 @@ class MergeBudget:
         if self.groups is None:
             return float(worse.std()) / math.sqrt(n)
         centered = worse - worse.mean()
-        columns = self.groups.reshape(n, -1)
+        columns = self.groups.reshape(n, -1).cpu()
         spread = 0.0
         for k in range(columns.shape[1]):
             ids, inverse = torch.unique(columns[:, k], return_inverse=True)
