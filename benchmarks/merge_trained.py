@@ -320,8 +320,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--render", action="store_true", help="only rewrite the markdown and the curve from the JSON")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
-                        help="run every step for each seed (its own models and folders); the report details the first and "
-                             "tabulates them all")
+                        help="run every step for each seed (its own models and folders), in this order; the report details "
+                             "the smallest and tabulates them all")
     parser.add_argument("--jobs", type=int, default=1, help="seeds run in parallel (with --seeds)")
     args = parser.parse_args()
     out = Path(args.out)
@@ -337,9 +337,10 @@ def main() -> None:
         per_seed = [argparse.Namespace(**{**vars(args), "seed": s, "runs": str(Path(args.runs) / f"seed{s}"),
                                           "out": str(out / SEEDS_FOLDER / f"seed{s}")}) for s in args.seeds]
         with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
-            records = pool.map(run_seed, per_seed)
+            records = sorted(pool.map(run_seed, per_seed), key=lambda r: r["args"]["seed"])  # (run in the order given)
         record = {**records[0], "seeds": [seed_summary(r) for r in records]}
-        record["command"] = record["command"].replace(f"--seed {args.seeds[0]}", f"--seeds {' '.join(map(str, args.seeds))} --jobs {args.jobs}")
+        record["command"] = record["command"].replace(f"--seed {records[0]['args']['seed']}",
+                                                      f"--seeds {' '.join(map(str, args.seeds))} --jobs {args.jobs}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "merge_trained.json").write_text(json.dumps(record, indent=1, default=str))
     write(record, out)
