@@ -9,7 +9,8 @@ amalgamation into each group node, a 1 % relative validation budget per task, th
 fine-tune. Writes benchmarks/results/merge_trained.{json,md} and the trade-off curve
 merge_trained_curve.png (needs matplotlib), with the machine and the torch build.
 
-    python benchmarks/merge_trained.py                      # gt_twins, one torch thread
+    python benchmarks/merge_trained.py                      # gt_twins, one seed, one torch thread
+    python benchmarks/merge_trained.py --seeds 3 4 0 1 2 --jobs 2 --tolerance 0.02   # the committed report
     python benchmarks/merge_trained.py --data multimnist --tasks left,left_parity,right,right_ge5 \\
         --groups left,left_parity right,right_ge5
 """
