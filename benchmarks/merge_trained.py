@@ -178,7 +178,7 @@ def markdown(record: dict) -> str:
         "| task | metric | original val | merged val | drop (upper bound) | original test | merged test |",
         "|---|---|---|---|---|---|---|",
     ]
-    final = next(pt for pt in reversed(r["curve"]) if pt["kind"] == "start" or pt.get("accepted"))
+    final = kept_point(r["curve"])
     for t in tasks:
         m = metric[t]
         v, s = r["validation"], r["test"]
@@ -252,6 +252,11 @@ def markdown(record: dict) -> str:
             f"Every seed ({len(record['seeds'])}; each its own pretraining, models and merge; the detail below is seed "
             f"{a['seed']}'s, every seed's report is in `{SEEDS_FOLDER}/`):", "", *seeds_table(record["seeds"]), ""]
     return "\n".join(lines) + "\n"
+
+
+def kept_point(curve: list[dict]) -> dict:
+    """The curve point of the returned network: the last one kept (the start when none was)."""
+    return next(pt for pt in reversed(curve) if pt["kind"] == "start" or pt.get("accepted"))
 
 
 def drop_cell(point: dict, task: str) -> str:
@@ -416,7 +421,7 @@ SEEDS_FOLDER = "merge_trained_seeds"
 def seed_summary(record: dict) -> dict:
     """What the across-seeds table shows of one seed's record."""
     r = record["merge"]
-    final = next(pt for pt in reversed(r["curve"]) if pt["kind"] == "start" or pt.get("accepted"))
+    final = kept_point(r["curve"])
     return {
         "seed": record["args"]["seed"],
         "sharing": record.get("sharing"),
