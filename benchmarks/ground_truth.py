@@ -259,9 +259,9 @@ def fresh_report(fresh: dict[int, dict], seeds: list[int], table: dict | None) -
     return line, {"seeds": seeds_fresh, "exact": exact, "ari": ari, "trees": trees}
 
 
-def _pairs(tasks: list[str], sim: list[list[float]], keep: set[str]) -> str:
-    kept = [i for i, t in enumerate(tasks) if t in keep]
-    return ", ".join(f"{tasks[i]}~{tasks[j]} {sim[i][j]:.2f}" for a, i in enumerate(kept) for j in kept[a + 1:])
+def _pairs(tasks: list[str], sim: list[list[float]]) -> str:
+    """Every pair's similarity, ``a~b 0.93, ...``."""
+    return ", ".join(f"{tasks[i]}~{tasks[j]} {sim[i][j]:.2f}" for i in range(len(tasks)) for j in range(i + 1, len(tasks)))
 
 
 def why_missed(run: dict, data: str) -> str | None:
@@ -298,7 +298,7 @@ def why_missed(run: dict, data: str) -> str | None:
     decision = mtsl_partition(d["similarity"], 0.8)
     chosen = " ".join("{" + ", ".join(tasks[i] for i in b) + "}" for b in decision.partition)
     what = "merged across the true groups" if across else "left the true group apart"
-    return (f"d{depth} ({what}; phase {d['phase']}, CKA {_pairs(tasks, d['similarity'], set(tasks))}): the official rule's "
+    return (f"d{depth} ({what}; phase {d['phase']}, CKA {_pairs(tasks, d['similarity'])}): the official rule's "
             f"partition {chosen} scores {decision.score:.2f} against the threshold 0.8")
 
 
