@@ -68,6 +68,7 @@ import torchvision
 from torch import fx, nn
 
 import graphsurgeon as gs
+from graphsurgeon.core.export import output_scale
 
 STEPS = ("build", "forward", "materialise", "torchscript", "export", "invariants", "modes")
 TASK_OUTPUTS = {"a": 3, "b": 5, "c": 7}
@@ -212,9 +213,7 @@ def trunk_of(model: nn.Module, classifier: str, x: torch.Tensor) -> torch.Tensor
 
 def compare(got: Any, want: dict[str, torch.Tensor], tol: float) -> float:
     """Max |got - want| over tasks; raises `Mismatch` beyond ``tol`` times the output's scale
-    (its largest magnitude, at least 1): a rounding error is relative to the values summed into
-    an element, not to the element, so one near zero in an output of magnitude 10 may differ by
-    more than ``tol`` of itself (timm's test_vit, float64: 3e-10) without anything being wrong."""
+    (`output_scale`; timm's test_vit in float64 differs by 3e-10 near zero with nothing wrong)."""
     if not isinstance(got, dict) or set(got) != set(want):
         keys = sorted(got) if isinstance(got, dict) else type(got).__name__
         raise Mismatch(f"outputs {keys} differ from the tasks {sorted(want)}")
@@ -224,7 +223,7 @@ def compare(got: Any, want: dict[str, torch.Tensor], tol: float) -> float:
         if g.shape != w.shape or g.dtype != w.dtype:
             raise Mismatch(f"task {task!r}: got {tuple(g.shape)} {g.dtype}, expected {tuple(w.shape)} {w.dtype}")
         diff = (g - w).abs().max().item() if w.numel() else 0.0
-        scale = max(1.0, w.abs().max().item()) if w.numel() else 1.0
+        scale = output_scale(w)
         worst = max(worst, diff)
         if not diff <= tol * scale:  # a NaN fails too
             raise Mismatch(f"task {task!r}: max |difference| {diff:.3g} exceeds {tol:g} x {scale:.3g} (the output's scale)")

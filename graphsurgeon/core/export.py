@@ -26,7 +26,7 @@ from graphsurgeon.core.network import MultiTaskNetwork
 from graphsurgeon.errors import GraphSurgeonError
 from graphsurgeon.optional import require
 
-__all__ = ["ExportError", "materialise", "materialize", "to_export", "to_onnx", "to_torchscript"]
+__all__ = ["ExportError", "materialise", "materialize", "output_scale", "to_export", "to_onnx", "to_torchscript"]
 
 
 class ExportError(GraphSurgeonError):
@@ -330,6 +330,13 @@ def _onnx_failure(exc: BaseException) -> str:
     return f"{where}: {lines[0] if lines else ''}"
 
 
+def output_scale(value: torch.Tensor) -> float:
+    """What an output's rounding error is measured against: its largest magnitude, at least 1.
+    An element's error comes from the values summed into it, not from the element, so one near
+    zero in an output of magnitude 10 may differ by more than a tolerance of itself."""
+    return max(1.0, value.abs().max().item()) if value.numel() else 1.0
+
+
 def _check_onnx_outputs(
     path: Path, feeds: dict[str, torch.Tensor], eager: dict[str, torch.Tensor], tasks: tuple[str, ...], atol: float
 ) -> None:
@@ -339,7 +346,7 @@ def _check_onnx_outputs(
     for task, value in zip(tasks, got):
         want = eager[task].detach().cpu()
         value_t = torch.from_numpy(value).to(want.dtype)
-        scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
+        scale = output_scale(want)
         same = value_t.shape == want.shape
         diff = (value_t - want).abs().max().item() if same and want.numel() else (0.0 if same else float("nan"))
         if not diff <= atol * scale:  # a NaN (an output of the wrong shape, or not finite) fails too
